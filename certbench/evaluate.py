@@ -1,0 +1,123 @@
+"""Evaluation of one trained run: clean predictions and margins, every certificate.
+
+The test points are the first ``test_size`` items of a fixed permutation of the test
+split, the same for every run, so per-sample columns line up across methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from certbench.catalogue import run_context
+from certbench.certificates import CERTIFICATES, ERROR, margins
+from certbench.data.loaders import load_split
+from certbench.method import get_method
+from certbench.records import load_tensors
+from certbench.storage import read_json, write_json
+from certbench.train import select_device, subset
+
+log = logging.getLogger(__name__)
+
+
+def test_points(run_config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices into the test split, images, labels) of the evaluated test points."""
+    _, (_, test_set) = load_split(run_config["dataset"]["name"], run_config["data"]["dir"],
+                                  run_config["data"]["download"])
+    chosen = subset(test_set, run_config["dataset"]["test_size"])
+    indices = torch.tensor(chosen.indices if hasattr(chosen, "indices") else range(len(test_set)))
+    xs, ys = zip(*(chosen[i] for i in range(len(chosen))))  # type: ignore[arg-type]
+    return indices, torch.stack(xs), torch.as_tensor(ys)
+
+
+def load_model(run_config: Mapping[str, Any], run_dir: Path, device: torch.device) -> nn.Module:
+    """Rebuild the architecture and load ``model.pt`` (hash-checked, ``weights_only=True``)."""
+    method = get_method(run_config["method"])(run_config["params"], run_context(run_config, device))
+    model = method.build_model(run_config["run"]["arch"], run_config["arch_params"])
+    model.load_state_dict(load_tensors(run_dir / "model.pt", map_location="cpu"))
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict_all(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and margins z_y − max_{j≠y} z_j, batched."""
+    predictions, margin = [], []
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start:start + batch_size])
+        predictions.append(logits.argmax(1).cpu())
+        margin.append(margins(logits, y[start:start + batch_size]).cpu())
+    return torch.cat(predictions).numpy(), torch.cat(margin).numpy()
+
+
+def _certify_one(name: str, params: Mapping[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: Mapping[str, list[float]]) -> dict[str, Any]:
+    certificate = CERTIFICATES.get(name)(**params)
+    entry: dict[str, Any] = {"norm": certificate.norm, "applicable": certificate.applies(model)}
+    if not entry["applicable"]:
+        return entry
+    started = time.perf_counter()
+    try:
+        result = certificate.certify(model, x, y, eps[certificate.norm])
+        entry.update(radius=result.radius, errors=result.errors, extra=result.extra,
+                     status={f"{e:g}": s for e, s in result.status.items()})
+    except Exception as error:  # a crashing verifier marks every sample "error", never "not certified"
+        log.error("certificate %s failed:\n%s", name, traceback.format_exc())
+        entry.update(radius=None, errors=[f"{type(error).__name__}: {error}"], extra={},
+                     status={f"{e:g}": np.full(len(x), ERROR) for e in eps[certificate.norm]})
+    entry["seconds"] = time.perf_counter() - started
+    return entry
+
+
+def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
+    """Certify the run's model with every applicable certificate; write ``out_path`` (JSON)."""
+    run_dir = Path(run_dir)
+    trained = read_json(run_dir / "train.json")
+    result: dict[str, Any] = {"status": "ok" if trained["status"] == "ok" else f"skipped ({trained['status']})"}
+    if trained["status"] == "ok":
+        device = select_device(run_config["device"])
+        model = load_model(run_config, run_dir, device)
+        indices, x, y = test_points(run_config)
+        x, y = x.to(device), y.to(device)
+        evaluation = run_config["evaluation"]
+        prediction, margin = predict_all(model, x, y, evaluation["batch_size"])
+        eps = {"linf": run_config["dataset"]["eps_linf"], "l2": run_config["dataset"]["eps_l2"]}
+        names = CERTIFICATES.names() if "all" in evaluation["certificates"] else evaluation["certificates"]
+        result.update(
+            samples={"index": indices.numpy(), "label": y.cpu().numpy(), "prediction": prediction, "margin": margin},
+            clean_accuracy=float(np.mean(prediction == y.cpu().numpy())),
+            certificates={name: _certify_one(name, evaluation["certificate_params"].get(name, {}), model, x, y, eps)
+                          for name in names})
+    write_json(out_path, result)
+    return result
+
+
+def attack(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
+    """Attack the run's model with every configured attack; write the per-sample table to ``out_path``."""
+    from certbench.attacks import Attack, attack_table
+
+    run_dir = Path(run_dir)
+    trained = read_json(run_dir / "train.json")
+    result: dict[str, Any] = {"status": "ok" if trained["status"] == "ok" else f"skipped ({trained['status']})"}
+    if trained["status"] == "ok":
+        device = select_device(run_config["device"])
+        model = load_model(run_config, run_dir, device)
+        _, x, y = test_points(run_config)
+        evaluation = run_config["evaluation"]
+        attacks = [Attack(name, **evaluation["attack_params"].get(name, {})) for name in evaluation["attacks"]]
+        started = time.perf_counter()
+        table = attack_table(model, x.to(device), y.to(device), attacks,
+                             eps={"linf": run_config["dataset"]["eps_linf"], "l2": run_config["dataset"]["eps_l2"]},
+                             batch_size=evaluation["batch_size"], seed=run_config["run"]["seed"])
+        result.update(seconds=time.perf_counter() - started,
+                      attacks={a.name: {"norm": a.norm, "kind": a.kind, "settings": a.settings} for a in attacks},
+                      table=table)
+    write_json(out_path, result)
+    return result

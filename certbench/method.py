@@ -1,0 +1,123 @@
+"""The method plug-in protocol.
+
+A method is one module ``methods/<name>.py`` holding one :class:`Method` subclass
+decorated with ``@register_method("<name>")``. The framework owns the training loop
+(optimiser, schedule, epochs, checkpoints); a method contributes the model, the loss,
+an optional hook after each optimiser step, and its default certificate.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from certbench import models
+from certbench.config import ConfigError
+from certbench.data.specs import DatasetSpec
+from certbench.registry import Registry
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a method may know about the run it trains in."""
+
+    spec: DatasetSpec
+    epochs: int
+    eps_linf: tuple[float, ...]
+    eps_l2: tuple[float, ...]
+    device: torch.device
+
+
+@dataclass
+class LossOutput:
+    """The training loss of one batch, statistics to log (averaged over the epoch) and,
+    when the method computed them, the clean logits (for the training accuracy)."""
+
+    loss: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+    logits: torch.Tensor | None = None
+
+
+class Method:
+    """Base class of every training method; subclasses override what they need."""
+
+    name: ClassVar[str]
+    #: JSON-schema ``properties`` of the method's parameters, each with a ``default``.
+    params_schema: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: The certificate that the paper of this method reports.
+    default_certificate: ClassVar[str] = "lipschitz-l2"
+
+    def __init__(self, params: Mapping[str, Any], context: RunContext) -> None:
+        self.params = dict(params)
+        self.context = context
+
+    def check(self) -> None:
+        """Cross-field checks of the parameters; raise :class:`ConfigError` with one line."""
+
+    def build_model(self, arch: str, arch_params: Mapping[str, Any]) -> nn.Module:
+        return models.build(arch, self.context.spec, **arch_params)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called once after the model is on its device, before the first step."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:
+        """The loss of one batch; ``progress`` runs from 0 to 1 over training (for schedules)."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step (e.g. a retraction)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that a checkpoint must keep (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+register_method = METHODS.register
+
+
+def module_name(method: str) -> str:
+    """Method ``lipschitz-reg`` lives in module ``methods.lipschitz_reg``."""
+    return "methods." + method.replace("-", "_").replace("+", "_plus")
+
+
+def import_methods() -> dict[str, str]:
+    """Import every module of the ``methods`` package; return {module: error} for those that fail."""
+    import methods
+
+    failures: dict[str, str] = {}
+    for info in pkgutil.iter_modules(methods.__path__):
+        name = f"methods.{info.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # a broken plug-in is reported by name, never hidden
+            failures[name] = f"{type(error).__name__}: {error}"
+    return failures
+
+
+def get_method(name: str) -> type[Method]:
+    """The registered class of ``name``, importing its module; import errors are reported as such."""
+    if name not in METHODS:
+        try:
+            importlib.import_module(module_name(name))
+        except ModuleNotFoundError as error:
+            if error.name != module_name(name):
+                raise ConfigError(f"method '{name}': module {module_name(name)} failed to import: "
+                                  f"{type(error).__name__}: {error}") from None
+            import_methods()
+        except Exception as error:
+            raise ConfigError(f"method '{name}': module {module_name(name)} failed to import: "
+                              f"{type(error).__name__}: {error}") from None
+    try:
+        return METHODS.get(name)
+    except KeyError as error:
+        raise ConfigError(f"method: {error}") from None

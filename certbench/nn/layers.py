@@ -1,0 +1,47 @@
+"""Layers every architecture uses: input normalisation inside the model, residual sums."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` as the model's first layer.
+
+    Keeping normalisation inside the model means every ε and every certified radius
+    is measured in pixel units of the raw input in [0, 1].
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
+        if min(std) <= 0:
+            raise ValueError(f"std must be positive, got {list(std)}")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Residual(nn.Module):
+    """``y = a · body(x) + b · shortcut(x)``.
+
+    ``(a, b) = (1, 1)`` is the plain residual sum; Parseval networks use a convex
+    combination such as ``(0.5, 0.5)`` (Cissé et al. 2017). The coefficients are
+    buffers, so Lipschitz bounds can read them: ``L ≤ a·L(body) + b·L(shortcut)``.
+    """
+
+    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None,
+                 coefficients: tuple[float, float] = (1.0, 1.0)) -> None:
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+        self.register_buffer("coefficients", torch.tensor(coefficients, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coefficients[0] * self.body(x) + self.coefficients[1] * self.shortcut(x)
