@@ -68,8 +68,8 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
-def _key(path: Iterator[Any]) -> str:
-    key = ""
+def _key(prefix: str, path: Iterator[Any]) -> str:
+    key = prefix.rstrip(".")
     for part in path:
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
     return key or "<root>"
@@ -79,10 +79,14 @@ def validate_against(schema: Mapping[str, Any], instance: Any, prefix: str = "")
     """Validate ``instance`` and return a copy with defaults filled; raise a one-line ConfigError."""
     filled = copy.deepcopy(instance)
     error = jsonschema.exceptions.best_match(_FillingValidator(schema).iter_errors(filled))
-    if error is not None:
-        key = _key(error.absolute_path)
-        raise ConfigError(f"{prefix}{key}: {error.message}" if prefix else f"{key}: {error.message}")
-    return filled
+    if error is None:
+        return filled
+    path, message = list(error.absolute_path), error.message
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(error.schema.get("properties", {}))
+        path.append(sorted(set(error.instance) - set(allowed))[0])
+        message = f"unknown key; allowed: {', '.join(allowed) or 'none'}"
+    raise ConfigError(f"{_key(prefix, path)}: {message}")
 
 
 def validate_schema(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,7 +187,8 @@ def validate(config: Mapping[str, Any], cache_dir: str | Path = ".snakemake/cert
                             cwd=REPO_ROOT, check=False)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        raise ConfigError(lines[-1] if lines else f"the registry check failed (exit {result.returncode})")
+        message = lines[-1].removeprefix("config error: ") if lines else f"registry check failed (exit {result.returncode})"
+        raise ConfigError(message)
     checked = json.loads(result.stdout)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")

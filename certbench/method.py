@@ -52,6 +52,9 @@ class Method:
     params_schema: ClassVar[dict[str, dict[str, Any]]] = {}
     #: The certificate that the paper of this method reports.
     default_certificate: ClassVar[str] = "lipschitz-l2"
+    #: A small architecture (name, parameters) this method trains: used by the tests that
+    #: every registered method must pass, and as the example in the README.
+    example_arch: ClassVar[tuple[str, dict[str, Any]]] = ("mlp", {"widths": [32]})
 
     def __init__(self, params: Mapping[str, Any], context: RunContext) -> None:
         self.params = dict(params)

@@ -80,7 +80,7 @@ def read_idx(path: Path) -> np.ndarray:
     data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise ValueError(f"{path}: header says {dims} but holds {data.size} values")
-    return data.reshape(dims)
+    return data.reshape(dims).copy()
 
 
 def _find(folders: list[Path], stem: str) -> Path | None:
@@ -133,10 +133,13 @@ def load_fashion_mnist_split(data_dir: Path, download: bool) -> Split:
 # --- CIFAR-10 -----------------------------------------------------------------------
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches (dicts of bytes, lists and numpy arrays) and nothing else."""
+    """Unpickles CIFAR batches (dicts of bytes, lists and numpy arrays) and nothing else.
+
+    ``_codecs.encode`` is how Python 3 pickles bytes at protocol 2; it only encodes a string.
+    """
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str) -> type:
         if (module, name) not in self.ALLOWED:
