@@ -81,12 +81,18 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
             except ValueError as error:
                 raise ConfigError(f"evaluation.attack_params.{name}.{setting}: {error}") from None
     for run in cfg.runs(checked):
+        if run.seed != checked["seeds"][0]:
+            continue  # the seed changes nothing that can be checked here
         resolved = cfg.resolve_run(checked, run)
         method = get_method(resolved["method"])(resolved["params"], run_context(resolved, torch.device("cpu")))
+        key = f"experiments[{run.name}]"
         try:
             method.check()
+            method.prepare(method.build_model(run.arch, resolved["arch_params"]))
         except ConfigError as error:
-            raise ConfigError(f"experiments[{run.name}].{error}") from None
+            raise ConfigError(f"{key}.{error}") from None
+        except (ValueError, TypeError, NotImplementedError) as error:
+            raise ConfigError(f"{key} on {run.dataset} with arch '{run.arch}': {error}") from None
     return checked
 
 

@@ -4,9 +4,9 @@
     certbench certify --run-config run.json --run-dir DIR --out certify.json
     certbench attack  --run-config run.json --run-dir DIR --out attack.json
     certbench audit   --out results/audit.csv RUN_DIR...
-    certbench collect --out results/summary.csv RECORD...
-    certbench tables  --summary results/summary.csv --out-dir results/tables
-    certbench figures --summary results/summary.csv --out-dir figures
+    certbench collect --out results/summary.csv --radii results/radii.csv RECORD...
+    certbench tables  --summary results/summary.csv --audit results/audit.csv --out-dir results/tables
+    certbench figures --summary results/summary.csv --radii results/radii.csv --out-dir figures
     certbench check-config CONFIG.yaml
 """
 
@@ -42,11 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("records", type=Path, nargs="*")
     collect = commands.add_parser("collect")
     collect.add_argument("--out", type=Path, required=True)
+    collect.add_argument("--radii", type=Path, required=True)
     collect.add_argument("records", type=Path, nargs="+")
-    for name in ("tables", "figures"):
-        sub = commands.add_parser(name)
-        sub.add_argument("--summary", type=Path, required=True)
-        sub.add_argument("--out-dir", type=Path, required=True)
+    tables = commands.add_parser("tables")
+    tables.add_argument("--summary", type=Path, required=True)
+    tables.add_argument("--audit", type=Path, required=True)
+    tables.add_argument("--published", type=Path)
+    tables.add_argument("--out-dir", type=Path, required=True)
+    figures = commands.add_parser("figures")
+    figures.add_argument("--summary", type=Path, required=True)
+    figures.add_argument("--radii", type=Path, required=True)
+    figures.add_argument("--out-dir", type=Path, required=True)
     check = commands.add_parser("check-config")
     check.add_argument("config", type=Path)
     args = parser.parse_args(argv)
@@ -84,15 +90,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "collect":
         from certbench.collect import collect
-        collect(args.records, args.out)
+        collect(args.records, args.out, args.radii)
         return 0
     if args.command == "tables":
         from certbench.tables import write_tables
-        write_tables(args.summary, args.out_dir)
+        write_tables(args.summary, args.audit, args.out_dir, args.published)
         return 0
     if args.command == "figures":
         from certbench.figures import write_figures
-        write_figures(args.summary, args.out_dir)
+        write_figures(args.summary, args.radii, args.out_dir)
         return 0
     from certbench import config as cfg
     cfg.validate(cfg.load(args.config))

@@ -46,8 +46,48 @@ def sample_table(certify: Mapping[str, Any], attack: Mapping[str, Any]) -> pd.Da
     return pd.DataFrame(columns)
 
 
-def _eps_of(column: str) -> float:
-    return float(column.rsplit("@", 1)[1])
+def convert_radius(radius: np.ndarray, source: str, target: str, input_dim: int) -> np.ndarray:
+    """A radius certified in norm ``source`` as a radius certified in norm ``target``.
+
+    ‖δ‖∞ ≤ ‖δ‖₂ ≤ √d·‖δ‖∞: an ℓ∞ radius r certifies the ℓ2 ball of radius r, and an ℓ2 radius r
+    certifies the ℓ∞ ball of radius r/√d.
+    """
+    if source == target or (source == "linf" and target == "l2"):
+        return radius
+    return radius / math.sqrt(input_dim)
+
+
+def best_certified_radius(samples: pd.DataFrame, certificates: Mapping[str, Any], norm: str,
+                          input_dim: int) -> np.ndarray:
+    """Per sample, the largest radius in ``norm`` that any certificate proves (0 if misclassified).
+
+    Radius certificates are converted between norms; ε-status certificates of the same norm
+    contribute the largest ε at which they certified the sample.
+    """
+    correct = (samples["prediction"] == samples["label"]).to_numpy()
+    best = np.zeros(len(samples))
+    for name, entry in certificates.items():
+        if not entry["applicable"]:
+            continue
+        if f"radius:{name}" in samples:
+            radius = np.nan_to_num(samples[f"radius:{name}"].to_numpy(dtype=float), nan=0.0)
+            best = np.maximum(best, convert_radius(radius, entry["norm"], norm, input_dim))
+        elif entry["norm"] == norm:
+            for column in (c for c in samples if c.startswith(f"status:{name}@")):
+                certified = samples[column].to_numpy() == "certified"
+                best = np.where(certified, np.maximum(best, float(column.rsplit("@", 1)[1])), best)
+    return np.where(correct, best, 0.0)
+
+
+def smallest_adversarial(samples: pd.DataFrame, norm: str) -> np.ndarray:
+    """Per sample, the smallest perturbation in ``norm`` that any attack found (0 if misclassified, inf if none)."""
+    smallest = np.full(len(samples), np.inf)
+    for column in (c for c in samples if c.startswith(f"adv_{norm}:")):
+        suffix = column.split(":", 1)[1]
+        found = samples[f"success:{suffix}"].to_numpy(dtype=bool) & ~samples[f"error:{suffix}"].to_numpy(dtype=bool)
+        smallest = np.where(found, np.minimum(smallest, samples[column].to_numpy(dtype=float)), smallest)
+    correct = (samples["prediction"] == samples["label"]).to_numpy()
+    return np.where(correct, smallest, 0.0)
 
 
 def metrics(record: Mapping[str, Any], samples: pd.DataFrame) -> dict[str, Any]:
@@ -56,6 +96,7 @@ def metrics(record: Mapping[str, Any], samples: pd.DataFrame) -> dict[str, Any]:
     ``cert:<c>@<ε>`` certified accuracy; ``cert_errors:<c>`` samples with an error status;
     ``median_radius:<c>``/``mean_radius:<c>`` over all test points (0 for misclassified ones) and
     their normalised forms ``…_norm`` (radius / √d, the size of the input; LMT paper §5);
+    ``certified:<norm>@<ε>`` accuracy certified by any certificate (radii converted between norms);
     ``robust:<a>@<ε>`` accuracy under attack ``a`` at ε (errors never count as robust);
     ``empirical:<norm>@<ε>`` accuracy under every attack of that norm together.
     """
@@ -87,6 +128,13 @@ def metrics(record: Mapping[str, Any], samples: pd.DataFrame) -> dict[str, Any]:
             row[f"mean_radius_norm:{name}"] = float(np.mean(radius)) / math.sqrt(d)
     attacks = record["attack"].get("attacks", {})
     eps_by_norm = {"linf": record["config"]["dataset"]["eps_linf"], "l2": record["config"]["dataset"]["eps_l2"]}
+    for norm, values in eps_by_norm.items():
+        best = best_certified_radius(samples, certify["certificates"], norm, d)
+        for eps in values:
+            status_columns = [f"status:{n}@{eps:g}" for n, e in certify["certificates"].items()
+                              if e["applicable"] and e["norm"] == norm and f"status:{n}@{eps:g}" in samples]
+            by_status = (samples[status_columns].to_numpy() == "certified").any(axis=1) if status_columns else False
+            row[f"certified:{norm}@{eps:g}"] = float(np.mean((best > eps) | by_status))
     survives: dict[tuple[str, float], np.ndarray] = {(n, float(e)): correct.copy()
                                                     for n, values in eps_by_norm.items() for e in values}
     for name, info in attacks.items():
@@ -147,9 +195,33 @@ def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:
             **record["metrics"]}
 
 
-def collect(record_paths: Iterable[Path], out: Path) -> pd.DataFrame:
-    """``summary.csv``: one row per run, every status kept (diverged runs included)."""
-    frame = pd.DataFrame([summary_row(read_json(p)) for p in record_paths])
-    frame = frame.sort_values(["dataset", "name", "arch", "seed"]).reset_index(drop=True)
+def radii(record: Mapping[str, Any], samples: pd.DataFrame) -> pd.DataFrame:
+    """Long table of one run: per sample and norm, the best certified radius and the smallest attack."""
+    if samples.empty:
+        return pd.DataFrame()
+    run, d = record["run"], DATASETS.get(record["run"]["dataset"]).input_dim
+    parts = [pd.DataFrame({"index": samples["index"], "norm": norm,
+                           "certified_radius": best_certified_radius(samples, record["certify"]["certificates"],
+                                                                     norm, d),
+                           "adversarial_norm": smallest_adversarial(samples, norm)})
+             for norm in ("l2", "linf")]
+    frame = pd.concat(parts, ignore_index=True)
+    for key in ("dataset", "name", "arch", "seed"):
+        frame.insert(0, key, run[key])
+    frame.insert(0, "method", record["method"])
+    return frame
+
+
+def collect(record_paths: Iterable[Path], out: Path, radii_out: Path) -> pd.DataFrame:
+    """``summary.csv`` (one row per run, every status kept, diverged runs included) and ``radii.csv``."""
+    rows, long = [], []
+    for path in record_paths:
+        record = read_json(path)
+        rows.append(summary_row(record))
+        if record["status"] == "ok":
+            long.append(radii(record, pd.read_csv(Path(path).parent / record["samples"])))
+    frame = pd.DataFrame(rows).sort_values(["dataset", "name", "arch", "seed"]).reset_index(drop=True)
     atomic_write_bytes(out, frame.to_csv(index=False).encode())
+    radii_frame = pd.concat(long, ignore_index=True) if long else pd.DataFrame()
+    atomic_write_bytes(radii_out, radii_frame.to_csv(index=False).encode())
     return frame

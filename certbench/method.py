@@ -76,6 +76,9 @@ class Method:
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step (e.g. a retraction)."""
 
+    def finish(self, model: nn.Module) -> None:
+        """Called once after the last epoch, before the model is saved (e.g. a final projection)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Method state that a checkpoint must keep (tensors and plain values)."""
         return {}

@@ -242,6 +242,8 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
             checkpoint["cuda_rng"] = torch.cuda.get_rng_state(device)
         save_tensors(checkpoint_path, checkpoint)
 
+    if status == "ok":
+        method.finish(model)
     seconds = [h["seconds"] for h in history]
     record = {
         "status": status, "message": message, "config": dict(run_config), "config_hash": chash,

@@ -91,8 +91,8 @@ def test_registry_check_names_unknown_method_arch_and_parameters(smoke_config: d
     config["evaluation"] = {"attacks": ["nope"]}
     result = _registry_check(config)
     assert result.returncode == 2
-    assert re.fullmatch(r"config error: evaluation\.attacks\[0\]: unknown attack 'nope'; allowed: .*\n",
-                        result.stderr)
+    assert re.fullmatch(r"config error: evaluation\.attacks\[0\]: unknown attack 'nope'; allowed: .*",
+                        result.stderr.strip().splitlines()[-1])
 
 
 def test_method_module_that_fails_to_import_is_named(tmp_path: Path, smoke_config: dict, monkeypatch) -> None:

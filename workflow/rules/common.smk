@@ -20,6 +20,16 @@ wildcard_constraints:
     seed=r"\d+",
 
 
+def job_resources(rule_name):
+    """Scheduler requests of a train/certify/attack job (see `resources` in the config schema)."""
+    wanted = CONFIG["resources"]
+    requests = {"gpu": GPU, "mem_mb": wanted["mem_mb"], "runtime": wanted["runtime_minutes"][rule_name]}
+    partition = (GPU and wanted["gpu_partition"]) or wanted["partition"]
+    if partition:
+        requests["slurm_partition"] = partition
+    return requests
+
+
 def run_id(wildcards):
     return RunId(wildcards.dataset, wildcards.name, wildcards.arch, int(wildcards.seed))
 

@@ -13,10 +13,9 @@ rule certify:
         RUN_DIR + "/certify.json",
     log:
         LOG_DIR + "/certify.log",
-    threads: 1
+    threads: CONFIG["resources"]["threads"]
     resources:
-        gpu=GPU,
-        mem_mb=4000,
+        **job_resources("certify"),
     params:
         run_dir=RUN_DIR,
     shell:
@@ -34,10 +33,9 @@ rule attack:
         RUN_DIR + "/attack.json",
     log:
         LOG_DIR + "/attack.log",
-    threads: 1
+    threads: CONFIG["resources"]["threads"]
     resources:
-        gpu=GPU,
-        mem_mb=4000,
+        **job_resources("attack"),
     params:
         run_dir=RUN_DIR,
     shell:

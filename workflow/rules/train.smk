@@ -27,10 +27,9 @@ rule train:
         record=RUN_DIR + "/train.json",
     log:
         LOG_DIR + "/train.log",
-    threads: 1
+    threads: CONFIG["resources"]["threads"]
     resources:
-        gpu=GPU,
-        mem_mb=4000,
+        **job_resources("train"),
     params:
         out_dir=RUN_DIR,
     shell:

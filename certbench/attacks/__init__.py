@@ -1,0 +1,27 @@
+"""Adversarial attacks behind one interface, for evaluation and for auditing certificates.
+
+Registered attacks (``ATTACKS.names()``), defaults from METHODS.md "Attacks used for evaluation":
+
+- ``deepfool-l2`` (l2, minimal): steps 50, overshoot 0.02, every class a candidate, on logits.
+- ``cw-l2`` (l2, minimal): steps 100, stepsize 0.01, confidence 0, initial_const 1e-3,
+  binary_search_steps 9, abort_early.
+- ``ddn-l2`` (l2, minimal): steps 100, init_epsilon 1, gamma 0.05.
+- ``fmn-linf`` (linf, minimal): steps 100, max_stepsize 1, gamma 0.05, binary_search_steps 10.
+- ``pgd-linf`` / ``pgd-l2`` (eps): steps 50, rel_stepsize 0.25 (step ε/4), random_start.
+
+``kind == "minimal"``: run once per model, gives the smallest perturbation found per sample.
+``kind == "eps"``: run once per ε. Usage::
+
+    attack = Attack("pgd-linf", steps=100)          # settings validated here (ValueError)
+    result = attack.run(model, x, y, eps=0.1)        # one batch; AttackResult with our own checks
+    table = attack_table(model, x, y, ["deepfool-l2", "pgd-linf"], eps={"linf": [0.1, 0.3]})
+"""
+
+from __future__ import annotations
+
+from certbench.attacks import foolbox_attacks  # noqa: F401  (registers the attacks)
+from certbench.attacks.base import ATTACKS, Attack, AttackResult, AttackSpec, Kind, Norm, Setting, register_attack
+from certbench.attacks.table import FIELDS, attack_table, column, format_eps
+
+__all__ = ["ATTACKS", "Attack", "AttackResult", "AttackSpec", "FIELDS", "Kind", "Norm", "Setting",
+           "attack_table", "column", "format_eps", "register_attack"]

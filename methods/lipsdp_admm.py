@@ -1,0 +1,220 @@
+"""``lipsdp-admm``: training with LipSDP Lipschitz bounds by ADMM (Pauli et al., L-CSS 2021).
+
+The training problem ``min_W CE(W) + μ·L(W)²`` (regularised) or ``min_W CE(W) s.t. L(W) ≤ L̄``
+(enforced), L the LipSDP-Neuron bound, is split with a copy W̄ of the weights and solved by ADMM
+(Pauli et al. 2021, Sec. IV):
+
+1. W-step: ``admm_every`` epochs of the framework's training on
+   ``CE + Σ_k (ρ_a/2)‖W_k − W̄_k‖²_F + tr(Y_kᵀ(W_k − W̄_k))``;
+2. W̄-step: the SDP :func:`certbench.lipsdp.weight_step` with T from a LipSDP solve on the current W;
+3. dual update ``Y_k += ρ_a (W_k − W̄_k)``;
+
+until the LipSDP bound of W changes by less than ``tolerance`` (then W̄, Y stay fixed and training
+goes on with the last coupling terms). The first ``admm_every`` epochs train without coupling.
+All W, W̄, Y are in pixel units (the Normalize layer's 1/σ folded into W₀, see
+:class:`certbench.lipsdp.MLPStructure`), so L̄ and μ refer to inputs in [0, 1].
+
+Enforced variant: W̄ satisfies the LMI for ρ = L̄² after every W̄-step; after the last optimiser
+step of training the model's weights are replaced by W̄ from a final W̄-step, and the last layer is
+scaled down if the verified LipSDP bound of the stored (float32) weights exceeds L̄·(1 − 1e-4)
+(the bound is homogeneous in W_l). When LipSDP cannot verify a bound there, the product of spectral
+norms is used instead, so the delivered model always has L ≤ L̄.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certbench.config import ConfigError
+from certbench.lipsdp import SOLVERS, is_mlp, lipsdp, mlp_structure, product_bound, weight_step
+from certbench.method import LossOutput, Method, register_method
+
+log = logging.getLogger(__name__)
+#: Relative margin below L̄ for the final scaling (covers the float32 round trip of the weights).
+FINAL_MARGIN = 1e-4
+
+
+@register_method("lipsdp-admm")
+class LipSDPADMM(Method):
+    """ADMM with a LipSDP W̄-step; ``variant`` "regularised" (μ·L²) or "enforced" (L ≤ L̄)."""
+
+    default_certificate = "lipsdp-l2"
+    params_schema = {
+        "variant": {"enum": ["regularised", "enforced"], "default": "regularised"},
+        "mu": {"type": "number", "minimum": 0, "default": 8e-4,
+               "description": "weight μ of L² (regularised variant)"},
+        "max_bound": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
+                      "description": "L̄ in pixel units (enforced variant)"},
+        "rho_admm": {"type": "number", "exclusiveMinimum": 0, "default": 2.0,
+                     "description": "ADMM penalty ρ_a"},
+        "admm_every": {"type": "integer", "minimum": 1, "default": 1,
+                       "description": "epochs per W-step"},
+        "tolerance": {"type": "number", "exclusiveMinimum": 0, "default": 0.5,
+                      "description": "stop the ADMM updates once the bound changes by less"},
+        "solver": {"enum": list(SOLVERS), "default": "SCS"},
+        "sdp_time_limit": {"type": "number", "exclusiveMinimum": 0, "default": 600,
+                           "description": "seconds per SDP solve"},
+    }
+
+    def __init__(self, params: Mapping[str, Any], context: Any) -> None:
+        super().__init__(params, context)
+        self._wbar: list[np.ndarray] | None = None
+        self._dual: list[np.ndarray] | None = None
+        self._multipliers: list[np.ndarray] | None = None
+        self._bounds: list[float] = []
+        self._epoch = 0
+        self._converged = False
+        self._finished = False
+        self._progress: float | None = None
+        self._step: float | None = None
+        self._stats: dict[str, float] = {}
+        self._device_copies: tuple[torch.device, list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @property
+    def enforced(self) -> bool:
+        return self.params["variant"] == "enforced"
+
+    def check(self) -> None:
+        if self.enforced and self.params["max_bound"] is None:
+            raise ConfigError("params.max_bound: the enforced variant needs a bound L̄ > 0")
+        if not self.enforced and self.params["max_bound"] is not None:
+            raise ConfigError("params.max_bound: only the enforced variant uses it (set variant: enforced)")
+
+    def build_model(self, arch: str, arch_params: Mapping[str, Any]) -> nn.Module:
+        model = super().build_model(arch, arch_params)
+        if not is_mlp(model):
+            raise ConfigError(f"arch: lipsdp-admm needs an MLP (Linear layers with ReLU or Tanh), got '{arch}'")
+        return model
+
+    def prepare(self, model: nn.Module) -> None:
+        mlp_structure(model)
+
+    # --- training hooks --------------------------------------------------------------------------
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:
+        if self._progress is not None and progress > self._progress:
+            self._step = progress - self._progress
+        self._progress = progress
+        epoch = math.floor(progress * self.context.epochs + 1e-9)
+        if epoch > self._epoch:
+            self._epoch = epoch
+            if epoch % self.params["admm_every"] == 0 and not self._converged:
+                self._admm_update(model)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        stats = dict(self._stats)
+        if self._wbar is not None:
+            coupling = self._coupling(model)
+            loss = loss + coupling
+            stats["coupling"] = float(coupling.detach())
+        return LossOutput(loss, stats=stats, logits=logits)
+
+    def after_step(self, model: nn.Module) -> None:
+        """After the last optimiser step of training (enforced variant): deliver W̄ with L ≤ L̄."""
+        last = self._step is not None and self._progress is not None and self._progress + 1.5 * self._step > 1
+        if self.enforced and last and not self._finished:
+            self._finished = True
+            self._admm_update(model)
+            self._deliver(model)
+
+    # --- ADMM ------------------------------------------------------------------------------------
+
+    def _coupling(self, model: nn.Module) -> torch.Tensor:
+        """Σ_k (ρ_a/2)‖W_k − W̄_k‖²_F + tr(Y_kᵀ(W_k − W̄_k)) (Pauli et al. 2021, augmented Lagrangian)."""
+        weights = mlp_structure(model).weights()
+        device = weights[0].device
+        if self._device_copies is None or self._device_copies[0] != device:
+            self._device_copies = (device, _tensors(self._wbar, weights[0]), _tensors(self._dual, weights[0]))
+        _, wbar, dual = self._device_copies
+        rho_a = self.params["rho_admm"]
+        return sum(rho_a / 2 * (w - b).pow(2).sum() + (d * (w - b)).sum() for w, b, d in zip(weights, wbar, dual))
+
+    def _admm_update(self, model: nn.Module) -> None:
+        """One W̄-step and dual update around the model's current weights W."""
+        weights = mlp_structure(model).numpy_weights()
+        limit, solver = self.params["sdp_time_limit"], self.params["solver"]
+        bound = lipsdp(weights, solver=solver, time_limit=limit)
+        seconds = bound.solve_time
+        if bound.verified:
+            self._multipliers = bound.multipliers
+            self._bounds.append(bound.bound)
+        if self._multipliers is None:
+            log.warning("ADMM update skipped: no LipSDP multipliers yet (%s)", bound.message)
+            return
+        rho_a = self.params["rho_admm"]
+        dual = self._dual if self._dual is not None else [np.zeros_like(w) for w in weights]
+        targets = [w + d / rho_a for w, d in zip(weights, dual)]
+        variant = {"max_bound": self.params["max_bound"]} if self.enforced else {"mu": self.params["mu"]}
+        step = weight_step(targets, self._multipliers, rho_admm=rho_a, solver=solver, time_limit=limit, **variant)
+        seconds += step.solve_time
+        self._stats["sdp_seconds"] = self._stats.get("sdp_seconds", 0.0) + seconds
+        if step.weights is None:
+            log.warning("ADMM update skipped: W̄-step %s (%s)", step.status, step.message)
+            return
+        self._wbar = step.weights
+        self._dual = [d + rho_a * (w - b) for d, w, b in zip(dual, weights, self._wbar)]
+        self._device_copies = None
+        self._stats.update(admm_iterations=self._stats.get("admm_iterations", 0.0) + 1,
+                           wbar_bound=math.sqrt(step.rho))
+        if self._bounds:
+            self._stats["lipsdp_bound"] = self._bounds[-1]
+        self._converged = len(self._bounds) >= 2 and abs(self._bounds[-1] - self._bounds[-2]) < self.params["tolerance"]
+        log.info("ADMM %d: LipSDP bound of W %s, of W̄ ≤ %.4f, %.1f s in SDPs%s", int(self._stats["admm_iterations"]),
+                 f"{self._bounds[-1]:.4f}" if self._bounds else "n/a", math.sqrt(step.rho), seconds,
+                 " (converged)" if self._converged else "")
+
+    def _deliver(self, model: nn.Module) -> None:
+        """Load W̄ into the model and scale its last layer until a verified bound is ≤ L̄(1 − margin)."""
+        if self._wbar is None:
+            log.warning("enforced variant: no W̄ was ever computed; the model keeps its trained weights")
+            return
+        structure = mlp_structure(model)
+        structure.load_weights(self._wbar)
+        weights = structure.numpy_weights()
+        result = lipsdp(weights, solver=self.params["solver"], time_limit=self.params["sdp_time_limit"])
+        bound = result.bound if result.verified else product_bound(weights)
+        target = self.params["max_bound"] * (1 - FINAL_MARGIN)
+        if bound > target:
+            weights[-1] = weights[-1] * (target / bound)
+            structure.load_weights(weights)
+        log.info("enforced variant: delivered W̄ with bound %.4f (%s) scaled to ≤ %.4f",
+                 bound, "LipSDP" if result.verified else "∏‖W‖₂", min(bound, target))
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wbar": _tensors(self._wbar), "dual": _tensors(self._dual), "multipliers": _tensors(self._multipliers),
+                "bounds": list(self._bounds), "epoch": self._epoch, "converged": self._converged,
+                "finished": self._finished, "progress": self._progress, "step": self._step,
+                "stats": dict(self._stats)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._wbar, self._dual = _arrays(state["wbar"]), _arrays(state["dual"])
+        self._multipliers = _arrays(state["multipliers"])
+        self._bounds = list(state["bounds"])
+        self._epoch, self._converged, self._finished = state["epoch"], state["converged"], state["finished"]
+        self._progress, self._step = state["progress"], state["step"]
+        self._stats = dict(state["stats"])
+        self._device_copies = None
+
+
+def _tensors(arrays: list[np.ndarray] | None, like: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+    """numpy → torch (float64 on the CPU, or dtype and device of ``like``); None stays None."""
+    if arrays is None:
+        return None
+    if like is None:
+        return [torch.from_numpy(np.asarray(a, dtype=np.float64)) for a in arrays]
+    return [torch.as_tensor(a, dtype=like.dtype, device=like.device) for a in arrays]
+
+
+def _arrays(tensors: list[torch.Tensor] | None) -> list[np.ndarray] | None:
+    """Inverse of :func:`_tensors` (float64 numpy)."""
+    return None if tensors is None else [t.detach().cpu().double().numpy() for t in tensors]

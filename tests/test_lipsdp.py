@@ -1,0 +1,279 @@
+"""LipSDP-Neuron: exactness on one layer, sandwich between sampled gradients and ∏‖W‖₂, the float64
+check/repair, time limits and failures, the ADMM W̄-step, the lipsdp-l2 certificate and the
+lipsdp-admm method, and the rings2d generator."""
+
+from __future__ import annotations
+
+import math
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from certbench.data.rings2d import RINGS, make_rings2d
+from certbench.lipsdp import (NotAnMLPError, is_certified, lipsdp, lmi_matrix, max_eigenvalue, min_rho,
+                              mlp_structure, mlp_weights, product_bound, repair, weight_step)
+from certbench.nn import Normalize
+
+
+def make_mlp(seed: int, shape: tuple[int, int, int], widths: tuple[int, ...], classes: int,
+             activation: type[nn.Module], std: tuple[float, ...]) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [Normalize([0.5] * shape[0], std), nn.Flatten()]
+    previous = math.prod(shape)
+    for width in widths:
+        layers += [nn.Linear(previous, width), activation()]
+        previous = width
+    return nn.Sequential(*layers, nn.Linear(previous, classes)).double()
+
+
+def sampled_gradient_norm(model: nn.Module, shape: tuple[int, int, int], samples: int = 2000) -> float:
+    """max over random inputs of ‖∂f/∂x‖₂ (spectral norm of the Jacobian): a lower bound on L."""
+    x = torch.rand(samples, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3 - 1
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: model(v[None])[0]))(x).flatten(2)
+    return float(torch.linalg.matrix_norm(jac.detach(), 2).max())
+
+
+def random_weights(seed: int, dims: tuple[int, ...]) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((dims[i + 1], dims[i])) / math.sqrt(dims[i]) for i in range(len(dims) - 1)]
+
+
+# --- LipSDP ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 9)])
+def test_single_linear_layer_gives_spectral_norm(shape: tuple[int, int]) -> None:
+    w = np.random.default_rng(0).standard_normal(shape) * 3
+    result = lipsdp([w])
+    exact = np.linalg.norm(w, 2)
+    assert result.verified and result.multipliers == []
+    assert exact <= result.bound <= exact * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("seed, shape, widths, activation, std", [
+    (0, (1, 2, 3), (8,), nn.ReLU, (0.5,)),
+    (1, (1, 2, 3), (8, 8), nn.ReLU, (0.3,)),
+    (2, (2, 1, 3), (10, 6), nn.Tanh, (0.5, 0.25)),
+    (3, (1, 4, 4), (12, 12), nn.Tanh, (1.0,)),
+])
+def test_bound_between_sampled_gradients_and_norm_product(seed, shape, widths, activation, std) -> None:
+    model = make_mlp(seed, shape, widths, 3, activation, std)
+    weights = mlp_weights(model)
+    result = lipsdp(weights)
+    assert result.verified, result.message
+    lower = sampled_gradient_norm(model, shape)
+    assert lower <= result.bound <= product_bound(weights) * (1 + 1e-9)
+    # the returned (bound², T) is a certificate for the full, unreduced, unscaled weights
+    assert max_eigenvalue(lmi_matrix(weights, result.bound ** 2, result.multipliers)) <= 1e-9
+
+
+def test_normalisation_is_folded_into_the_first_layer() -> None:
+    model = make_mlp(0, (2, 1, 2), (4,), 3, nn.ReLU, (0.5, 0.25))
+    first = model[2].weight.detach()
+    assert np.allclose(mlp_weights(model)[0], (first / torch.tensor([0.5, 0.5, 0.25, 0.25])).numpy())
+
+
+def test_repair_makes_the_lmi_negative_semidefinite() -> None:
+    weights = random_weights(4, (6, 10, 10, 3))
+    result = lipsdp(weights)
+    ts = result.multipliers
+    lower = min_rho(weights, ts)
+    assert lower is not None and result.bound ** 2 >= lower
+    # a deliberately infeasible ρ is caught
+    assert max_eigenvalue(lmi_matrix(weights, 0.98 * lower, ts)) > 0
+    assert not is_certified(weights, 0.98 * lower, ts)
+    assert not is_certified(weights, result.bound ** 2, [-t for t in ts])
+    shrunk = [0.1 * t for t in ts]
+    assert min_rho(weights, shrunk) is None  # T too small: no ρ works unless T is scaled up
+    rng = np.random.default_rng(0)
+    jittered = [t * rng.uniform(0.7, 1.3, t.shape) for t in ts]
+    for bad_rho, bad_t in [(0.5 * lower, ts), (lower, shrunk), (lower, jittered)]:
+        fixed = repair(weights, bad_rho, bad_t)
+        assert fixed is not None
+        rho, t = fixed
+        assert all(np.all(v >= 0) for v in t)
+        assert max_eigenvalue(lmi_matrix(weights, rho, t)) <= 0
+        assert rho >= bad_rho
+
+
+def test_time_limit_and_solver_failure_claim_no_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = random_weights(5, (20, 30, 30, 5))
+    late = lipsdp(weights, time_limit=1e-4)
+    assert late.status == "time_limit" and late.bound is None and late.repaired_bound is None
+    assert "time limit" in late.message
+
+    def fail(self, *args, **kwargs):  # noqa: ANN001
+        raise cp.SolverError("simulated breakdown")
+
+    monkeypatch.setattr(cp.Problem, "solve", fail)
+    failed = lipsdp(weights)
+    assert failed.status == "solver_failed" and failed.bound is None and "simulated" in failed.message
+
+
+def test_mlp_structure_rejects_other_models() -> None:
+    with pytest.raises(NotAnMLPError):
+        mlp_structure(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 2)))
+    with pytest.raises(NotAnMLPError):
+        mlp_structure(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2)))
+    with pytest.raises(NotAnMLPError):
+        mlp_structure(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2)))
+    model = make_mlp(0, (2, 1, 2), (4,), 3, nn.Tanh, (0.5, 0.25))
+    structure = mlp_structure(model)
+    weights = [2 * w for w in structure.numpy_weights()]
+    structure.load_weights(weights)
+    assert all(np.allclose(a, b) for a, b in zip(mlp_weights(model), weights))
+
+
+# --- the ADMM W̄-step ---------------------------------------------------------------------------
+
+def test_weight_step_enforces_the_bound_and_keeps_feasible_weights() -> None:
+    weights = random_weights(6, (2, 10, 10, 3))
+    weights = [3 * w for w in weights]
+    result = lipsdp(weights)
+    target = result.bound / 2
+    enforced = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=target)
+    assert enforced.status == "ok"
+    assert lipsdp(enforced.weights).bound <= target * (1 + 1e-3)
+    # W already satisfies a looser bound with these T: projecting it changes (almost) nothing
+    loose = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=1.2 * result.bound)
+    change = sum(np.sum((a - b) ** 2) for a, b in zip(loose.weights, weights))
+    assert change < 1e-6 * sum(np.sum(w ** 2) for w in weights)
+    # penalising L² lowers the bound
+    regularised = weight_step(weights, result.multipliers, rho_admm=1.0, mu=0.05)
+    assert math.sqrt(regularised.rho) < 0.95 * result.bound
+    assert lipsdp(regularised.weights).bound <= math.sqrt(regularised.rho) * (1 + 1e-3)
+
+
+def test_weight_step_reduction_of_a_wide_first_layer() -> None:
+    """With 12 inputs and 4 hidden neurons W̄₀ is solved in a 4-dim row space; compare with L̄ bounds."""
+    weights = [3 * w for w in random_weights(7, (12, 4, 3))]
+    result = lipsdp(weights)
+    step = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=result.bound / 3)
+    assert step.weights[0].shape == (4, 12)
+    assert lipsdp(step.weights).bound <= result.bound / 3 * (1 + 1e-3)
+
+
+# --- rings2d -----------------------------------------------------------------------------------
+
+def test_rings2d_is_balanced_deterministic_and_separated() -> None:
+    x, y = make_rings2d(301, seed=3)
+    assert x.dtype == np.float32 and y.dtype == np.int64 and x.shape == (301, 2)
+    assert x.min() >= 0 and x.max() <= 1
+    assert np.bincount(y).tolist() == [101, 100, 100]
+    radius = np.linalg.norm(x - 0.5, axis=1)
+    for label, (inner, outer) in enumerate(RINGS):
+        assert np.all((radius[y == label] >= inner - 1e-6) & (radius[y == label] <= outer + 1e-6))
+    again, labels = make_rings2d(301, seed=3)
+    assert np.array_equal(again, x) and np.array_equal(labels, y)
+    assert not np.array_equal(make_rings2d(301, seed=4)[0], x)
+
+
+# --- the lipsdp-l2 certificate -----------------------------------------------------------------
+
+def test_certificate_radius_is_sound_and_failures_are_errors() -> None:
+    from certbench.certificates import CERTIFICATES, ERROR
+
+    model = make_mlp(8, (1, 2, 3), (16, 16), 3, nn.ReLU, (0.3,)).float().eval()
+    x = torch.rand(64, 1, 2, 3, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    y[:8] = (y[:8] + 1) % 3  # some misclassified points
+    certificate = CERTIFICATES.get("lipsdp-l2")(time_limit=60)
+    assert certificate.applies(model)
+    assert not certificate.applies(nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)))
+    result = certificate.certify(model, x, y, [0.01, 0.1])
+    bound = lipsdp(mlp_weights(model)).bound
+    assert result.extra["lipschitz_bound"] == pytest.approx(bound) and result.extra["solve_seconds"] > 0
+    assert np.all(result.radius[:8] == 0) and np.all(result.radius[8:] > 0)
+    # moving every correctly classified point by 0.999·radius against its margin gradient keeps the label
+    x_adv = x[8:].clone().requires_grad_(True)
+    logits = model(x_adv)
+    others = logits.scatter(1, y[8:, None], float("-inf")).max(1).values
+    (logits.gather(1, y[8:, None]).squeeze(1) - others).sum().backward()
+    direction = -x_adv.grad / x_adv.grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    radius = torch.as_tensor(result.radius[8:], dtype=torch.float32).view(-1, 1, 1, 1)
+    assert torch.equal(model(x[8:] + 0.999 * radius * direction).argmax(1), y[8:])
+    for eps, status in result.status.items():
+        assert np.array_equal(status == "certified", result.radius > eps)
+    late = type(certificate)(time_limit=1e-4).certify(model, x, y, [0.01])
+    assert late.radius is None and np.all(late.status[0.01] == ERROR) and "time_limit" in late.errors[0]
+
+
+# --- the lipsdp-admm method --------------------------------------------------------------------
+
+def _admm_method(params: dict, epochs: int):  # noqa: ANN202
+    from certbench import config as cfg
+    from certbench.catalogue import params_schema
+    from certbench.data.specs import DATASETS
+    from certbench.method import RunContext, get_method
+
+    filled = cfg.validate_against(params_schema("lipsdp-admm"), params, "params.")
+    method = get_method("lipsdp-admm")(filled, RunContext(DATASETS.get("rings2d"), epochs, (0.02,), (0.02,),
+                                                          torch.device("cpu")))
+    method.check()
+    torch.manual_seed(0)
+    model = method.build_model("mlp", {"widths": [10, 10], "activation": "tanh"})
+    method.prepare(model)
+    return method, model
+
+
+def _train(method, model, optimiser, epochs: range, total: int, batches: int = 10) -> None:  # noqa: ANN001
+    """The framework's loop: progress = (epoch + batch/len(loader))/epochs, after_step after each step."""
+    x, y = make_rings2d(300, seed=0)
+    x, y = torch.from_numpy(x).view(-1, 1, 1, 2), torch.from_numpy(y)
+    for epoch in epochs:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for batch, idx in enumerate(order.split(len(x) // batches)):
+            out = method.loss(model, x[idx], y[idx], (epoch + batch / batches) / total)
+            optimiser.zero_grad()
+            out.loss.backward()
+            optimiser.step()
+            method.after_step(model)
+
+
+def test_admm_enforced_variant_ends_below_the_bound() -> None:
+    method, model = _admm_method({"variant": "enforced", "max_bound": 3.0, "tolerance": 0.01}, epochs=8)
+    _train(method, model, torch.optim.Adam(model.parameters(), lr=0.03), range(8), 8)
+    assert max(method._bounds) > 3.0  # the trained W alone would break the bound
+    assert lipsdp(mlp_weights(model)).bound <= 3.0
+
+
+def test_admm_state_survives_a_checkpoint() -> None:
+    import io
+
+    params = {"variant": "regularised", "mu": 0.01, "tolerance": 1e-3}
+    method, model = _admm_method(params, epochs=4)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
+    _train(method, model, optimiser, range(2), 4, batches=5)
+    buffer = io.BytesIO()
+    torch.save({"method": method.state_dict(), "model": model.state_dict(), "optimiser": optimiser.state_dict()},
+               buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed, model2 = _admm_method(params, epochs=4)
+    model2.load_state_dict(saved["model"])
+    optimiser2 = torch.optim.Adam(model2.parameters(), lr=0.03)
+    optimiser2.load_state_dict(saved["optimiser"])
+    resumed.load_state_dict(saved["method"])
+    _train(method, model, optimiser, range(2, 4), 4, batches=5)
+    _train(resumed, model2, optimiser2, range(2, 4), 4, batches=5)
+    assert method._stats["admm_iterations"] == 3
+    final, final2 = model.state_dict(), model2.state_dict()
+    assert all(torch.allclose(final[key], final2[key], atol=1e-6) for key in final)
+    assert resumed._bounds == pytest.approx(method._bounds)
+
+
+def test_admm_rejects_bad_configurations() -> None:
+    from certbench.config import ConfigError
+    from certbench.data.specs import DATASETS
+    from certbench.method import RunContext
+
+    for params in ({"mu": -1.0}, {"variant": "enforced", "max_bound": 0.0}, {"variant": "enforced"},
+                   {"max_bound": 2.0}):
+        with pytest.raises(ConfigError, match="params"):
+            _admm_method(params, epochs=1)
+    method, _ = _admm_method({}, epochs=1)
+    method.context = RunContext(DATASETS.get("digits"), 1, (0.1,), (0.5,), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="arch"):
+        method.build_model("cnn-small", {})
