@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from certbench.config import format_eps
 from certbench.data.specs import DATASETS
 from certbench.storage import atomic_write_bytes, read_json, write_json
 
@@ -131,28 +132,28 @@ def metrics(record: Mapping[str, Any], samples: pd.DataFrame) -> dict[str, Any]:
     for norm, values in eps_by_norm.items():
         best = best_certified_radius(samples, certify["certificates"], norm, d)
         for eps in values:
-            status_columns = [f"status:{n}@{eps:g}" for n, e in certify["certificates"].items()
-                              if e["applicable"] and e["norm"] == norm and f"status:{n}@{eps:g}" in samples]
+            status_columns = [f"status:{n}@{format_eps(eps)}" for n, e in certify["certificates"].items()
+                              if e["applicable"] and e["norm"] == norm and f"status:{n}@{format_eps(eps)}" in samples]
             by_status = (samples[status_columns].to_numpy() == "certified").any(axis=1) if status_columns else False
-            row[f"certified:{norm}@{eps:g}"] = float(np.mean((best > eps) | by_status))
+            row[f"certified:{norm}@{format_eps(eps)}"] = float(np.mean((best > eps) | by_status))
     survives: dict[tuple[str, float], np.ndarray] = {(n, float(e)): correct.copy()
                                                     for n, values in eps_by_norm.items() for e in values}
     for name, info in attacks.items():
         norm = info["norm"]
         for eps in eps_by_norm[norm]:
             if info["kind"] == "eps":
-                suffix = f"{name}@{eps:.6g}"
+                suffix = f"{name}@{format_eps(eps)}"
                 robust = ~samples[f"success:{suffix}"].to_numpy() & ~samples[f"error:{suffix}"].to_numpy()
             else:
                 robust = correct & (samples[f"adv_{norm}:{name}"].to_numpy() > eps) & ~samples[f"error:{name}"].to_numpy()
-            row[f"robust:{name}@{eps:g}"] = float(robust.mean())
+            row[f"robust:{name}@{format_eps(eps)}"] = float(robust.mean())
             survives[(norm, float(eps))] &= robust
         errors = samples[[c for c in samples if c.startswith(f"error:{name}")]].to_numpy().any(axis=1)
         row[f"attack_errors:{name}"] = int(errors.sum())
     if attacks:
         for (norm, eps), alive in survives.items():
             if any(info["norm"] == norm for info in attacks.values()):
-                row[f"empirical:{norm}@{eps:g}"] = float(alive.mean())
+                row[f"empirical:{norm}@{format_eps(eps)}"] = float(alive.mean())
     return row
 
 

@@ -159,6 +159,15 @@ def resolve_run(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
     }
 
 
+def format_eps(eps: float) -> str:
+    """ε as it appears in column and key names (``f"{eps:g}"``, 6 significant digits).
+
+    Certificates, attacks, summaries and the audit pair their columns by this text, so all of
+    them format ε here.
+    """
+    return f"{float(eps):g}"
+
+
 def config_hash(obj: Any) -> str:
     """SHA-256 of the canonical JSON form of ``obj``."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

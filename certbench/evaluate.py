@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from certbench.catalogue import run_context
+from certbench.config import format_eps
 from certbench.certificates import CERTIFICATES, ERROR, margins
 from certbench.data.loaders import load_split
 from certbench.method import get_method
@@ -64,14 +65,15 @@ def _certify_one(name: str, params: Mapping[str, Any], model: nn.Module, x: torc
     if not entry["applicable"]:
         return entry
     started = time.perf_counter()
+    log.info("certificate %s on %d samples", name, len(x))
     try:
         result = certificate.certify(model, x, y, eps[certificate.norm])
         entry.update(radius=result.radius, errors=result.errors, extra=result.extra,
-                     status={f"{e:g}": s for e, s in result.status.items()})
+                     status={format_eps(e): s for e, s in result.status.items()})
     except Exception as error:  # a crashing verifier marks every sample "error", never "not certified"
         log.error("certificate %s failed:\n%s", name, traceback.format_exc())
         entry.update(radius=None, errors=[f"{type(error).__name__}: {error}"], extra={},
-                     status={f"{e:g}": np.full(len(x), ERROR) for e in eps[certificate.norm]})
+                     status={format_eps(e): np.full(len(x), ERROR) for e in eps[certificate.norm]})
     entry["seconds"] = time.perf_counter() - started
     return entry
 

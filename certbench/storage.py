@@ -13,7 +13,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +86,26 @@ def write_json(path: str | Path, obj: Mapping[str, Any]) -> None:
 
 def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(read_verified(path))
+
+
+def remove_damaged(downstream: Mapping[str | Path, Sequence[str | Path]]) -> list[Path]:
+    """Delete every existing file whose hash is missing or wrong, and the files made from it.
+
+    ``downstream`` maps each checked file to the files derived from it. The Snakefile calls
+    this while it builds the DAG: Snakemake re-makes a missing file only when something that
+    needs it is missing too, so the derived files go as well, and the jobs run again instead
+    of a damaged artefact being used. Returns the damaged files.
+    """
+    damaged = []
+    for path, derived in downstream.items():
+        path = Path(path)
+        if not path.exists():
+            continue
+        try:
+            read_verified(path)
+        except CorruptFileError:
+            damaged.append(path)
+            for victim in (path, *map(Path, derived)):
+                victim.unlink(missing_ok=True)
+                _hash_path(victim).unlink(missing_ok=True)
+    return damaged

@@ -6,7 +6,11 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+# One thread per test process: with several processes on two cores, more threads only contend.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,8 @@ Columns (each a numpy array with one entry per sample):
   returned example; 0 for samples misclassified already, ``inf`` where no adversarial example was
   found, ``nan`` on error), ``error:A`` (bool), ``error_msg:A`` (str, "" where none).
 - Per fixed-ε attack ``A`` and each ε of its norm: the same five fields suffixed ``@<ε>``, e.g.
-  ``success:pgd-linf@0.1``. ε is written exactly (:func:`format_eps`: ``8/255`` gives
-  ``@0.03137254901960784``), so ``float()`` of the suffix equals the ε that ran; build names with
-  :func:`column` rather than by hand.
+  ``success:pgd-linf@0.1``; ε is written by :func:`format_eps` (``8/255`` gives ``@0.0313725``).
+  Build names with :func:`column` rather than by hand.
 
 Accuracy under attack at ε is ``mean(~success & ~error)`` over samples; a minimum-norm attack
 beats ε on a sample where ``adv_<norm>:A <= ε``. Error samples are never counted robust.
@@ -25,14 +24,10 @@ import torch
 from torch import nn
 
 from certbench.attacks.base import Attack, AttackResult, Norm
+from certbench.config import format_eps
 
 FIELDS: dict[str, type] = {"success": bool, "adv_l2": np.float64, "adv_linf": np.float64,
                            "error": bool, "error_msg": object}
-
-
-def format_eps(eps: float) -> str:
-    """ε as the shortest decimal that reads back as the same float: ``float(format_eps(e)) == e``."""
-    return np.format_float_positional(float(eps), unique=True, trim="-")
 
 
 def column(field: str, attack: str, eps: float | None = None) -> str:

@@ -9,6 +9,7 @@ FIGURES = CONFIG["figures_dir"]
 RUN_DIR = RESULTS + "/{dataset}/{name}/{arch}/seed{seed}"
 LOG_DIR = RESULTS + "/logs/{dataset}/{name}/{arch}/seed{seed}"
 RUNS = runs(CONFIG)
+
 # Jobs that run on CUDA request the `gpu` resource, so `--resources gpu=N` caps them.
 GPU = 1 if CONFIG["device"] == "cuda" or (CONFIG["device"] == "auto" and shutil.which("nvidia-smi")) else 0
 
@@ -36,3 +37,4 @@ def run_id(wildcards):
 
 def run_files(filename):
     return [f"{RESULTS}/{run.path}/{filename}" for run in RUNS]
+

@@ -1,0 +1,32 @@
+# Included last: every hashed artefact is checked while the DAG is built. A damaged one
+# (hash missing or wrong) is removed together with every file made from it, so the jobs
+# that made them run again instead of a damaged file being used.
+from certbench.storage import remove_damaged
+
+_EVALUATED = ["certify.json", "attack.json", "record.json", "samples.csv"]
+_PER_RUN = {  # per-run file: the per-run files made from it
+    "run.json": ["model.pt", "train.json", *_EVALUATED],
+    "model.pt": ["train.json", *_EVALUATED],
+    "train.json": ["model.pt", *_EVALUATED],
+    "certify.json": ["record.json", "samples.csv"],
+    "attack.json": ["record.json", "samples.csv"],
+    "record.json": ["samples.csv"],
+    "samples.csv": ["record.json"],
+}
+
+
+def derived_files():
+    reports = [*rules.tables.output, *rules.figures.output]
+    collected = [*rules.collect.output, *rules.audit.output, *rules.audit_check.output, *reports]
+    graph = {}
+    for run in RUNS:
+        base = f"{RESULTS}/{run.path}/"
+        for name, made_from_it in _PER_RUN.items():
+            graph[base + name] = [base + other for other in made_from_it] + collected
+    for made in (*rules.collect.output, *rules.audit.output, *rules.published.output):
+        graph[made] = [*rules.audit_check.output, *reports]
+    return graph
+
+
+for damaged in remove_damaged(derived_files()):
+    logger.warning(f"certbench: {damaged} was damaged (hash mismatch); it will be made again")
