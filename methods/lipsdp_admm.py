@@ -72,9 +72,6 @@ class LipSDPADMM(Method):
         self._bounds: list[float] = []
         self._epoch = 0
         self._converged = False
-        self._finished = False
-        self._progress: float | None = None
-        self._step: float | None = None
         self._stats: dict[str, float] = {}
         self._device_copies: tuple[torch.device, list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -100,9 +97,6 @@ class LipSDPADMM(Method):
     # --- training hooks --------------------------------------------------------------------------
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:
-        if self._progress is not None and progress > self._progress:
-            self._step = progress - self._progress
-        self._progress = progress
         epoch = math.floor(progress * self.context.epochs + 1e-9)
         if epoch > self._epoch:
             self._epoch = epoch
@@ -117,11 +111,9 @@ class LipSDPADMM(Method):
             stats["coupling"] = float(coupling.detach())
         return LossOutput(loss, stats=stats, logits=logits)
 
-    def after_step(self, model: nn.Module) -> None:
-        """After the last optimiser step of training (enforced variant): deliver W̄ with L ≤ L̄."""
-        last = self._step is not None and self._progress is not None and self._progress + 1.5 * self._step > 1
-        if self.enforced and last and not self._finished:
-            self._finished = True
+    def finish(self, model: nn.Module) -> None:
+        """After the last epoch (enforced variant): deliver W̄ with L ≤ L̄."""
+        if self.enforced:
             self._admm_update(model)
             self._deliver(model)
 
@@ -193,15 +185,13 @@ class LipSDPADMM(Method):
     def state_dict(self) -> dict[str, Any]:
         return {"wbar": _tensors(self._wbar), "dual": _tensors(self._dual), "multipliers": _tensors(self._multipliers),
                 "bounds": list(self._bounds), "epoch": self._epoch, "converged": self._converged,
-                "finished": self._finished, "progress": self._progress, "step": self._step,
                 "stats": dict(self._stats)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._wbar, self._dual = _arrays(state["wbar"]), _arrays(state["dual"])
         self._multipliers = _arrays(state["multipliers"])
         self._bounds = list(state["bounds"])
-        self._epoch, self._converged, self._finished = state["epoch"], state["converged"], state["finished"]
-        self._progress, self._step = state["progress"], state["step"]
+        self._epoch, self._converged = state["epoch"], state["converged"]
         self._stats = dict(state["stats"])
         self._device_copies = None
 

@@ -219,7 +219,8 @@ def _admm_method(params: dict, epochs: int):  # noqa: ANN202
 
 
 def _train(method, model, optimiser, epochs: range, total: int, batches: int = 10) -> None:  # noqa: ANN001
-    """The framework's loop: progress = (epoch + batch/len(loader))/epochs, after_step after each step."""
+    """The framework's loop: progress = (epoch + batch/len(loader))/epochs, after_step after each step,
+    finish after the last epoch."""
     x, y = make_rings2d(300, seed=0)
     x, y = torch.from_numpy(x).view(-1, 1, 1, 2), torch.from_numpy(y)
     for epoch in epochs:
@@ -230,6 +231,8 @@ def _train(method, model, optimiser, epochs: range, total: int, batches: int = 1
             out.loss.backward()
             optimiser.step()
             method.after_step(model)
+    if epochs[-1] == total - 1:
+        method.finish(model)
 
 
 def test_admm_enforced_variant_ends_below_the_bound() -> None:
