@@ -37,5 +37,6 @@ rule all:
     default_target: True
     input:
         rules.audit_check.output,
+        rules.config_snapshot.output,
         rules.tables.output,
         rules.figures.output,

@@ -23,8 +23,6 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 GRID_POINTS = 60
-FIGURE_NAMES = ["radius_vs_error_l2", "radius_vs_error_linf", "certified_accuracy_l2", "certified_accuracy_linf",
-                "cost", "lipschitz_vs_accuracy", "radius_distribution"]
 
 
 def _save(figure: plt.Figure, out_dir: Path, name: str) -> None:

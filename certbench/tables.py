@@ -140,6 +140,7 @@ def write_table(table: pd.DataFrame, out_dir: Path, name: str) -> None:
 
 
 def write_tables(summary_path: Path, audit_path: Path, out_dir: Path, published_path: Path | None = None) -> None:
+    """Every table of :data:`certbench.outputs.TABLE_NAMES` (Snakemake checks that all are made)."""
     summary = pd.read_csv(summary_path)
     published = pd.read_csv(published_path) if published_path is not None else None
     for name, build in TABLES.items():

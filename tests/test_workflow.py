@@ -19,6 +19,13 @@ def snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
+def test_building_the_dag_does_not_import_torch() -> None:
+    """The modules the Snakefile and its run: blocks import stay free of torch (fast dry runs)."""
+    code = ("import sys; import certbench.config, certbench.storage, certbench.outputs, certbench.collect, "
+            "certbench.audit, certbench.tables; assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
 def test_default_dag_plans_with_gpu_resources() -> None:
     result = snakemake("-n", "--cores", "8", "--resources", "gpu=2")
     assert result.returncode == 0, result.stderr
@@ -58,10 +65,13 @@ def test_smoke_dag_end_to_end(tmp_path: Path) -> None:
     summary = pd.read_csv(results / "summary.csv")
     assert len(summary) == 1 and summary["status"].tolist() == ["ok"]
     assert 0 <= summary["clean_accuracy"].iloc[0] <= 1
-    for table in ("accuracy", "lmt", "cost"):
+    from certbench.outputs import FIGURE_NAMES, TABLE_NAMES
+
+    for table in TABLE_NAMES:
         for ext in ("csv", "md", "tex"):
             assert (results / "tables" / f"{table}.{ext}").stat().st_size > 0
-    assert (tmp_path / "figures" / "accuracy.png").stat().st_size > 1000
+    for figure in FIGURE_NAMES:
+        assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 1000
     assert (results / "audit.ok").exists()
     run = results / "digits/standard/mlp/seed0"
     samples = pd.read_csv(run / "samples.csv")
@@ -69,4 +79,8 @@ def test_smoke_dag_end_to_end(tmp_path: Path) -> None:
     assert any(c.startswith("adv_l2:deepfool-l2") for c in samples.columns)
     again = snakemake(*args, cwd=tmp_path)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    report = snakemake(*args, "--report", str(tmp_path / "report.html"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert "radius_vs_error_l2.png" in html and "audit.csv" in html and "config.yaml" in html
     shutil.rmtree(results)

@@ -1,9 +1,29 @@
-from certbench.figures import FIGURE_NAMES
-
-TABLE_NAMES = ["linf", "lmt", "cost", "cross", "audit"]
+from certbench.outputs import FIGURE_NAMES, TABLE_NAMES
 
 localrules:
     published,
+    config_snapshot,
+
+
+report: "../report/workflow.rst"
+
+
+rule config_snapshot:
+    """The validated configuration, every default filled in, for the report."""
+    output:
+        report(RESULTS + "/config.yaml", caption="../report/config.rst", category="Configuration"),
+    params:
+        config=CONFIG,
+    log:
+        RESULTS + "/logs/config_snapshot.log",
+    run:
+        import yaml
+
+        from certbench.storage import atomic_write_bytes
+
+        atomic_write_bytes(output[0], yaml.safe_dump(params.config, sort_keys=False).encode())
+        with open(log[0], "w") as handle:
+            print(f"wrote {output[0]}", file=handle)
 
 
 rule collect:

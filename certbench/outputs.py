@@ -1,0 +1,5 @@
+"""Names of the tables and figures the DAG makes (torch-free, read while the DAG is built)."""
+
+TABLE_NAMES = ["linf", "lmt", "cost", "cross", "audit"]
+FIGURE_NAMES = ["radius_vs_error_l2", "radius_vs_error_linf", "certified_accuracy_l2", "certified_accuracy_linf",
+                "cost", "lipschitz_vs_accuracy", "radius_distribution"]
