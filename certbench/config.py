@@ -96,18 +96,19 @@ def validate_schema(config: Mapping[str, Any]) -> dict[str, Any]:
     for name in filled["datasets"]:
         if name not in known:
             raise ConfigError(f"datasets.{name}: unknown data set; allowed: {', '.join(known)}")
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str, str], int] = {}
     for index, entry in enumerate(filled["experiments"]):
         entry.setdefault("name", entry["method"])
         for dataset in entry.get("datasets", []):
             if dataset not in filled["datasets"]:
                 raise ConfigError(f"experiments[{index}].datasets: '{dataset}' is not in datasets "
                                   f"({', '.join(filled['datasets'])})")
-        cell = (entry["name"], entry["arch"])
-        if cell in seen:
-            raise ConfigError(f"experiments[{index}].name: '{entry['name']}' on '{entry['arch']}' repeats "
-                              f"experiments[{seen[cell]}]; give one of them another name")
-        seen[cell] = index
+        for dataset in entry.get("datasets", filled["datasets"]):
+            cell = (dataset, entry["name"], entry["arch"])
+            if cell in seen:
+                raise ConfigError(f"experiments[{index}].name: '{entry['name']}' on '{entry['arch']}' and "
+                                  f"'{dataset}' repeats experiments[{seen[cell]}]; give one of them another name")
+            seen[cell] = index
     return filled
 
 
@@ -129,10 +130,12 @@ def runs(config: Mapping[str, Any]) -> list[RunId]:
 
 
 def experiment(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
+    """The experiment entry behind ``run``."""
     for entry in config["experiments"]:
-        if entry["name"] == run.name and entry["arch"] == run.arch:
+        if (entry["name"], entry["arch"]) == (run.name, run.arch) and \
+                run.dataset in entry.get("datasets", config["datasets"]):
             return entry
-    raise ConfigError(f"experiments: no experiment '{run.name}' on '{run.arch}'")
+    raise ConfigError(f"experiments: no experiment '{run.name}' on '{run.arch}' for '{run.dataset}'")
 
 
 def resolve_run(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:

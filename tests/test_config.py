@@ -47,7 +47,7 @@ def test_bad_values_fail_with_one_line_naming_the_key(smoke_config: dict, change
 
 def test_duplicate_experiment_names_are_refused(smoke_config: dict) -> None:
     smoke_config["experiments"].append(dict(smoke_config["experiments"][0]))
-    with pytest.raises(ConfigError, match=r"experiments\[1\]\.name: 'standard' on 'mlp' repeats"):
+    with pytest.raises(ConfigError, match=r"experiments\[1\]\.name: 'standard' on 'mlp' and 'digits' repeats"):
         cfg.validate_schema(smoke_config)
 
 

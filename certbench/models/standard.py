@@ -39,11 +39,18 @@ def _conv_net(spec: DatasetSpec, convs: Sequence[tuple[int, int, int, int]], hid
 
 
 @register_arch("mlp")
-def mlp(spec: DatasetSpec, widths: Sequence[int] = (256, 256), activation: str = "relu") -> nn.Sequential:
-    """Fully connected: Normalize → flatten → (Linear → activation)* → Linear."""
+def mlp(spec: DatasetSpec, widths: Sequence[int] = (256, 256), activation: str = "relu",
+        input_pool: int = 1) -> nn.Sequential:
+    """Fully connected: Normalize → [k×k average pooling] → flatten → (Linear → activation)* → Linear.
+
+    ``input_pool: 2`` reduces 28×28 images to 196 inputs, as the MLPs of Pauli et al. (2021).
+    """
     act = _activation(activation)
-    layers: list[nn.Module] = [Normalize(spec.mean, spec.std), nn.Flatten()]
-    previous = spec.input_dim
+    layers: list[nn.Module] = [Normalize(spec.mean, spec.std)]
+    if input_pool > 1:
+        layers.append(nn.AvgPool2d(input_pool))
+    layers.append(nn.Flatten())
+    previous = _flat_size(nn.Sequential(*layers), spec)
     for width in widths:
         layers += [nn.Linear(previous, int(width)), act()]
         previous = int(width)
