@@ -1,0 +1,303 @@
+"""auto_LiRPA 0.3 on today's torch and numpy, and the bound helpers IBP/CROWN code shares.
+
+Importing this module checks the installed auto_LiRPA version (anything but a tested
+one is refused), applies the compat shims below and only then imports auto_LiRPA.
+Tested together: auto_LiRPA 0.3 (the last release, for torch ≤ 1.12 and numpy < 2),
+torch 2.14.1, numpy 2.4, Python 3.11. Shims 1–3 act only when what they restore is
+missing; 4–6 always act. Torch internals are reached at their torch 2.14 location
+(``torch.onnx._internal.torchscript_exporter``).
+
+=====  ==========================================  ===========================================
+shim   restores                                    needed since
+=====  ==========================================  ===========================================
+1      module ``numpy.lib.arraysetops`` (``isin``) numpy 2.0 (module removed)
+2      ``torch.onnx.symbolic_helper.               torch 2.x (deprecated in 1.13, later
+       _set_opset_version``                        removed; now the exporter's ``GLOBALS``)
+3      ``torch._C.Node.__getitem__``               torch 1.13 (old torch.onnx monkey-patched
+                                                   it; now ``symbolic_helper._node_get``)
+4      a dynamic batch: ONNX shape inference off   seen on torch 2.14, first version unknown
+       while auto_LiRPA parses a model             (inference folds ``x.size(0)`` to a constant)
+5      ``BoundedModule._named_members(...,         torch 2.0 at the latest (``named_parameters``
+       remove_duplicate=...)``                     passes the keyword)
+6      CROWN through a ``(1, C, 1, 1)`` constant   auto_LiRPA 0.3 itself, any torch: its conv
+       (``Normalize``) at batch > 1                (patches) code asserts batch(constant) = B
+=====  ==========================================  ===========================================
+
+Rules kept by :class:`Bounder` rather than by a shim: a ``BoundedModule`` whose call
+raised is never used again (it keeps per-call state on its nodes), and one is built per
+norm. α-CROWN is not offered: on torch ≥ 2 its α receive zero gradients (``STACK.md``).
+
+Soundness limits of auto_LiRPA 0.3 found here: for an ℓ2 ball the input node carries
+``x_L = x_U = x``, so IBP through ``Normalize`` is a zero-width, unsound interval, and
+CROWN's default IBP-based choice of unstable neurons inherits it. ℓ2 is therefore offered
+for CROWN only, with ``sparse_intermediate_bounds_with_ibp`` off.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import types
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certbench.nn import Normalize
+
+TESTED_VERSIONS = ("0.3",)
+
+
+class LiRPAVersionError(ImportError):
+    """The installed auto_LiRPA is not a version these shims were tested with."""
+
+
+def check_version(version: str) -> None:
+    """Refuse any auto_LiRPA version the shims were not tested with."""
+    if version not in TESTED_VERSIONS:
+        raise LiRPAVersionError(
+            f"certbench.lirpa is tested with auto_LiRPA {', '.join(TESTED_VERSIONS)} only, found "
+            f"{version}: install auto-LiRPA=={TESTED_VERSIONS[-1]} (pip install --no-deps), or check "
+            "every shim in certbench/lirpa.py against this version and add it to TESTED_VERSIONS")
+
+
+# --- compat shims ----------------------------------------------------------------------
+
+def _shim_numpy_arraysetops() -> None:
+    """Shim 1: ``auto_LiRPA.operators.base`` does ``from numpy.lib.arraysetops import isin``."""
+    try:
+        import numpy.lib.arraysetops  # noqa: F401
+    except ModuleNotFoundError:
+        alias = types.ModuleType("numpy.lib.arraysetops")
+        alias.isin = np.isin  # type: ignore[attr-defined]
+        sys.modules["numpy.lib.arraysetops"] = alias
+
+
+def _shim_set_opset_version() -> None:
+    """Shim 2: ``parse_graph`` imports ``_set_opset_version`` from ``torch.onnx.symbolic_helper``."""
+    import torch.onnx.symbolic_helper as helper
+
+    if hasattr(helper, "_set_opset_version"):
+        return
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    def _set_opset_version(opset_version: int) -> None:
+        GLOBALS.export_onnx_opset_version = opset_version
+
+    helper._set_opset_version = _set_opset_version  # type: ignore[attr-defined]
+
+
+def _shim_node_getitem() -> None:
+    """Shim 3: ``parse_graph`` reads ONNX node attributes as ``node[name]``."""
+    if hasattr(torch._C.Node, "__getitem__"):
+        return
+    from torch.onnx._internal.torchscript_exporter.symbolic_helper import _node_get
+
+    torch._C.Node.__getitem__ = _node_get  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _onnx_shape_inference_off() -> Iterator[None]:
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    previous = GLOBALS.onnx_shape_inference
+    GLOBALS.onnx_shape_inference = False
+    try:
+        yield
+    finally:
+        GLOBALS.onnx_shape_inference = previous
+
+
+def _shim_dynamic_batch(bound_general: types.ModuleType) -> None:
+    """Shim 4: parse with ONNX shape inference off so that ``x.size(0)`` stays symbolic."""
+    parse_module = bound_general.parse_module
+
+    def parse_module_dynamic_batch(*args: Any, **kwargs: Any) -> Any:
+        with _onnx_shape_inference_off():
+            return parse_module(*args, **kwargs)
+
+    bound_general.parse_module = parse_module_dynamic_batch
+
+
+def _shim_named_members(bounded_module: type) -> None:
+    """Shim 5: accept ``remove_duplicate``; 0.3 always removes duplicates (torch's default)."""
+    named_members = bounded_module._named_members
+
+    def _named_members(self: nn.Module, get_members_fn: Any, prefix: str = "", recurse: bool = True,
+                       remove_duplicate: bool = True) -> Any:
+        return named_members(self, get_members_fn, prefix, recurse)
+
+    bounded_module._named_members = _named_members
+
+
+def _shim_patches_times_channel_constant(bound_mul: type) -> None:
+    """Shim 6: multiply conv-mode ``Patches`` by a ``(1, C, 1, 1)`` constant at any batch size.
+
+    ``Normalize`` parses into Sub/Div by buffers shaped ``(1, C, 1, 1)``. Patches hold the
+    input channel at dim −3 in both layouts auto_LiRPA uses, ``(spec, B, C, kh, kw)`` and
+    ``(out_c, B, out_h, out_w, C, kh, kw)``, so the constant broadcasts as ``(C, 1, 1)``.
+    """
+    from auto_LiRPA.patches import Patches
+
+    multiply_by_const = bound_mul._multiply_by_const
+
+    def _multiply_by_const(x: Any, const: Any) -> Any:
+        if (isinstance(x, Patches) and isinstance(const, torch.Tensor) and const.ndim == 4
+                and const.size(0) == 1 and const.size(2) == const.size(3) == 1):
+            return x.create_similar(x.patches * const.view(-1, 1, 1))
+        return multiply_by_const(x, const)
+
+    bound_mul._multiply_by_const = staticmethod(_multiply_by_const)
+
+
+check_version(importlib.metadata.version("auto_LiRPA"))
+_shim_numpy_arraysetops()
+_shim_set_opset_version()
+_shim_node_getitem()
+
+import auto_LiRPA  # noqa: E402
+import auto_LiRPA.bound_general  # noqa: E402
+import auto_LiRPA.operators  # noqa: E402
+from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
+
+_shim_dynamic_batch(auto_LiRPA.bound_general)
+_shim_named_members(BoundedModule)
+_shim_patches_times_channel_constant(auto_LiRPA.operators.BoundMul)
+
+
+# --- bound helpers ---------------------------------------------------------------------
+
+BoundMethod = Literal["IBP", "CROWN", "CROWN-IBP"]
+BoundNorm = Literal["linf", "l2"]
+BOUND_METHODS: tuple[BoundMethod, ...] = ("IBP", "CROWN", "CROWN-IBP")
+_AUTO_LIRPA_METHOD = {"IBP": "IBP", "CROWN": "backward", "CROWN-IBP": "CROWN-IBP"}
+
+#: Module types whose bounds auto_LiRPA computes soundly here (exact types: a subclass may
+#: change ``forward``). ℓ∞-dist layers, residual sums and other activations are not among them.
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Sequential, Normalize, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.Identity)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether every module of ``model`` is one auto_LiRPA bounds soundly (a ReLU network)."""
+    return all(type(module) in SUPPORTED_MODULES for module in model.modules())
+
+
+def specification_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """C of shape (B, K−1, K) with rows e_y − e_j for j ≠ y, so C·z are the margins z_y − z_j."""
+    eye = torch.eye(num_classes, device=y.device)
+    rows = eye[y].unsqueeze(1) - eye.unsqueeze(0)                      # (B, K, K): row j = e_y − e_j
+    keep = eye[y] == 0                                                 # drop j = y
+    return rows[keep].view(len(y), num_classes - 1, num_classes)
+
+
+def robust_cross_entropy(lower: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over ``−lower`` padded with 0 at the label (Zhang et al. 2020, eq. 5).
+
+    ``lower`` (B, K−1) bounds z_y − z_j from below, so −lower bounds z_j − z_y from above:
+    worst-case logits relative to the label's. Cross-entropy does not depend on the order
+    of the classes, so the label's 0 goes first and the target is class 0.
+    """
+    padded = torch.cat([lower.new_zeros(len(lower), 1), -lower], dim=1)
+    return F.cross_entropy(padded, lower.new_zeros(len(lower), dtype=torch.long))
+
+
+def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ℓ∞ ball of radius ε around x, clipped to the input domain [0, 1]."""
+    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+
+
+class Bounder:
+    """Lower bounds on the margins z_y − z_j over an ε-ball, through a cached BoundedModule.
+
+    The BoundedModule shares the model's parameters, so training may keep one Bounder for
+    all steps; it is rebuilt when the model, its tensors, the norm or the input shape
+    change, and after any failed call. Copies (``deepcopy``, pickling) start empty.
+    Building one writes the model's parameters back in place (auto_LiRPA restores its
+    state dict), which invalidates autograd graphs recorded before: bound first, then run
+    any forward pass you will differentiate.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._model_ref: weakref.ref[nn.Module] | None = None
+        self._bounded: BoundedModule | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    @staticmethod
+    def _key_of(model: nn.Module, norm: BoundNorm, x: torch.Tensor) -> tuple[Any, ...]:
+        tensors = tuple(id(t) for t in (*model.parameters(), *model.buffers()))
+        return norm, tuple(x.shape[1:]), x.device, x.dtype, tensors
+
+    def _module(self, model: nn.Module, norm: BoundNorm, x: torch.Tensor) -> BoundedModule:
+        key = self._key_of(model, norm, x)
+        if self._bounded is None or self._key != key or self._model_ref is None or self._model_ref() is not model:
+            if not supports(model):
+                layers = sorted({type(m).__name__ for m in model.modules() if type(m) not in SUPPORTED_MODULES})
+                raise ValueError(f"auto_LiRPA bounds are not offered for layers {', '.join(layers)}")
+            self._bounded = None
+            training = model.training
+            model.eval()  # building runs the model: leave BatchNorm statistics alone
+            try:
+                with torch.no_grad():
+                    # ℓ2: choose unstable neurons by CROWN itself, not by (unsound, zero-width) IBP.
+                    opts = {"sparse_intermediate_bounds_with_ibp": norm == "linf"}
+                    bounded = BoundedModule(model, x.detach(), bound_opts=opts)
+            finally:
+                model.train(training)
+            self._bounded, self._model_ref = bounded, weakref.ref(model)
+            self._key = self._key_of(model, norm, x)  # conversion may re-create buffers on GPU
+        self._bounded.train(model.training)
+        return self._bounded
+
+    def margin_lower_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                            methods: Sequence[BoundMethod], norm: BoundNorm = "linf"
+                            ) -> dict[BoundMethod, torch.Tensor]:
+        """Lower bounds (B, K−1) on z_y − z_j, j ≠ y, over the ε-ball, for each of ``methods``.
+
+        ℓ∞: the box ``input_box(x, ε)``; ℓ2: the ball ‖δ‖₂ ≤ ε, not clipped (a superset, so
+        still sound), CROWN only. Gradients flow to the model's parameters unless the caller
+        disables them. IBP and CROWN-IBP asked together share one IBP pass.
+        """
+        unknown = [m for m in methods if m not in BOUND_METHODS]
+        if unknown or not methods:
+            raise ValueError(f"bound methods {list(methods)}: choose from {', '.join(BOUND_METHODS)}")
+        if not eps >= 0 or (norm == "linf" and eps > 1):
+            raise ValueError(f"eps must be ≥ 0 (and ≤ 1 for linf), got {eps}")
+        if norm == "l2" and set(methods) != {"CROWN"}:
+            raise ValueError("ℓ2 bounds: auto_LiRPA 0.3 propagates IBP through Normalize with zero width "
+                             "(unsound), so only CROWN is offered")
+        if norm == "linf":
+            x_lower, x_upper = input_box(x, eps)
+            perturbation = PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_lower, x_U=x_upper)
+        elif norm == "l2":
+            perturbation = PerturbationLpNorm(norm=2, eps=eps)
+        else:
+            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        bounded = self._module(model, norm, x)
+        spec = specification_matrix(y, int(bounded.final_shape[1])).to(x.dtype)
+        results: dict[BoundMethod, torch.Tensor] = {}
+        try:
+            for method in [m for m in BOUND_METHODS if m in methods]:
+                if method == "IBP" and "CROWN-IBP" in methods:
+                    continue  # read off the CROWN-IBP call below
+                lower, _ = bounded.compute_bounds(x=(BoundedTensor(x, perturbation),), C=spec,
+                                                  method=_AUTO_LIRPA_METHOD[method], bound_upper=False)
+                results[method] = lower
+                if method == "CROWN-IBP" and "IBP" in methods:
+                    results["IBP"] = bounded.ibp_lower  # the IBP pass CROWN-IBP starts with
+        except Exception:
+            self._bounded = self._key = self._model_ref = None  # a failed BoundedModule is not reused
+            raise
+        return {m: results[m] for m in methods}

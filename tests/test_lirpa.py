@@ -1,0 +1,396 @@
+"""auto_LiRPA compat shims, bound helpers, the ibp/crown/crown-ibp certificates and the
+ibp/crown-ibp methods: soundness against sampling and PGD, determinism, training progress."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import certbench.lirpa as lirpa
+from certbench.certificates import CERTIFICATES, CERTIFIED, ERROR, NOT_CERTIFIED
+from certbench.config import ConfigError, validate_against
+from certbench.data.specs import DATASETS
+from certbench.lirpa import (BoundedModule, BoundedTensor, Bounder, PerturbationLpNorm, input_box,
+                             robust_cross_entropy, specification_matrix, supports)
+from certbench.method import RunContext
+from certbench.nn import Normalize
+from methods.crown_ibp import CROWNIBP
+from methods.ibp import IBP, ramp
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("IBP", "CROWN", "CROWN-IBP")
+
+
+def small_mlp(seed: int, channels: int = 2, side: int = 4, classes: int = 5) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]), nn.Flatten(),
+                         nn.Linear(channels * side * side, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                         nn.Linear(12, classes)).eval()
+
+
+def small_cnn(seed: int, channels: int = 2, side: int = 8, classes: int = 5) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]),
+                         nn.Conv2d(channels, 4, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, stride=1, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * (side // 2) ** 2, 16), nn.ReLU(), nn.Linear(16, classes)).eval()
+
+
+def small_bn_cnn(seed: int, channels: int = 2, side: int = 8, classes: int = 5) -> nn.Sequential:
+    """Conv → BatchNorm → ReLU → AvgPool → Linear → BatchNorm1d, with non-trivial statistics."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]),
+                          nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * (side // 2) ** 2, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                          nn.Linear(16, classes))
+    for norm in (model[2], model[7]):
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.normal_()
+        norm.bias.data.normal_()
+    return model.eval()
+
+
+ARCHS = {"mlp": (small_mlp, 4), "cnn": (small_cnn, 8), "bn-cnn": (small_bn_cnn, 8)}
+
+
+def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Exact margins z_y − z_j, j ≠ y: (B, K−1)."""
+    logits = model(x)
+    return torch.einsum("bkc,bc->bk", specification_matrix(y, logits.shape[1]), logits)
+
+
+def pgd_margin_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                        steps: int = 20, norm: str = "linf") -> list[torch.Tensor]:
+    """PGD minimising each margin separately (random start); the margins of every iterate."""
+    batch, others = len(x), margins(model, x[:1], y[:1]).shape[1]
+    xs, ys = x.repeat_interleave(others, 0), y.repeat_interleave(others, 0)
+    pick = torch.arange(others).repeat(batch)
+    box = input_box(xs, eps) if norm == "linf" else None
+    step = eps / 4
+
+    def project(z: torch.Tensor) -> torch.Tensor:
+        if box is not None:
+            return torch.max(torch.min(z, box[1]), box[0])
+        delta = (z - xs).flatten(1)
+        scale = (eps / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        return xs + (delta * scale[:, None]).view_as(z)
+
+    z = project(xs + (torch.rand_like(xs) * 2 - 1) * eps)
+    iterates = []
+    for _ in range(steps):
+        z = z.detach().requires_grad_(True)
+        m = margins(model, z, ys)
+        iterates.append(m.detach().view(batch, others, others))
+        grad, = torch.autograd.grad(m.gather(1, pick[:, None]).sum(), z)
+        if box is not None:
+            z = project(z - step * grad.sign())
+        else:
+            g = grad.flatten(1)
+            z = project(z - step * (g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(z))
+    # per iterate: (sample, margin j), the least margin j over all K−1 attacked points
+    return [it.amin(1) for it in iterates]
+
+
+def assert_never_below(lower: torch.Tensor, observed: torch.Tensor) -> None:
+    assert (observed >= lower - 1e-4).all(), f"a point inside the ball beat the bound by {(lower - observed).max():.3g}"
+
+
+# --- compat shims: each test fails without its shim -------------------------------------
+
+def test_shim_numpy_arraysetops() -> None:
+    from numpy.lib.arraysetops import isin
+
+    assert isin(np.array([1, 2, 3]), [2]).tolist() == [False, True, False]
+
+
+def test_shim_set_opset_version() -> None:
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    from torch.onnx.symbolic_helper import _set_opset_version
+
+    previous = GLOBALS.export_onnx_opset_version
+    try:
+        _set_opset_version(12)
+        assert GLOBALS.export_onnx_opset_version == 12
+    finally:
+        GLOBALS.export_onnx_opset_version = previous
+
+
+def test_shim_node_getitem_reads_attributes() -> None:
+    graph = torch._C.Graph()
+    node = graph.create("prim::Constant")
+    node.f_("value", 2.5)
+    node.i_("axis", 3)
+    assert node["value"] == 2.5 and node["axis"] == 3
+    # auto_LiRPA reads conv strides and paddings this way: the parsed net computes the same function
+    model, x = small_cnn(0), torch.rand(3, 2, 8, 8)
+    assert torch.allclose(BoundedModule(model, x)(x), model(x), atol=1e-6)
+
+
+class FlattenBySize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), -1)
+
+
+def test_shim_dynamic_batch_for_view_by_size() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), FlattenBySize(), nn.Linear(48, 4)).eval()
+    bounded = BoundedModule(model, torch.rand(2, 1, 4, 4))
+    for batch in (5, 1):
+        x = torch.rand(batch, 1, 4, 4)
+        assert torch.allclose(bounded(x), model(x), atol=1e-6)
+        ptb = PerturbationLpNorm(norm=np.inf, eps=0.1)
+        lower, upper = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method="IBP")
+        assert lower.shape == (batch, 4) and (lower <= model(x)).all() and (model(x) <= upper).all()
+
+
+def test_shim_named_members_accepts_remove_duplicate() -> None:
+    model = small_mlp(0)
+    bounded = BoundedModule(model, torch.rand(2, 2, 4, 4))
+    names = dict(bounded.named_parameters())
+    assert set(names) == set(dict(model.named_parameters()))
+    assert all(names[k] is v for k, v in model.named_parameters())  # shared, so training reaches the model
+
+
+def test_shim_crown_through_normalize_at_batch_above_one() -> None:
+    """CROWN on a CNN that starts with Normalize equals CROWN on the same CNN without it,
+    fed the normalised box (an exact change of variables for ℓ∞ boxes)."""
+    model, x, eps = small_cnn(1), torch.rand(3, 2, 8, 8), 0.05
+    lower_x, upper_x = input_box(x, eps)
+    full = BoundedModule(model, x).compute_bounds(
+        x=(BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=lower_x, x_U=upper_x)),),
+        method="backward")
+    normalize, body = model[0], model[1:]
+    z = normalize(x)
+    folded = BoundedModule(body, z).compute_bounds(
+        x=(BoundedTensor(z, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=normalize(lower_x),
+                                               x_U=normalize(upper_x))),), method="backward")
+    assert torch.allclose(full[0], folded[0], atol=1e-4) and torch.allclose(full[1], folded[1], atol=1e-4)
+
+
+def test_bounder_rebuilds_after_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x, y = small_cnn(2), torch.rand(4, 2, 8, 8), torch.arange(4)
+    bounder = Bounder()
+    expected = bounder.margin_lower_bounds(model, x, y, 0.02, ["CROWN"])["CROWN"]
+    first = bounder._bounded
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(first, "compute_bounds", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        bounder.margin_lower_bounds(model, x, y, 0.02, ["CROWN"])
+    again = bounder.margin_lower_bounds(model, x, y, 0.02, ["CROWN"])["CROWN"]
+    assert bounder._bounded is not first
+    assert torch.equal(again, expected)
+
+
+def test_version_refusal() -> None:
+    lirpa.check_version("0.3")
+    with pytest.raises(lirpa.LiRPAVersionError, match="tested with auto_LiRPA 0.3 only, found 0.4"):
+        lirpa.check_version("0.4")
+    code = ("import importlib.metadata as m; m.version = lambda name: '0.2'\n"
+            "import certbench.lirpa")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert result.returncode != 0 and "LiRPAVersionError" in result.stderr and "found 0.2" in result.stderr
+
+
+# --- bound helpers ------------------------------------------------------------------------
+
+def test_specification_and_robust_cross_entropy() -> None:
+    y = torch.tensor([0, 2])
+    spec = specification_matrix(y, 3)
+    assert spec.tolist() == [[[1, -1, 0], [1, 0, -1]], [[-1, 0, 1], [0, -1, 1]]]
+    logits = torch.randn(2, 3)
+    # with the exact margins as "bounds" the robust CE is the natural CE
+    exact = torch.einsum("bkc,bc->bk", spec, logits)
+    assert torch.allclose(robust_cross_entropy(exact), F.cross_entropy(logits, y), atol=1e-6)
+
+
+def test_supports() -> None:
+    assert supports(small_mlp(0)) and supports(small_cnn(0))
+    assert not supports(nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(4, 2), nn.Tanh()))
+    assert not supports(nn.Sequential(nn.Flatten(), FlattenBySize()))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2]))
+def test_bounds_contain_sampled_points_and_pgd_iterates(arch: str, seed: int, eps: float) -> None:
+    build, side = ARCHS[arch]
+    model = build(seed)
+    torch.manual_seed(seed + 1)
+    x, y = torch.rand(3, 2, side, side), torch.randint(0, 5, (3,))
+    bounds = Bounder().margin_lower_bounds(model, x, y, eps, METHODS)
+    lower_x, upper_x = input_box(x, eps)
+    with torch.no_grad():
+        samples = lower_x + (upper_x - lower_x) * torch.rand(64, *x.shape)
+        samples[:8] = torch.where(torch.rand(8, *x.shape) < 0.5, lower_x, upper_x)  # corners
+        sampled = margins(model, samples.flatten(0, 1), y.repeat(64)).view(64, 3, -1).amin(0)
+    attacked = torch.stack(pgd_margin_iterates(model, x, y, eps)).amin(0)
+    for method in METHODS:
+        assert_never_below(bounds[method], sampled)
+        assert_never_below(bounds[method], attacked)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_bounds_are_exact_at_eps_zero(arch: str) -> None:
+    build, side = ARCHS[arch]
+    model, x = build(3), torch.rand(4, 2, side, side)
+    y = torch.tensor([0, 1, 2, 3])
+    for lower in Bounder().margin_lower_bounds(model, x, y, 0.0, METHODS).values():
+        assert torch.allclose(lower, margins(model, x, y), atol=1e-4)
+
+
+def test_l2_crown_matches_folded_network_and_contains_pgd() -> None:
+    """ℓ2 CROWN through Normalize equals CROWN on the net with Normalize folded into the first
+    Linear layer, and no PGD-ℓ2 iterate leaves it; ℓ2 IBP is refused (auto_LiRPA is unsound there)."""
+    model, eps = small_mlp(4), 0.3
+    torch.manual_seed(4)
+    x, y = torch.rand(3, 2, 4, 4), torch.tensor([0, 1, 2])
+    lower = Bounder().margin_lower_bounds(model, x, y, eps, ["CROWN"], norm="l2")["CROWN"]
+    normalize, first = model[0], model[2]
+    scale = (1 / normalize.std).expand(1, 2, 4, 4).flatten()
+    shift = (-normalize.mean / normalize.std).expand(1, 2, 4, 4).flatten()
+    folded_first = nn.Linear(32, 16)
+    folded_first.weight.data = first.weight.data * scale
+    folded_first.bias.data = first.bias.data + first.weight.data @ shift
+    folded = nn.Sequential(nn.Flatten(), folded_first, *model[3:]).eval()
+    spec = specification_matrix(y, 5)
+    reference, _ = BoundedModule(folded, x, bound_opts={"sparse_intermediate_bounds_with_ibp": False}).compute_bounds(
+        x=(BoundedTensor(x, PerturbationLpNorm(norm=2, eps=eps)),), C=spec, method="backward")
+    assert torch.allclose(lower, reference, atol=1e-4)
+    attacked = torch.stack(pgd_margin_iterates(model, x, y, eps, norm="l2")).amin(0)
+    assert_never_below(lower, attacked)
+    with pytest.raises(ValueError, match="only CROWN"):
+        Bounder().margin_lower_bounds(model, x, y, eps, ["IBP"], norm="l2")
+
+
+# --- certificates -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ibp", "crown", "crown-ibp"])
+def test_certified_samples_resist_pgd_and_certification_is_deterministic(name: str) -> None:
+    model = small_cnn(5)
+    torch.manual_seed(5)
+    x = torch.rand(48, 2, 8, 8)
+    y = model(x).argmax(1)
+    y[:6] = (y[:6] + 1) % 5  # some misclassified samples
+    certificate = CERTIFICATES.get(name)(batch_size=16)
+    assert certificate.applies(model) and certificate.norm == "linf"
+    eps = [0.002, 0.01]
+    result = certificate.certify(model, x, y, eps)
+    again = certificate.certify(model, x, y, eps)
+    assert result.radius is None and not result.errors
+    for e in eps:
+        status = result.status[e]
+        assert np.array_equal(status, again.status[e])
+        assert set(status[:6]) == {NOT_CERTIFIED}
+        certified = status == CERTIFIED
+        assert 0 < certified.sum() < len(x)  # neither vacuous nor trivial at these ε
+        worst = torch.stack(pgd_margin_iterates(model, x, y, e)).amin(0).amin(1)
+        robust = (worst > 0).numpy()
+        assert not (certified & ~robust).any()  # certified ⊆ PGD-robust, so cert. acc ≤ PGD acc
+    assert (result.status[0.01] == CERTIFIED).sum() <= (result.status[0.002] == CERTIFIED).sum()
+
+
+def test_certificate_retries_failed_batches_per_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = small_mlp(6)
+    x = torch.rand(8, 2, 4, 4)
+    y = model(x).argmax(1)
+    poisoned = x[3].clone()
+    original = Bounder.margin_lower_bounds
+
+    def flaky(self: Bounder, model: nn.Module, xb: torch.Tensor, *args: object, **kwargs: object) -> object:
+        if len(xb) > 1 or torch.equal(xb[0], poisoned):
+            raise RuntimeError("injected failure")
+        return original(self, model, xb, *args, **kwargs)
+
+    expected = CERTIFICATES.get("ibp")().certify(model, x, y, [0.01]).status[0.01]
+    monkeypatch.setattr(Bounder, "margin_lower_bounds", flaky)
+    result = CERTIFICATES.get("ibp")(batch_size=4).certify(model, x, y, [0.01])
+    status = result.status[0.01]
+    assert status[3] == ERROR and len(result.errors) == 1 and "injected failure" in result.errors[0]
+    assert np.array_equal(np.delete(status, 3), np.delete(expected, 3))
+
+
+def test_certificates_not_applicable_to_other_layers() -> None:
+    model = nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(4, 2), nn.Tanh())
+    assert not any(CERTIFICATES.get(n)().applies(model) for n in ("ibp", "crown", "crown-ibp"))
+
+
+# --- methods --------------------------------------------------------------------------------
+
+def make_method(cls: type[IBP], epochs: int = 10, **params: object) -> IBP:
+    spec = DATASETS.get("digits")
+    filled = validate_against({"type": "object", "properties": cls.params_schema}, params)
+    return cls(filled, RunContext(spec, epochs, spec.eps_linf, spec.eps_l2, torch.device("cpu")))
+
+
+def test_schedule_and_mixing() -> None:
+    method = make_method(IBP, epochs=10, schedule="linear", schedule_start=2, schedule_length=4)
+    assert method.eps_train == max(DATASETS.get("digits").eps_linf)
+    assert method.epsilon(0.1) == 0 and method.epsilon(0.4) == pytest.approx(0.05) and method.epsilon(0.7) == 0.1
+    assert method.weights(0.1)["kappa"] == pytest.approx(0.5) and method.weights(0.0)["kappa"] == 1.0
+    smooth = [ramp(u, "smoothed") for u in np.linspace(0, 1, 101)]
+    assert smooth[0] == 0 and smooth[-1] == pytest.approx(1) and np.all(np.diff(smooth) >= 0)
+    assert smooth[10] < 0.1 * 0.1  # slower than linear at the start
+    crown_ibp = make_method(CROWNIBP, epochs=10, eps_train=0.2, beta_final=0.25)
+    assert crown_ibp.weights(0.1)["beta"] == pytest.approx(1 - 0.5 * 0.75)
+
+
+@pytest.mark.parametrize("params", [
+    {"eps_train": 1.5}, {"eps_train": -0.1}, {"schedule_start": 8, "schedule_length": 5},
+    {"kappa_final": 1.2}, {"kappa_final": -0.5}, {"beta_final": 2.0}, {"beta_final": -1.0}])
+def test_bad_parameters_raise_config_error(params: dict[str, float]) -> None:
+    spec = DATASETS.get("digits")
+    defaults = validate_against({"type": "object", "properties": CROWNIBP.params_schema}, {})
+    method = CROWNIBP({**defaults, **params}, RunContext(spec, 10, spec.eps_linf, spec.eps_l2, torch.device("cpu")))
+    with pytest.raises(ConfigError, match=r"^params\.\w+: "):
+        method.check()
+
+
+@pytest.mark.parametrize("cls,arch", [(IBP, "cnn-small"), (CROWNIBP, "mlp")])
+def test_training_steps_lower_the_robust_loss(cls: type[IBP], arch: str) -> None:
+    from certbench.data.loaders import load_digits_split
+
+    torch.manual_seed(0)
+    train, _ = load_digits_split(Path("."), False)
+    x, y = train.tensors[0][:64], train.tensors[1][:64]
+    method = make_method(cls, epochs=10, eps_train=0.1, **({"beta_final": 0.5} if cls is CROWNIBP else {}))
+    method.check()
+    params = {"widths": (32, 32)} if arch == "mlp" else {}
+    model = method.build_model(arch, params)
+    method.prepare(model)
+    optimiser = torch.optim.Adam(model.parameters(), lr=5e-3)
+    model.train()
+    robust_losses = []
+    for _ in range(16):  # the first step also builds the BoundedModule before backpropagating
+        out = method.loss(model, x, y, 1.0)
+        robust_losses.append(out.stats["robust_loss"])
+        optimiser.zero_grad()
+        out.loss.backward()
+        optimiser.step()
+    assert out.stats["eps"] == 0.1 and robust_losses[-1] < 0.8 * robust_losses[0]
+    if cls is CROWNIBP:
+        assert out.stats["beta"] == pytest.approx(0.5)
+
+
+def test_method_copies_start_with_an_empty_bounder() -> None:
+    method = make_method(IBP)
+    model = method.build_model("mlp", {"widths": (8,)})
+    method.loss(model, torch.rand(4, 1, 8, 8), torch.arange(4), 1.0)
+    copied = copy.deepcopy(method)
+    assert method.bounder._bounded is not None and copied.bounder._bounded is None
+    assert copied.loss(model, torch.rand(4, 1, 8, 8), torch.arange(4), 1.0).loss.isfinite()
