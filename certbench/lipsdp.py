@@ -22,6 +22,11 @@ Two exact reductions keep the SDP small and well scaled:
 * layer scaling: the congruence ``D M D`` with ``D = blkdiag(d₀I, …, d_lI)`` maps a certificate for
   weights ``W_k`` to one for ``(d_k/d_{k+1}) W_k`` (``d_{l+1} = 1``), ``ρ d₀²`` and ``T_k d_k²``, so the
   SDP is solved with every ``W_k`` scaled to spectral norm 1 and mapped back afterwards.
+
+MLPs that average-pool their input (Pauli et al. 2021: 28×28 → 196 inputs) are handled exactly:
+the pooling is a linear map P, so the network from the pixels is the MLP with first weight
+``W₀·diag(1/σ)·P`` (:class:`MLPStructure`); the first-layer reduction then brings the input block
+back to ≤ n₁.
 """
 
 from __future__ import annotations
@@ -349,6 +354,23 @@ def lipsdp(weights: Sequence[np.ndarray], *, solver: str = "SCS", time_limit: fl
     return result("verified", raw_bound, bound, multipliers)
 
 
+def isotropic_gain(input_map: np.ndarray, rows: int) -> float:
+    """√c for a map P with ``PPᵀ = cI`` (``rows`` rows); ValueError for any other P.
+
+    Then ``(WP)(WP)ᵀ = (√c·W)(√c·W)ᵀ`` for every W, so LipSDP cannot tell WP from √c·W
+    (:func:`weight_step`).
+    """
+    p = np.asarray(input_map, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != rows:
+        raise ValueError(f"input_map must have {rows} rows (the first layer's inputs), got shape {p.shape}")
+    gram = p @ p.T
+    c = float(np.trace(gram)) / rows
+    if not c > 0 or np.linalg.norm(gram - c * np.eye(rows)) > 1e-12 * c * rows:
+        raise ValueError("input_map must have orthogonal rows of equal norm (P Pᵀ = cI), as average "
+                         "pooling with kernel = stride and no padding has")
+    return math.sqrt(c)
+
+
 @dataclass(frozen=True)
 class WeightStepResult:
     """Outcome of :func:`weight_step`: the new W̄ (None unless status == "ok") and its ρ."""
@@ -361,8 +383,8 @@ class WeightStepResult:
 
 
 def weight_step(targets: Sequence[np.ndarray], multipliers: Sequence[np.ndarray], *, rho_admm: float,
-                mu: float | None = None, max_bound: float | None = None, solver: str = "SCS",
-                time_limit: float | None = None, eps: float = 1e-5) -> WeightStepResult:
+                mu: float | None = None, max_bound: float | None = None, input_map: np.ndarray | None = None,
+                solver: str = "SCS", time_limit: float | None = None, eps: float = 1e-5) -> WeightStepResult:
     """The W̄-step of the ADMM of Pauli et al. (2021), with T fixed:
 
         min_{W̄, ρ}  μρ + (ρ_a/2) Σ_k ‖W̄_k − Z_k‖²_F   s.t.   S(ρ, T, W̄) ⪰ 0,
@@ -377,12 +399,22 @@ def weight_step(targets: Sequence[np.ndarray], multipliers: Sequence[np.ndarray]
     ``max_bound`` L̄ (ρ = L̄² fixed). W̄₀ enters S only through W̄₀W̄₀ᵀ, so with ``Z₀ = UΣVᵀ`` the optimum
     has ``W̄₀ = AVᵀ`` (a component orthogonal to V's columns raises both the objective and W̄₀W̄₀ᵀ):
     the SDP is solved for A with target UΣ, an exact reduction of the input dimension to rank(Z₀).
+
+    ``input_map`` P (shape (n₀, N)): the network's first linear map is W̄₀P (e.g. P the average pooling
+    of :meth:`MLPStructure.pool_matrix`), so S is the LMI of ``[W̄₀P, W̄₁, …]`` — the bound L̄ holds on
+    the N inputs of P — while W̄₀ (n₀ columns) and its target stay in the coordinates the optimiser
+    trains. P is carried into the LMI exactly: S depends on W̄₀P only through ``W̄₀PPᵀW̄₀ᵀ``
+    (Schur complement on the ρI block), and P must have orthogonal rows of equal norm, ``PPᵀ = cI``
+    (true for average pooling with kernel = stride and no padding: disjoint windows of equal size),
+    so S for W̄₀P equals S for √c·W̄₀. The objective is unchanged, so the row-space reduction above
+    stays exact, and the returned ρ is the bound for the N inputs of P.
     """
     if (mu is None) == (max_bound is None):
         raise ValueError("pass exactly one of mu (regularised) and max_bound (enforced)")
     started = time.perf_counter()
     targets = [np.asarray(z, dtype=np.float64) for z in targets]
     _check_chain(targets)
+    gain = 1.0 if input_map is None else isotropic_gain(input_map, targets[0].shape[1])
     z0 = targets[0]
     if z0.shape[1] > z0.shape[0]:
         u, s, vt = np.linalg.svd(z0, full_matrices=False)
@@ -390,6 +422,7 @@ def weight_step(targets: Sequence[np.ndarray], multipliers: Sequence[np.ndarray]
     else:
         z0_reduced, basis = z0, None
     variables = [cp.Variable(z0_reduced.shape)] + [cp.Variable(z.shape) for z in targets[1:]]
+    lmi_weights = [gain * variables[0]] + variables[1:]
     rho = cp.Variable(nonneg=True) if mu is not None else cp.Constant(float(max_bound) ** 2)
     sizes = [z0_reduced.shape[1]] + [z.shape[1] for z in targets[1:]] + [targets[-1].shape[0]]
     blocks: list[list[object]] = [[np.zeros((a, b)) for b in sizes] for a in sizes]
@@ -397,7 +430,7 @@ def weight_step(targets: Sequence[np.ndarray], multipliers: Sequence[np.ndarray]
     for k in range(1, len(targets)):
         t = np.asarray(multipliers[k - 1], dtype=np.float64)
         blocks[k][k] = 2 * np.diag(t)
-        coupling = -np.diag(t) @ variables[k - 1]
+        coupling = -np.diag(t) @ lmi_weights[k - 1]
         blocks[k][k - 1], blocks[k - 1][k] = coupling, coupling.T
     blocks[-1][-1] = np.eye(sizes[-1])
     blocks[-1][-2], blocks[-2][-1] = -variables[-1], -variables[-1].T
@@ -418,7 +451,7 @@ def weight_step(targets: Sequence[np.ndarray], multipliers: Sequence[np.ndarray]
 # ---------------------------------------------------------------------------------------------
 
 class NotAnMLPError(ValueError):
-    """The model is not ``[Normalize] [Flatten] Linear (ReLU|Tanh Linear)*``."""
+    """The model is not ``[Normalize] [AvgPool2d] [Flatten] Linear (ReLU|Tanh Linear)*``."""
 
 
 def _leaves(module: nn.Module) -> list[nn.Module]:
@@ -429,14 +462,20 @@ def _leaves(module: nn.Module) -> list[nn.Module]:
 
 @dataclass
 class MLPStructure:
-    """The linear layers of an MLP and the input scaling 1/σ of its Normalize layer.
+    """The linear layers of an MLP, the input scaling 1/σ of its Normalize layer and its input pooling.
 
-    ``scale`` (per input feature, or None) folds the normalisation into the first layer, so that
-    :meth:`weights` are the weights of the map from pixels in [0, 1] (the mean only shifts the bias).
+    Two sets of weights (the mean of Normalize only shifts the first bias):
+
+    * :meth:`weights` ``[W₀·diag(1/σ), W₁, …]``: the trained weights with 1/σ folded in (per input
+      feature of W₀); the map from the first Linear's inputs in pixel scale;
+    * :meth:`pixel_weights` ``[W₀·diag(1/σ)·P, W₁, …]``: the map from the image pixels in [0, 1],
+      P the matrix of the ``pool`` layer (identity without one). Its ℓ2 Lipschitz constant is the
+      model's. Average pooling commutes with the per-channel 1/σ, so this is also W₀·P·diag(1/σ_pixel).
     """
 
     linears: list[nn.Linear]
     scale: torch.Tensor | None
+    pool: nn.AvgPool2d | None = None
 
     def weights(self) -> list[torch.Tensor]:
         """``[W₀·diag(1/σ), W₁, …, W_l]``, differentiable w.r.t. the model's parameters."""
@@ -450,8 +489,32 @@ class MLPStructure:
         return [w.detach().cpu().double().numpy() for w in self.weights()]
 
     @torch.no_grad()
+    def pool_matrix(self, input_shape: Sequence[int]) -> np.ndarray | None:
+        """P (pooled features × pixels) of the pooling layer on inputs of shape (C, H, W), or None.
+
+        Built exactly in float64 by pooling the identity basis (N = C·H·W images; 5 MB for 784 pixels).
+        """
+        if self.pool is None:
+            return None
+        n = math.prod(input_shape)
+        pooled = self.pool(torch.eye(n, dtype=torch.float64).view(n, *input_shape)).flatten(1)
+        if pooled.shape[1] != self.linears[0].in_features:
+            raise ValueError(f"pooling inputs of shape {tuple(input_shape)} gives {pooled.shape[1]} features, "
+                             f"but the first Linear takes {self.linears[0].in_features}")
+        return pooled.T.numpy()
+
+    def pixel_weights(self, input_shape: Sequence[int] | None = None) -> list[np.ndarray]:
+        """``[W₀·diag(1/σ)·P, W₁, …]`` in float64; ``input_shape`` (C, H, W) is needed with a pooling layer."""
+        weights = self.numpy_weights()
+        if self.pool is None:
+            return weights
+        if input_shape is None:
+            raise ValueError("an MLP with an input pooling layer needs the input shape (C, H, W)")
+        return [weights[0] @ self.pool_matrix(input_shape)] + weights[1:]
+
+    @torch.no_grad()
     def load_weights(self, weights: Sequence[np.ndarray]) -> None:
-        """Write pixel-unit weights (as returned by :meth:`numpy_weights`) back into the model."""
+        """Write weights in the form of :meth:`numpy_weights` back into the model."""
         for k, (lin, w) in enumerate(zip(self.linears, weights)):
             value = torch.as_tensor(np.asarray(w), dtype=torch.float64)
             if k == 0 and self.scale is not None:
@@ -459,24 +522,38 @@ class MLPStructure:
             lin.weight.copy_(value.to(lin.weight))
 
 
-def mlp_structure(model: nn.Module) -> MLPStructure:
-    """Parse ``[Normalize] [Flatten] Linear (ReLU|Tanh Linear)*`` (nested Sequentials allowed).
+def _check_pool(pool: nn.AvgPool2d) -> None:
+    """Accept average pooling whose windows tile the input: kernel = stride, no padding, floor mode.
 
+    Its matrix P then has disjoint rows with equal entries, ``PPᵀ = cI`` (see :func:`isotropic_gain`).
+    """
+    kernel, stride, padding = (tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+                               for v in (pool.kernel_size, pool.stride, pool.padding))
+    if kernel != stride or padding != (0, 0) or pool.ceil_mode:
+        raise NotAnMLPError(f"input pooling must have kernel = stride, no padding and ceil_mode=False, got "
+                            f"kernel {kernel}, stride {stride}, padding {padding}, ceil_mode {pool.ceil_mode}")
+
+
+def mlp_structure(model: nn.Module) -> MLPStructure:
+    """Parse ``[Normalize] [AvgPool2d] [Flatten] Linear (ReLU|Tanh Linear)*`` (nested Sequentials allowed).
+
+    A pooling layer must tile its input (:func:`_check_pool`) and be followed by Flatten.
     Raises :class:`NotAnMLPError` for anything else. ReLU and tanh are both slope-restricted in
     [0, 1], which is what LipSDP-Neuron assumes.
     """
     leaves = _leaves(model)
-    normalize: Normalize | None = None
-    if leaves and isinstance(leaves[0], Normalize):
-        normalize = leaves.pop(0)
-    if leaves and isinstance(leaves[0], nn.Flatten):
-        leaves.pop(0)
+    normalize = leaves.pop(0) if leaves and isinstance(leaves[0], Normalize) else None
+    pool = leaves.pop(0) if leaves and isinstance(leaves[0], nn.AvgPool2d) else None
+    flatten = leaves.pop(0) if leaves and isinstance(leaves[0], nn.Flatten) else None
     linears = [m for m in leaves[0::2] if isinstance(m, nn.Linear)]
     activations = [m for m in leaves[1::2] if isinstance(m, (nn.ReLU, nn.Tanh))]
     if (not leaves or len(leaves) % 2 == 0 or len(linears) != (len(leaves) + 1) // 2
-            or len(activations) != len(leaves) // 2):
+            or len(activations) != len(leaves) // 2 or (pool is not None and flatten is None)):
         kinds = ", ".join(type(m).__name__ for m in _leaves(model))
-        raise NotAnMLPError(f"not a [Normalize] [Flatten] Linear (ReLU|Tanh Linear)* chain: {kinds}")
+        raise NotAnMLPError(f"not a [Normalize] [AvgPool2d] [Flatten] Linear (ReLU|Tanh Linear)* chain "
+                            f"(pooling needs Flatten): {kinds}")
+    if pool is not None:
+        _check_pool(pool)
     scale = None
     if normalize is not None:
         inv_std = 1.0 / normalize.std.detach().flatten()
@@ -484,7 +561,7 @@ def mlp_structure(model: nn.Module) -> MLPStructure:
         if features % inv_std.numel():
             raise NotAnMLPError(f"{features} input features do not split into {inv_std.numel()} channels")
         scale = inv_std.repeat_interleave(features // inv_std.numel())
-    return MLPStructure(linears, scale)
+    return MLPStructure(linears, scale, pool)
 
 
 def is_mlp(model: nn.Module) -> bool:
@@ -496,6 +573,7 @@ def is_mlp(model: nn.Module) -> bool:
     return True
 
 
-def mlp_weights(model: nn.Module) -> list[np.ndarray]:
-    """Float64 weights of an MLP in pixel units (Normalize's 1/σ folded into the first layer)."""
-    return mlp_structure(model).numpy_weights()
+def mlp_weights(model: nn.Module, input_shape: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Float64 weights of an MLP from the pixels in [0, 1] (:meth:`MLPStructure.pixel_weights`);
+    ``input_shape`` (C, H, W) is needed when the MLP pools its input."""
+    return mlp_structure(model).pixel_weights(input_shape)

@@ -11,8 +11,18 @@ The training problem ``min_W CE(W) + μ·L(W)²`` (regularised) or ``min_W CE(W)
 
 until the LipSDP bound of W changes by less than ``tolerance`` (then W̄, Y stay fixed and training
 goes on with the last coupling terms). The first ``admm_every`` epochs train without coupling.
-All W, W̄, Y are in pixel units (the Normalize layer's 1/σ folded into W₀, see
-:class:`certbench.lipsdp.MLPStructure`), so L̄ and μ refer to inputs in [0, 1].
+
+W, W̄, Y are the weights the optimiser trains, with the Normalize layer's 1/σ folded into W₀
+(:meth:`certbench.lipsdp.MLPStructure.weights`), while every bound (L, L̄, and μ's L²) is in pixel
+units, for inputs in [0, 1] of the data set's shape. The two differ when the MLP average-pools its
+input (``input_pool``, Pauli et al. 2021): the network's first map is then W₀P, P the pooling
+matrix (196×784 for 2×2 pooling of 28×28 images), and W₀, W̄₀, Y₀ have the pooled width (50×196).
+P is carried inside the W̄-step's LMI (``weight_step(..., input_map=P)``), so the ADMM constraint
+is W₀ = W̄₀ in the trained coordinates and W̄ ranges over the convex set where the LMI of
+``[W̄₀P, W̄₁, …]`` holds. This is exact, not a bound: PPᵀ = cI (c = 1/4 for disjoint 2×2 windows),
+so that LMI equals the one of √c·W̄₀ (:func:`certbench.lipsdp.weight_step`). Running the ADMM on the
+50×784 matrix W₀P instead would need W̄₀ mapped back through P⁺ and would silently scale the
+penalty ρ_a on the trained W₀ by c.
 
 Enforced variant: W̄ satisfies the LMI for ρ = L̄² after every W̄-step; after the last optimiser
 step of training the model's weights are replaced by W̄ from a final W̄-step, and the last layer is
@@ -131,9 +141,10 @@ class LipSDPADMM(Method):
 
     def _admm_update(self, model: nn.Module) -> None:
         """One W̄-step and dual update around the model's current weights W."""
-        weights = mlp_structure(model).numpy_weights()
+        structure, shape = mlp_structure(model), self.context.spec.shape
+        weights = structure.numpy_weights()
         limit, solver = self.params["sdp_time_limit"], self.params["solver"]
-        bound = lipsdp(weights, solver=solver, time_limit=limit)
+        bound = lipsdp(structure.pixel_weights(shape), solver=solver, time_limit=limit)
         seconds = bound.solve_time
         if bound.verified:
             self._multipliers = bound.multipliers
@@ -145,7 +156,8 @@ class LipSDPADMM(Method):
         dual = self._dual if self._dual is not None else [np.zeros_like(w) for w in weights]
         targets = [w + d / rho_a for w, d in zip(weights, dual)]
         variant = {"max_bound": self.params["max_bound"]} if self.enforced else {"mu": self.params["mu"]}
-        step = weight_step(targets, self._multipliers, rho_admm=rho_a, solver=solver, time_limit=limit, **variant)
+        step = weight_step(targets, self._multipliers, rho_admm=rho_a, input_map=structure.pool_matrix(shape),
+                           solver=solver, time_limit=limit, **variant)
         seconds += step.solve_time
         self._stats["sdp_seconds"] = self._stats.get("sdp_seconds", 0.0) + seconds
         if step.weights is None:
@@ -170,11 +182,12 @@ class LipSDPADMM(Method):
             return
         structure = mlp_structure(model)
         structure.load_weights(self._wbar)
-        weights = structure.numpy_weights()
-        result = lipsdp(weights, solver=self.params["solver"], time_limit=self.params["sdp_time_limit"])
-        bound = result.bound if result.verified else product_bound(weights)
+        pixel = structure.pixel_weights(self.context.spec.shape)
+        result = lipsdp(pixel, solver=self.params["solver"], time_limit=self.params["sdp_time_limit"])
+        bound = result.bound if result.verified else product_bound(pixel)
         target = self.params["max_bound"] * (1 - FINAL_MARGIN)
         if bound > target:
+            weights = structure.numpy_weights()
             weights[-1] = weights[-1] * (target / bound)
             structure.load_weights(weights)
         log.info("enforced variant: delivered W̄ with bound %.4f (%s) scaled to ≤ %.4f",

@@ -1,6 +1,6 @@
 """LipSDP-Neuron: exactness on one layer, sandwich between sampled gradients and ∏‖W‖₂, the float64
 check/repair, time limits and failures, the ADMM W̄-step, the lipsdp-l2 certificate and the
-lipsdp-admm method, and the rings2d generator."""
+lipsdp-admm method, MLPs that average-pool their input, and the rings2d generator."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ import torch
 from torch import nn
 
 from certbench.data.rings2d import RINGS, make_rings2d
-from certbench.lipsdp import (NotAnMLPError, is_certified, lipsdp, lmi_matrix, max_eigenvalue, min_rho,
+from certbench.lipsdp import (NotAnMLPError, is_certified, is_mlp, lipsdp, lmi_matrix, max_eigenvalue, min_rho,
                               mlp_structure, mlp_weights, product_bound, repair, weight_step)
 from certbench.nn import Normalize
 
 
 def make_mlp(seed: int, shape: tuple[int, int, int], widths: tuple[int, ...], classes: int,
-             activation: type[nn.Module], std: tuple[float, ...]) -> nn.Sequential:
+             activation: type[nn.Module], std: tuple[float, ...], pool: int = 1) -> nn.Sequential:
+    """Normalize → [AvgPool2d(pool)] → Flatten → (Linear → activation)* → Linear, in float64."""
     torch.manual_seed(seed)
-    layers: list[nn.Module] = [Normalize([0.5] * shape[0], std), nn.Flatten()]
-    previous = math.prod(shape)
+    pooling = [nn.AvgPool2d(pool)] if pool > 1 else []
+    layers: list[nn.Module] = [Normalize([0.5] * shape[0], std), *pooling, nn.Flatten()]
+    previous = shape[0] * (shape[1] // pool) * (shape[2] // pool)
     for width in widths:
         layers += [nn.Linear(previous, width), activation()]
         previous = width
@@ -155,6 +157,110 @@ def test_weight_step_reduction_of_a_wide_first_layer() -> None:
     assert lipsdp(step.weights).bound <= result.bound / 3 * (1 + 1e-3)
 
 
+# --- MLPs that average-pool their input (Pauli et al. 2021) ------------------------------------
+
+POOLED = [(0, (2, 6, 6), 2, (8, 8), nn.ReLU, (0.5, 0.25)),
+          (1, (1, 7, 7), 3, (10,), nn.Tanh, (0.3,))]  # 7×7 with 3×3 windows drops a row and a column
+
+
+def first_layer_jacobian(model: nn.Sequential, shape: tuple[int, int, int]) -> np.ndarray:
+    """∂(first Linear's output)/∂pixels, by autograd through Normalize → AvgPool2d → Flatten → Linear."""
+    head = model[:4]
+    jac = torch.func.jacrev(lambda v: head(v[None])[0])(torch.rand(*shape, dtype=torch.float64))
+    return jac.detach().flatten(1).numpy()
+
+
+@pytest.mark.parametrize("seed, shape, pool, widths, activation, std", POOLED)
+def test_pooled_mlp_bound_is_in_pixel_units(seed, shape, pool, widths, activation, std) -> None:
+    model = make_mlp(seed, shape, widths, 3, activation, std, pool=pool)
+    first = first_layer_jacobian(model, shape)  # W₀·P·diag(1/σ)
+    weights = mlp_weights(model, shape)
+    assert np.allclose(weights[0], first, rtol=1e-12, atol=0)
+    result = lipsdp(weights)
+    assert result.verified, result.message
+    lower = sampled_gradient_norm(model, shape)
+    assert lower <= result.bound <= product_bound([first] + weights[1:]) * (1 + 1e-9)
+    with pytest.raises(ValueError, match="input shape"):
+        mlp_weights(model)
+    with pytest.raises(ValueError, match="features"):
+        mlp_weights(model, (shape[0], shape[1] + pool, shape[2]))
+
+
+def test_only_tiling_poolings_are_accepted() -> None:
+    def model(*pooling: nn.Module) -> nn.Sequential:
+        return nn.Sequential(Normalize([0.5], [0.5]), *pooling, nn.Linear(9, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    assert is_mlp(model(nn.AvgPool2d(2), nn.Flatten()))
+    assert is_mlp(model(nn.AvgPool2d((2, 3), divisor_override=5), nn.Flatten()))
+    for pooling in [nn.AvgPool2d(3, 2), nn.AvgPool2d(2, padding=1), nn.AvgPool2d(2, ceil_mode=True),
+                    nn.MaxPool2d(2)]:
+        assert not is_mlp(model(pooling, nn.Flatten()))
+    assert not is_mlp(model(nn.AvgPool2d(2)))  # no Flatten
+
+
+def test_weight_step_carries_the_pooling_into_the_lmi() -> None:
+    """W̄₀ stays in pooled coordinates while the LMI bounds W̄₀P: the enforced bound holds for W̄₀P,
+    and a W whose W₀P already meets a looser L̄ is left alone (ignoring P would halve that L̄ for W₀)."""
+    model = make_mlp(2, (1, 8, 8), (6, 6), 3, nn.ReLU, (0.3,), pool=2)
+    structure = mlp_structure(model)
+    pool = structure.pool_matrix((1, 8, 8))
+    assert pool.shape == (16, 64) and np.allclose(pool @ pool.T, np.eye(16) / 4)
+    weights = [3 * w for w in structure.numpy_weights()]
+    pixel = [weights[0] @ pool] + weights[1:]
+    result = lipsdp(pixel)
+    enforced = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=result.bound / 2, input_map=pool)
+    assert enforced.status == "ok" and enforced.weights[0].shape == (6, 16)
+    assert lipsdp([enforced.weights[0] @ pool] + enforced.weights[1:]).bound <= result.bound / 2 * (1 + 1e-3)
+    loose = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=1.2 * result.bound, input_map=pool)
+    change = sum(np.sum((a - b) ** 2) for a, b in zip(loose.weights, weights))
+    assert change < 1e-6 * sum(np.sum(w ** 2) for w in weights)
+    with pytest.raises(ValueError, match="orthogonal rows"):
+        weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=1.0, input_map=pool + 0.1)
+
+
+def test_certificate_on_a_pooled_mlp_survives_pgd() -> None:
+    from certbench.attacks import Attack
+    from certbench.certificates import CERTIFICATES
+    from certbench.data.specs import DATASETS
+    from certbench.models import build
+
+    spec = DATASETS.get("fashion-mnist")
+    torch.manual_seed(3)
+    model = build("mlp", spec, widths=[16, 16], input_pool=2).eval()
+    x = torch.rand(6, *spec.shape, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1)
+    certificate = CERTIFICATES.get("lipsdp-l2")(time_limit=60)
+    assert certificate.applies(model)
+    result = certificate.certify(model, x, y, [0.01])
+    first = first_layer_jacobian(model.double(), spec.shape)
+    model.float()
+    assert result.extra["lipschitz_bound"] <= product_bound([first] + mlp_weights(model, spec.shape)[1:])
+    assert np.all(result.radius > 0)
+    attack = Attack("pgd-l2", steps=100)
+    assert attack.run(model, x[:1], y[:1], 10 * float(result.radius[0]), seed=0).success[0]  # the attack has teeth
+    for i, radius in enumerate(result.radius):
+        run = attack.run(model, x[i:i + 1], y[i:i + 1], 0.999 * float(radius), seed=0)
+        assert not run.success[0] and not run.error[0], f"point {i}: radius {radius} broken"
+
+
+def test_admm_enforced_on_a_pooled_mlp_ends_below_the_bound() -> None:
+    """The Pauli et al. MNIST setting in small: fashion-mnist shape, 2×2 pooling (196 inputs), L̄ in pixels."""
+    from certbench.data.loaders import DEBIAN_FASHION_MNIST, load_split
+
+    if DEBIAN_FASHION_MNIST.exists():
+        x, y = load_split("fashion-mnist")[1][1].tensors
+        data = x[:600], y[:600]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        data = torch.rand(600, 1, 28, 28, generator=generator), torch.randint(0, 10, (600,), generator=generator)
+    method, model = _admm_method({"variant": "enforced", "max_bound": 1.0, "rho_admm": 0.25, "tolerance": 0.01},
+                                 epochs=4, dataset="fashion-mnist", arch_params={"widths": [16], "input_pool": 2})
+    _train(method, model, torch.optim.Adam(model.parameters(), lr=0.01), range(4), 4, batches=6, data=data)
+    assert method._wbar[0].shape == (16, 196)  # the ADMM variables are the trained weights
+    assert max(method._bounds) > 1.0  # the trained W alone would break the bound
+    assert lipsdp(mlp_weights(model, (1, 28, 28))).bound <= 1.0
+
+
 # --- rings2d -----------------------------------------------------------------------------------
 
 def test_rings2d_is_balanced_deterministic_and_separated() -> None:
@@ -202,27 +308,33 @@ def test_certificate_radius_is_sound_and_failures_are_errors() -> None:
 
 # --- the lipsdp-admm method --------------------------------------------------------------------
 
-def _admm_method(params: dict, epochs: int):  # noqa: ANN202
+def _admm_method(params: dict, epochs: int, dataset: str = "rings2d",
+                 arch_params: dict | None = None):  # noqa: ANN202
     from certbench import config as cfg
     from certbench.catalogue import params_schema
     from certbench.data.specs import DATASETS
     from certbench.method import RunContext, get_method
 
     filled = cfg.validate_against(params_schema("lipsdp-admm"), params, "params.")
-    method = get_method("lipsdp-admm")(filled, RunContext(DATASETS.get("rings2d"), epochs, (0.02,), (0.02,),
+    method = get_method("lipsdp-admm")(filled, RunContext(DATASETS.get(dataset), epochs, (0.02,), (0.02,),
                                                           torch.device("cpu")))
     method.check()
     torch.manual_seed(0)
-    model = method.build_model("mlp", {"widths": [10, 10], "activation": "tanh"})
+    model = method.build_model("mlp", arch_params or {"widths": [10, 10], "activation": "tanh"})
     method.prepare(model)
     return method, model
 
 
-def _train(method, model, optimiser, epochs: range, total: int, batches: int = 10) -> None:  # noqa: ANN001
-    """The framework's loop: progress = (epoch + batch/len(loader))/epochs, after_step after each step,
-    finish after the last epoch."""
+def _rings() -> tuple[torch.Tensor, torch.Tensor]:
     x, y = make_rings2d(300, seed=0)
-    x, y = torch.from_numpy(x).view(-1, 1, 1, 2), torch.from_numpy(y)
+    return torch.from_numpy(x).view(-1, 1, 1, 2), torch.from_numpy(y)
+
+
+def _train(method, model, optimiser, epochs: range, total: int, batches: int = 10,  # noqa: ANN001
+           data: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """The framework's loop: progress = (epoch + batch/len(loader))/epochs, after_step after each step,
+    finish after the last epoch. ``data`` defaults to 300 rings2d points."""
+    x, y = data if data is not None else _rings()
     for epoch in epochs:
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
         for batch, idx in enumerate(order.split(len(x) // batches)):

@@ -3,7 +3,8 @@
 For an MLP with global ℓ2 Lipschitz bound L of its logit map, no perturbation with ‖δ‖₂ < r of
 ``r = margin / (√2·L)`` can change the prediction (Tsuzuku et al. 2018, Prop. 1: each difference of
 two logits is √2·L-Lipschitz). L is the float64-verified LipSDP bound from :func:`certbench.lipsdp.lipsdp`
-in pixel units (the Normalize layer folded in); if no bound is verified, every sample is "error".
+in pixel units (the Normalize layer and an input average pooling folded in, see
+:class:`certbench.lipsdp.MLPStructure`); if no bound is verified, every sample is "error".
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class LipSDPL2(Certificate):
 
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Sequence[float]) -> CertificateResult:
-        result = lipsdp(mlp_weights(model), solver=self.solver, time_limit=self.time_limit)
+        result = lipsdp(mlp_weights(model, tuple(x.shape[1:])), solver=self.solver, time_limit=self.time_limit)
         extra = {"solve_seconds": result.solve_time}
         if result.raw_bound is not None:
             extra["raw_bound"] = result.raw_bound
