@@ -22,15 +22,8 @@ from certbench.attacks import ATTACKS
 from certbench.certificates import CERTIFICATES
 from certbench.config import ConfigError
 from certbench.data.specs import DATASETS
-from certbench.method import METHODS, RunContext, get_method, import_methods
+from certbench.method import METHODS, get_method, import_methods, run_context
 from certbench.models import ARCHITECTURES
-
-
-def run_context(resolved: Mapping[str, Any], device: torch.device) -> RunContext:
-    """The :class:`RunContext` of a resolved run config."""
-    dataset = resolved["dataset"]
-    return RunContext(spec=DATASETS.get(dataset["name"]), epochs=resolved["training"]["epochs"],
-                      eps_linf=tuple(dataset["eps_linf"]), eps_l2=tuple(dataset["eps_l2"]), device=device)
 
 
 def params_schema(method: str) -> dict[str, Any]:

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from certbench.catalogue import run_context
 from certbench.config import format_eps
 from certbench.certificates import CERTIFICATES, ERROR, margins
 from certbench.data.loaders import load_split
-from certbench.method import get_method
+from certbench.method import get_method, run_context
 from certbench.records import load_tensors
 from certbench.storage import read_json, write_json
 from certbench.train import select_device, subset

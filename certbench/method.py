@@ -19,7 +19,7 @@ from torch import nn
 
 from certbench import models
 from certbench.config import ConfigError
-from certbench.data.specs import DatasetSpec
+from certbench.data.specs import DATASETS, DatasetSpec
 from certbench.registry import Registry
 
 
@@ -32,6 +32,13 @@ class RunContext:
     eps_linf: tuple[float, ...]
     eps_l2: tuple[float, ...]
     device: torch.device
+
+
+def run_context(resolved: Mapping[str, Any], device: torch.device) -> RunContext:
+    """The :class:`RunContext` of a resolved run config (see :func:`certbench.config.resolve_run`)."""
+    dataset = resolved["dataset"]
+    return RunContext(spec=DATASETS.get(dataset["name"]), epochs=resolved["training"]["epochs"],
+                      eps_linf=tuple(dataset["eps_linf"]), eps_l2=tuple(dataset["eps_l2"]), device=device)
 
 
 @dataclass

@@ -16,11 +16,22 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    """A named collection filled by decorators at import time."""
+    """A named collection filled by decorators at import time.
 
-    def __init__(self, kind: str) -> None:
+    ``discover``, if given, imports the modules that register entries; it runs once, on the
+    first lookup, so importing a registry stays cheap for a job that never looks into it.
+    """
+
+    def __init__(self, kind: str, discover: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._discover = discover
+
+    def _discovered(self) -> dict[str, T]:
+        if self._discover is not None:
+            discover, self._discover = self._discover, None
+            discover()
+        return self._entries
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorate(obj: T) -> T:
@@ -35,13 +46,13 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         try:
-            return self._entries[name]
+            return self._discovered()[name]
         except KeyError:
             raise UnknownNameError(
                 f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._discovered())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._discovered()

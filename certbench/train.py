@@ -25,10 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
-from certbench.catalogue import run_context
 from certbench.config import config_hash
 from certbench.data.loaders import load_split
-from certbench.method import LossOutput, Method, get_method
+from certbench.method import LossOutput, Method, get_method, run_context
 from certbench.records import load_tensors, provenance, save_tensors
 from certbench.storage import CorruptFileError, write_json
 

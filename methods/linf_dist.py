@@ -80,6 +80,7 @@ class LinfDistMethod(Method):
     """ℓ∞-dist net with the p schedule; ``loss`` selects the v1 or the v2 objective."""
 
     default_certificate = "linf-dist"
+    example_arch = ("linf-dist-mlp", {"depth": 3, "width": 32})
     #: default ε_train as a multiple of the largest test ε (MNIST: 0.45 for 0.3)
     eps_train_factor: ClassVar[float] = 1.5
     params_schema = {

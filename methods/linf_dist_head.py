@@ -25,6 +25,7 @@ class LinfDistHead(LinfDistMethod):
     """ℓ∞-dist trunk + MLP head, IBP-style worst-case cross-entropy through the head."""
 
     eps_train_factor = 1.1
+    example_arch = ("linf-dist-mlp+head", {"depth": 2, "width": 32, "hidden": 16})
     params_schema = {
         **SCHEDULE_PARAMS,
         "kappa": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,

@@ -59,7 +59,7 @@ def test_method_declares_a_registered_certificate_and_valid_defaults(method: str
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_method_state_survives_a_checkpoint(tmp_path: Path, smoke_config: dict, method: str) -> None:
     """What ``state_dict`` returns loads with ``weights_only=True`` and restores the method."""
-    from certbench.catalogue import run_context
+    from certbench.method import run_context
     from certbench.records import load_tensors, save_tensors
 
     run_config = smoke_run(smoke_config, method)

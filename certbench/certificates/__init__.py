@@ -52,7 +52,12 @@ class Certificate:
         raise NotImplementedError
 
 
-CERTIFICATES: Registry[type[Certificate]] = Registry("certificate")
+def _import_all() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+CERTIFICATES: Registry[type[Certificate]] = Registry("certificate", discover=_import_all)
 register_certificate = CERTIFICATES.register
 
 
@@ -66,11 +71,3 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf"))
     return true - others.max(dim=1).values
-
-
-def _import_all() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-
-
-_import_all()
