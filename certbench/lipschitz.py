@@ -526,9 +526,10 @@ def _nodes(node: _Node) -> Iterator[_Node]:
 class LipschitzEstimate:
     """L bounds the whole logit map; L_sub the map below the last Linear, whose weight is ``last_weight``.
 
-    In training mode the entries are differentiable tensors; in exact mode float64 tensors
-    without gradient. ``sub`` and ``last_weight`` are None when the model does not end in a
-    Linear layer (then only the √2 form of the certificate applies).
+    In training mode ``total`` and ``sub`` are differentiable tensors; in exact mode float64
+    tensors without gradient. ``last_weight`` is that layer's own weight parameter. ``sub`` and
+    ``last_weight`` are None when the model does not end in a Linear layer (then only the √2
+    form of the certificate applies).
     """
 
     total: torch.Tensor

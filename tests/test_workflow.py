@@ -84,3 +84,30 @@ def test_smoke_dag_end_to_end(tmp_path: Path) -> None:
     html = (tmp_path / "report.html").read_text(errors="replace")
     assert "radius_vs_error_l2.png" in html and "audit.csv" in html and "config.yaml" in html
     shutil.rmtree(results)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_paper_and_cpu_configs_dry_run_to_the_expected_jobs(tmp_path: Path, path: Path) -> None:
+    import re
+
+    import yaml
+
+    from certbench import config as cfg
+    from certbench.catalogue import check_config
+
+    expected = len(cfg.runs(check_config(yaml.safe_load(path.read_text()))))
+    result = snakemake("-n", "--cores", "8", "--resources", "gpu=2", "--configfile", str(path),
+                       "--config", f"results_dir={tmp_path}/results", f"figures_dir={tmp_path}/figures", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
+    for rule in ("run_config", "train", "certify", "attack", "record"):
+        assert int(counts[rule]) == expected, (rule, counts)
+    assert int(counts["audit"]) == int(counts["tables"]) == 1
+
+
+def test_slurm_profile_is_accepted(tmp_path: Path) -> None:
+    result = snakemake("-n", "--profile", str(REPO / "workflow/profiles/slurm"), "--configfile",
+                       str(REPO / "config/smoke.yaml"), "--config", f"results_dir={tmp_path}/results", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    train_job = result.stdout.split("rule train:")[1].split("rule ")[0]
+    assert "gpu=1" in train_job and "runtime=240" in train_job
