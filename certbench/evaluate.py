@@ -77,16 +77,24 @@ def _certify_one(name: str, params: Mapping[str, Any], model: nn.Module, x: torc
     return entry
 
 
+def trained_run(run_config: Mapping[str, Any], run_dir: str | Path
+                ) -> tuple[str, tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """The run's status and, when it trained fine, its model and (indices, x, y) of its test points,
+    on the run's device; a run that did not train fine is skipped."""
+    trained = read_json(Path(run_dir) / "train.json")
+    if trained["status"] != "ok":
+        return f"skipped ({trained['status']})", None
+    device = select_device(run_config["device"])
+    indices, x, y = test_points(run_config)
+    return "ok", (load_model(run_config, Path(run_dir), device), indices, x.to(device), y.to(device))
+
+
 def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
     """Certify the run's model with every applicable certificate; write ``out_path`` (JSON)."""
-    run_dir = Path(run_dir)
-    trained = read_json(run_dir / "train.json")
-    result: dict[str, Any] = {"status": "ok" if trained["status"] == "ok" else f"skipped ({trained['status']})"}
-    if trained["status"] == "ok":
-        device = select_device(run_config["device"])
-        model = load_model(run_config, run_dir, device)
-        indices, x, y = test_points(run_config)
-        x, y = x.to(device), y.to(device)
+    status, trained = trained_run(run_config, run_dir)
+    result: dict[str, Any] = {"status": status}
+    if trained is not None:
+        model, indices, x, y = trained
         evaluation = run_config["evaluation"]
         prediction, margin = predict_all(model, x, y, evaluation["batch_size"])
         eps = {"linf": run_config["dataset"]["eps_linf"], "l2": run_config["dataset"]["eps_l2"]}
@@ -104,17 +112,14 @@ def attack(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | P
     """Attack the run's model with every configured attack; write the per-sample table to ``out_path``."""
     from certbench.attacks import Attack, attack_table
 
-    run_dir = Path(run_dir)
-    trained = read_json(run_dir / "train.json")
-    result: dict[str, Any] = {"status": "ok" if trained["status"] == "ok" else f"skipped ({trained['status']})"}
-    if trained["status"] == "ok":
-        device = select_device(run_config["device"])
-        model = load_model(run_config, run_dir, device)
-        _, x, y = test_points(run_config)
+    status, trained = trained_run(run_config, run_dir)
+    result: dict[str, Any] = {"status": status}
+    if trained is not None:
+        model, _, x, y = trained
         evaluation = run_config["evaluation"]
         attacks = [Attack(name, **evaluation["attack_params"].get(name, {})) for name in evaluation["attacks"]]
         started = time.perf_counter()
-        table = attack_table(model, x.to(device), y.to(device), attacks,
+        table = attack_table(model, x, y, attacks,
                              eps={"linf": run_config["dataset"]["eps_linf"], "l2": run_config["dataset"]["eps_l2"]},
                              batch_size=evaluation["batch_size"], seed=run_config["run"]["seed"])
         result.update(seconds=time.perf_counter() - started,

@@ -77,34 +77,32 @@ def test_forward_and_gradients_match_naive_formula_in_float64(p: float) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(b=st.integers(1, 9), n_in=st.integers(1, 40), n_out=st.integers(1, 20),
-       p=st.sampled_from([1.0, 2.0, 3.5, 8.0, 8.7, 100.0, INF]), seed=st.integers(0, 2**16))
-def test_float32_kernel_matches_naive_formula(b: int, n_in: int, n_out: int, p: float, seed: int) -> None:
-    """Any shape (tails shorter than a vector, single rows) through the default float32 path."""
-    torch.manual_seed(seed)
+def assert_float32_matches_float64(b: int, n_in: int, n_out: int, p: float, value_tolerance: float,
+                                   gradient_tolerance: float) -> None:
+    """The layer in float32 against the naive formula in float64: values and both gradients."""
     x, w = torch.randn(b, n_in, dtype=torch.float64), torch.randn(n_out, n_in, dtype=torch.float64)
     g = torch.randn(b, n_out, dtype=torch.float64)
     x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
     x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
     y, reference = lp_distance(x32, w32, p), naive(x64, w64, p)
-    assert relative_error(y, reference) < 1e-5
+    assert relative_error(y, reference) < value_tolerance
     for ours, theirs in zip(torch.autograd.grad(y, (x32, w32), g.float()),
                             torch.autograd.grad(reference, (x64, w64), g)):
-        assert relative_error(ours, theirs) < 1e-3
+        assert relative_error(ours, theirs) < gradient_tolerance
+
+
+@given(b=st.integers(1, 9), n_in=st.integers(1, 40), n_out=st.integers(1, 20),
+       p=st.sampled_from([1.0, 2.0, 3.5, 8.0, 8.7, 100.0, INF]), seed=st.integers(0, 2**16))
+def test_float32_kernel_matches_naive_formula(b: int, n_in: int, n_out: int, p: float, seed: int) -> None:
+    """Any shape (tails shorter than a vector, single rows) through the default float32 path."""
+    torch.manual_seed(seed)
+    assert_float32_matches_float64(b, n_in, n_out, p, value_tolerance=1e-5, gradient_tolerance=1e-3)
 
 
 @pytest.mark.parametrize("p", [1.0, 8.0, 8.5, INF])
 def test_both_float32_backends_match_float64(backend: str, p: float) -> None:
     torch.manual_seed(1)
-    x, w = torch.randn(70, 100, dtype=torch.float64), torch.randn(33, 100, dtype=torch.float64)
-    g = torch.randn(70, 33, dtype=torch.float64)
-    x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
-    x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y, reference = lp_distance(x32, w32, p), naive(x64, w64, p)
-    assert relative_error(y, reference) < 1e-6
-    for ours, theirs in zip(torch.autograd.grad(y, (x32, w32), g.float()),
-                            torch.autograd.grad(reference, (x64, w64), g)):
-        assert relative_error(ours, theirs) < 1e-4
+    assert_float32_matches_float64(70, 100, 33, p, value_tolerance=1e-6, gradient_tolerance=1e-4)
 
 
 def test_p_infinity_gradient_is_one_entry_per_pair(backend: str) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -71,3 +72,49 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.scatter(1, y[:, None], float("-inf"))
     return true - others.max(dim=1).values
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluate with running statistics and restore every module's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+#: Layers whose float output is exact (a selection or sign test of their input): no rounding to allow for.
+EXACT_LAYERS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten,
+                nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+
+
+def logits_with_allowance(model: nn.Module, x: torch.Tensor,
+                          factor: Callable[[nn.Module], float] = lambda module: 1.0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, τ) with τ = 4·eps_mach·Σ factor(layer)·max|output| per sample (float64), over the layers
+    that round: every leaf layer but :data:`EXACT_LAYERS`, and every residual sum.
+
+    Certificates subtract τ from each logit difference: a heuristic allowance for the float error of
+    the forward passes at x and at x + δ (the guarantees are statements about exact arithmetic).
+    ``factor`` weights layers that sum many terms.
+    """
+    from certbench.nn import Residual
+
+    total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
+
+    def add(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        flat = output.detach().flatten(1)
+        total.add_(factor(module) * torch.maximum(flat.amax(1), -flat.amin(1)).double())
+
+    rounding = [m for m in model.modules() if isinstance(m, Residual) or
+                (not list(m.children()) and not isinstance(m, EXACT_LAYERS))]
+    hooks = [m.register_forward_hook(add) for m in rounding]
+    try:
+        logits = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, 4 * torch.finfo(logits.dtype).eps * total

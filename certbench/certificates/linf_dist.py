@@ -5,8 +5,8 @@
   ``n_in^{1/p}`` per layer (1 at ``p = ∞``, so a model trained to the end of its p schedule gets
   exactly ``1/min(std)``). No ‖δ‖∞ < r with ``r = (margin − τ)/(2L)`` changes the prediction
   (paper Thm. 3.2: each logit moves by at most L‖δ‖∞). ``τ`` covers float rounding in the forward
-  pass at x and at x + δ: ``4·eps_mach`` times the sum over modules of each output's largest
-  magnitude (a ℓ∞-dist layer with finite p weighted by ``1 + n_in/p`` for its summation).
+  pass at x and at x + δ (:func:`certbench.certificates.logits_with_allowance`, a ℓ∞-dist layer
+  with finite p weighted by ``1 + n_in/p`` for its summation).
 * "+MLP" nets (a Linear/tanh head after the trunk): no radius; at each ε the box
   ``[x − ε, x + ε] ∩ [0, 1]`` is propagated exactly through Normalize and every ℓ∞-dist and
   MeanShift layer, by interval arithmetic through the head, with the last Linear folded into the
@@ -19,39 +19,21 @@ Since ‖δ‖∞ ≤ ‖δ‖₂, every ℓ∞ guarantee also holds for ℓ2 ba
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from certbench.certificates import (CERTIFIED, NOT_CERTIFIED, Certificate, CertificateResult, margins,
-                                    register_certificate, statuses_from_radius)
+from certbench.certificates import (CERTIFIED, NOT_CERTIFIED, Certificate, CertificateResult, eval_mode,
+                                    logits_with_allowance, margins, register_certificate, statuses_from_radius)
 from certbench.nn.linf_dist import (LinfDist, Negate, interval_bounds, lipschitz_linf, margin_lower_bound,
                                     split_trunk)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluate with running means (MeanShift) and restore every module's mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.train(mode)
-
-
-def _rounding_allowance(model: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, τ): the forward pass module by module, with the float-rounding allowance τ."""
-    h, total = x, torch.zeros(len(x), dtype=torch.float64, device=x.device)
-    for m in model:
-        h = m(h)
-        weight = 1.0 + m.in_features / m.p if isinstance(m, LinfDist) else 1.0
-        total += weight * h.flatten(1).abs().amax(1).double()
-    return h, 4 * torch.finfo(h.dtype).eps * total
+def _summation_factor(module: nn.Module) -> float:
+    """A ℓ∞-dist layer with finite p sums n_in powers: its rounding error grows with 1 + n_in/p."""
+    return 1.0 + module.in_features / module.p if isinstance(module, LinfDist) else 1.0
 
 
 @register_certificate("linf-dist")
@@ -76,14 +58,14 @@ class LinfDistCertificate(Certificate):
     @torch.no_grad()
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Sequence[float]) -> CertificateResult:
-        with _eval_mode(model):
+        with eval_mode(model):
             if all(isinstance(m, Negate) for m in split_trunk(model)[1]):
                 return self._radius(model, x, y, eps)
             return self._intervals(model, x, y, eps)
 
     @staticmethod
     def _radius(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]) -> CertificateResult:
-        logits, tau = _rounding_allowance(model, x)
+        logits, tau = logits_with_allowance(model, x, _summation_factor)
         lipschitz = lipschitz_linf(model)
         margin = margins(logits, y).double()
         correct = (margin > 0).cpu().numpy()

@@ -14,7 +14,7 @@ computed once per set of weights and cached; ``extra`` records them as ``lipschi
 Float rounding: the logits are computed in the model's float precision, which the guarantee (a
 statement about exact arithmetic) does not cover. As in the ``linf-dist`` certificate, every
 logit difference is reduced by τ = 4·eps_mach·Σ_layers max|output| (per sample, over the layers
-of the forward pass that round, see :func:`logits_with_allowance`) before it is divided: a
+of the forward pass that round, see :func:`certbench.certificates.logits_with_allowance`) before it is divided: a
 heuristic allowance for the error of the forward passes at x and at x + δ, not a proven bound.
 """
 
@@ -23,16 +23,15 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from certbench.certificates import Certificate, CertificateResult, register_certificate, statuses_from_radius
+from certbench.certificates import (Certificate, CertificateResult, eval_mode, logits_with_allowance,
+                                    register_certificate, statuses_from_radius)
 from certbench.lipschitz import LipschitzBound, LipschitzEstimate, UnsupportedLayerError, check_supported
-from certbench.nn import Residual
 
 _Key = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, LipschitzEstimate, float]] = weakref.WeakKeyDictionary()
@@ -54,42 +53,6 @@ def exact_bound(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Lipschi
     seconds = time.perf_counter() - started
     _CACHE[model] = (key, estimate, seconds)
     return estimate, seconds
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-#: Layers whose float output is exact (a selection or sign test of their input): no rounding to allow for.
-EXACT_LAYERS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten,
-                nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-
-
-def logits_with_allowance(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, τ) with τ = 4·eps_mach·Σ max|output| per sample (float64) over the layers that round:
-    every leaf layer but :data:`EXACT_LAYERS`, and every residual sum."""
-    total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-
-    def add(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        flat = output.detach().flatten(1)
-        total.add_(torch.maximum(flat.amax(1), -flat.amin(1)))  # max|h|: faster than vector_norm(inf) here
-
-    rounding = [m for m in model.modules() if isinstance(m, Residual) or
-                (not list(m.children()) and not isinstance(m, EXACT_LAYERS))]
-    hooks = [m.register_forward_hook(add) for m in rounding]
-    try:
-        logits = model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return logits, 4 * torch.finfo(logits.dtype).eps * total
 
 
 def radii(logits: torch.Tensor, y: torch.Tensor, tau: torch.Tensor,
@@ -133,7 +96,7 @@ class LipschitzL2(Certificate):
     @torch.no_grad()
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Sequence[float]) -> CertificateResult:
-        with _eval_mode(model):
+        with eval_mode(model):
             estimate, seconds = exact_bound(model, tuple(x.shape[1:]))
             batches = [logits_with_allowance(model, x[start:start + self.batch_size])
                        for start in range(0, len(x), self.batch_size)]
