@@ -86,6 +86,9 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{key}.{error}") from None
         except (ValueError, TypeError, NotImplementedError) as error:
             raise ConfigError(f"{key} on {run.dataset} with arch '{run.arch}': {error}") from None
+        except (RuntimeError, MemoryError, OverflowError) as error:  # e.g. a width too large to allocate
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"{key}.arch_params: cannot build '{run.arch}' on {run.dataset}: {first_line}") from None
     return checked
 
 

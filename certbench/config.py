@@ -30,7 +30,14 @@ SOURCE_DIRS = (REPO_ROOT / "certbench", REPO_ROOT / "methods")
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message is one line that names the key."""
+    """A bad configuration value; the message is one line that names the key.
+
+    Keys and values are echoed from the config, so control characters in them (a key with a
+    newline) are escaped: the message stays one line whatever the config holds.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
 @dataclass(frozen=True, order=True)
