@@ -126,7 +126,7 @@ def main() -> None:
     for arch in args.archs:
         costs = training_costs(spec, arch, args.batch, args.steps, args.repeats)
         print(f"\n{arch}: training")
-        print(f"| method | s/epoch | × standard | goal |\n|---|---|---|---|")
+        print("| method | s/epoch | × standard | goal |\n|---|---|---|---|")
         for label, seconds in costs.items():
             ratio = seconds / costs["standard"]
             print(f"| {label} | {seconds * steps_per_epoch:.1f} | {ratio:.2f} | {verdict(label, ratio)} |")

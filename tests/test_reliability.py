@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import json
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
