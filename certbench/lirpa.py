@@ -4,7 +4,7 @@ Importing this module checks the installed auto_LiRPA version (anything but a te
 one is refused), applies the compat shims below and only then imports auto_LiRPA.
 Tested together: auto_LiRPA 0.3 (the last release, for torch ≤ 1.12 and numpy < 2),
 torch 2.14.1, numpy 2.4, Python 3.11. Shims 1–3 act only when what they restore is
-missing; 4–6 always act. Torch internals are reached at their torch 2.14 location
+missing; 4–7 always act. Torch internals are reached at their torch 2.14 location
 (``torch.onnx._internal.torchscript_exporter``).
 
 =====  ==========================================  ===========================================
@@ -21,6 +21,8 @@ shim   restores                                    needed since
        remove_duplicate=...)``                     passes the keyword)
 6      CROWN through a ``(1, C, 1, 1)`` constant   auto_LiRPA 0.3 itself, any torch: its conv
        (``Normalize``) at batch > 1                (patches) code asserts batch(constant) = B
+7      the opset-10–12 symbolics (``torch.gather`` torch 2.x (registered only when their
+       as GatherElements, used by loss fusion)     modules are imported; else opset 9's)
 =====  ==========================================  ===========================================
 
 Rules kept by :class:`Bounder` rather than by a shim: a ``BoundedModule`` whose call
@@ -101,6 +103,14 @@ def _shim_node_getitem() -> None:
     torch._C.Node.__getitem__ = _node_get  # type: ignore[attr-defined]
 
 
+def _shim_register_opset_symbolics() -> None:
+    """Shim 7: auto_LiRPA parses at opset 12, but torch 2.x registers the exporter's symbolics
+    of opsets 10–12 only when their modules are imported; otherwise opset 9's are used, which
+    export ``torch.gather`` through ``OneHot`` (unsupported) instead of ``GatherElements``."""
+    for opset in (10, 11, 12):
+        importlib.import_module(f"torch.onnx._internal.torchscript_exporter.symbolic_opset{opset}")
+
+
 @contextmanager
 def _onnx_shape_inference_off() -> Iterator[None]:
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
@@ -159,11 +169,13 @@ check_version(importlib.metadata.version("auto_LiRPA"))
 _shim_numpy_arraysetops()
 _shim_set_opset_version()
 _shim_node_getitem()
+_shim_register_opset_symbolics()
 
 import auto_LiRPA  # noqa: E402
 import auto_LiRPA.bound_general  # noqa: E402
 import auto_LiRPA.operators  # noqa: E402
-from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
+from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper, PerturbationLpNorm  # noqa: E402
+from auto_LiRPA.operators import BoundExp  # noqa: E402
 
 _shim_dynamic_batch(auto_LiRPA.bound_general)
 _shim_named_members(BoundedModule)
@@ -213,6 +225,18 @@ def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
 
 
+def ball(x: torch.Tensor, eps: float, norm: BoundNorm) -> PerturbationLpNorm:
+    """ℓ∞: the box ``input_box(x, ε)``; ℓ2: the ball ‖δ‖₂ ≤ ε, not clipped (a superset, so still sound)."""
+    if not eps >= 0 or (norm == "linf" and eps > 1):
+        raise ValueError(f"eps must be ≥ 0 (and ≤ 1 for linf), got {eps}")
+    if norm == "linf":
+        x_lower, x_upper = input_box(x, eps)
+        return PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_lower, x_U=x_upper)
+    if norm == "l2":
+        return PerturbationLpNorm(norm=2, eps=eps)
+    raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+
+
 class Bounder:
     """Lower bounds on the margins z_y − z_j over an ε-ball, through a cached BoundedModule.
 
@@ -236,12 +260,15 @@ class Bounder:
         self.__init__()  # type: ignore[misc]
 
     @staticmethod
-    def _key_of(model: nn.Module, norm: BoundNorm, x: torch.Tensor) -> tuple[Any, ...]:
+    def _key_of(model: nn.Module, norm: BoundNorm, x: torch.Tensor, fused: bool) -> tuple[Any, ...]:
         tensors = tuple(id(t) for t in (*model.parameters(), *model.buffers()))
-        return norm, tuple(x.shape[1:]), x.device, x.dtype, tensors
+        return norm, fused, tuple(x.shape[1:]), x.device, x.dtype, tensors
 
-    def _module(self, model: nn.Module, norm: BoundNorm, x: torch.Tensor) -> BoundedModule:
-        key = self._key_of(model, norm, x)
+    def _module(self, model: nn.Module, norm: BoundNorm, x: torch.Tensor,
+                labels: torch.Tensor | None = None) -> BoundedModule:
+        """The cached BoundedModule of ``model``, or of its loss-fusion wrapper when ``labels`` are given."""
+        fused = labels is not None
+        key = self._key_of(model, norm, x, fused)
         if self._bounded is None or self._key != key or self._model_ref is None or self._model_ref() is not model:
             if not supports(model):
                 layers = sorted({type(m).__name__ for m in model.modules() if type(m) not in SUPPORTED_MODULES})
@@ -252,43 +279,44 @@ class Bounder:
             try:
                 with torch.no_grad():
                     # ℓ2: choose unstable neurons by CROWN itself, not by (unsound, zero-width) IBP.
-                    opts = {"sparse_intermediate_bounds_with_ibp": norm == "linf"}
-                    bounded = BoundedModule(model, x.detach(), bound_opts=opts)
+                    opts = {"sparse_intermediate_bounds_with_ibp": norm == "linf", "loss_fusion": fused}
+                    bounded = (BoundedModule(CrossEntropyWrapper(model), (x.detach(), labels), bound_opts=opts)
+                               if fused else BoundedModule(model, x.detach(), bound_opts=opts))
             finally:
                 model.train(training)
             self._bounded, self._model_ref = bounded, weakref.ref(model)
-            self._key = self._key_of(model, norm, x)  # conversion may re-create buffers on GPU
+            self._key = self._key_of(model, norm, x, fused)  # conversion may re-create buffers on GPU
         self._bounded.train(model.training)
         return self._bounded
+
+    @contextmanager
+    def _discarded_on_failure(self) -> Iterator[None]:
+        """A BoundedModule whose call raised keeps per-call state on its nodes: never reuse it."""
+        try:
+            yield
+        except Exception:
+            self._bounded = self._key = self._model_ref = None
+            raise
 
     def margin_lower_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                             methods: Sequence[BoundMethod], norm: BoundNorm = "linf"
                             ) -> dict[BoundMethod, torch.Tensor]:
         """Lower bounds (B, K−1) on z_y − z_j, j ≠ y, over the ε-ball, for each of ``methods``.
 
-        ℓ∞: the box ``input_box(x, ε)``; ℓ2: the ball ‖δ‖₂ ≤ ε, not clipped (a superset, so
-        still sound), CROWN only. Gradients flow to the model's parameters unless the caller
-        disables them. IBP and CROWN-IBP asked together share one IBP pass.
+        The perturbation set is :func:`ball`; ℓ2 is offered for CROWN only. Gradients flow to
+        the model's parameters unless the caller disables them. IBP and CROWN-IBP asked together share one IBP pass.
         """
         unknown = [m for m in methods if m not in BOUND_METHODS]
         if unknown or not methods:
             raise ValueError(f"bound methods {list(methods)}: choose from {', '.join(BOUND_METHODS)}")
-        if not eps >= 0 or (norm == "linf" and eps > 1):
-            raise ValueError(f"eps must be ≥ 0 (and ≤ 1 for linf), got {eps}")
         if norm == "l2" and set(methods) != {"CROWN"}:
             raise ValueError("ℓ2 bounds: auto_LiRPA 0.3 propagates IBP through Normalize with zero width "
                              "(unsound), so only CROWN is offered")
-        if norm == "linf":
-            x_lower, x_upper = input_box(x, eps)
-            perturbation = PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_lower, x_U=x_upper)
-        elif norm == "l2":
-            perturbation = PerturbationLpNorm(norm=2, eps=eps)
-        else:
-            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        perturbation = ball(x, eps, norm)
         bounded = self._module(model, norm, x)
         spec = specification_matrix(y, int(bounded.final_shape[1])).to(x.dtype)
         results: dict[BoundMethod, torch.Tensor] = {}
-        try:
+        with self._discarded_on_failure():
             for method in [m for m in BOUND_METHODS if m in methods]:
                 if method == "IBP" and "CROWN-IBP" in methods:
                     continue  # read off the CROWN-IBP call below
@@ -297,7 +325,31 @@ class Bounder:
                 results[method] = lower
                 if method == "CROWN-IBP" and "IBP" in methods:
                     results["IBP"] = bounded.ibp_lower  # the IBP pass CROWN-IBP starts with
-        except Exception:
-            self._bounded = self._key = self._model_ref = None  # a failed BoundedModule is not reused
-            raise
+        return {m: results[m] for m in methods}
+
+    def fused_cross_entropy_upper_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                                         methods: Sequence[Literal["IBP", "CROWN-IBP"]]
+                                         ) -> dict[BoundMethod, torch.Tensor]:
+        """Upper bounds (B,) on max CE(f(x'), y) over the ℓ∞ box, by loss fusion (Xu et al., NeurIPS 2020).
+
+        auto_LiRPA bounds S = Σ_j exp(z_j − z_y) (``CrossEntropyWrapper``, one output per sample)
+        instead of the K−1 margins, so CROWN's backward pass carries one row, not K−1;
+        CE = log S. Its Exp node subtracts M = max of its input's upper bound, so the bound is
+        log(ub) + M: with IBP's M (differentiable, taken from the same interval) this equals
+        :func:`robust_cross_entropy` of the IBP margin bounds; CROWN's M is detached, a constant.
+        IBP and CROWN-IBP asked together share one IBP pass.
+        """
+        if not methods or not set(methods) <= {"IBP", "CROWN-IBP"}:
+            raise ValueError(f"loss fusion bounds {list(methods)}: choose from IBP, CROWN-IBP")
+        perturbation = ball(x, eps, "linf")
+        bounded = self._module(model, "linf", x, labels=y)
+        exp = next(node for node in bounded.modules() if isinstance(node, BoundExp))
+        method = "CROWN-IBP" if "CROWN-IBP" in methods else "IBP"
+        with self._discarded_on_failure():
+            _, upper = bounded.compute_bounds(x=(BoundedTensor(x, perturbation), y), C=None, method=method,
+                                              bound_lower=False)
+            results: dict[BoundMethod, torch.Tensor] = {method: (upper.log() + exp.max_input).squeeze(-1)}
+            if method == "CROWN-IBP" and "IBP" in methods:
+                shift = exp.inputs[0].upper.max(dim=-1, keepdim=True)[0]  # IBP's M, differentiable
+                results["IBP"] = (bounded.ibp_upper.log() + shift).squeeze(-1)
         return {m: results[m] for m in methods}

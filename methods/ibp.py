@@ -121,18 +121,21 @@ class IBP(Method):
         """Margin lower bounds (B, K−1) the robust loss is computed from."""
         return self.bounder.margin_lower_bounds(model, x, y, eps, ["IBP"])["IBP"]
 
+    def robust_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, float]:
+        """(robust cross-entropy, fraction of the batch its bounds do not certify)."""
+        lower = self.lower_bounds(model, x, y, eps)
+        return robust_cross_entropy(lower), float((lower <= 0).any(1).float().mean())
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:
         eps = self.epsilon(progress)
         weights = self.weights(eps)
         # bounds before the forward pass: building a BoundedModule rewrites the parameters in place
-        lower = self.lower_bounds(model, x, y, eps) if eps > 0 else None
+        bounded = self.robust_loss(model, x, y, eps) if eps > 0 else None
         logits = model(x)
         natural = F.cross_entropy(logits, y)
-        if lower is None:
-            # at ε = 0 every bound is the exact margin, so the robust CE equals the natural CE
-            robust, robust_error = natural, float((logits.argmax(1) != y).float().mean())
-        else:
-            robust, robust_error = robust_cross_entropy(lower), float((lower <= 0).any(1).float().mean())
+        # at ε = 0 every bound is exact, so the robust CE equals the natural CE
+        robust, robust_error = bounded or (natural, float((logits.argmax(1) != y).float().mean()))
         kappa = weights["kappa"]
         stats = {"eps": eps, **weights, "natural_loss": natural.item(), "robust_loss": robust.item(),
                  "robust_error": robust_error}

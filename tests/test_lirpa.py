@@ -179,6 +179,15 @@ def test_shim_crown_through_normalize_at_batch_above_one() -> None:
     assert torch.allclose(full[0], folded[0], atol=1e-4) and torch.allclose(full[1], folded[1], atol=1e-4)
 
 
+def test_shim_register_opset_symbolics_parses_gather() -> None:
+    """Loss fusion's ``torch.gather`` parses to GatherElements (opset 9's symbolic uses OneHot,
+    which auto_LiRPA cannot bound)."""
+    model, x, y = small_mlp(0), torch.rand(3, 2, 4, 4), torch.tensor([0, 3, 1])
+    bounded = BoundedModule(lirpa.CrossEntropyWrapper(model), (x, y))
+    expected = torch.exp(model(x) - model(x).gather(1, y[:, None])).sum(1, keepdim=True)
+    assert torch.allclose(bounded(x, y), expected, atol=1e-5)
+
+
 def test_bounder_rebuilds_after_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x, y = small_cnn(2), torch.rand(4, 2, 8, 8), torch.arange(4)
     bounder = Bounder()
@@ -243,6 +252,55 @@ def test_bounds_contain_sampled_points_and_pgd_iterates(arch: str, seed: int, ep
     for method in METHODS:
         assert_never_below(bounds[method], sampled)
         assert_never_below(bounds[method], attacked)
+
+
+def pgd_cross_entropy_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                               steps: int = 20) -> torch.Tensor:
+    """PGD-ℓ∞ maximising the cross-entropy (random start): the largest CE seen per sample."""
+    lower_x, upper_x = input_box(x, eps)
+    z, worst = lower_x + (upper_x - lower_x) * torch.rand_like(x), torch.full((len(x),), -np.inf)
+    for _ in range(steps):
+        z = z.detach().requires_grad_(True)
+        loss = F.cross_entropy(model(z), y, reduction="none")
+        worst = torch.maximum(worst, loss.detach())
+        grad, = torch.autograd.grad(loss.sum(), z)
+        z = torch.max(torch.min(z + eps / 4 * grad.sign(), upper_x), lower_x)
+    return worst
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2]))
+def test_fused_cross_entropy_bounds_contain_sampled_points_and_pgd_iterates(arch: str, seed: int,
+                                                                            eps: float) -> None:
+    build, side = ARCHS[arch]
+    model = build(seed)
+    torch.manual_seed(seed + 1)
+    x, y = torch.rand(3, 2, side, side), torch.randint(0, 5, (3,))
+    bounds = Bounder().fused_cross_entropy_upper_bounds(model, x, y, eps, ["IBP", "CROWN-IBP"])
+    lower_x, upper_x = input_box(x, eps)
+    with torch.no_grad():
+        samples = lower_x + (upper_x - lower_x) * torch.rand(64, *x.shape)
+        samples[:8] = torch.where(torch.rand(8, *x.shape) < 0.5, lower_x, upper_x)  # corners
+        sampled = F.cross_entropy(model(samples.flatten(0, 1)), y.repeat(64), reduction="none")
+        sampled = sampled.view(64, 3).amax(0)
+    attacked = pgd_cross_entropy_iterates(model, x, y, eps)
+    for upper in bounds.values():
+        assert (upper >= torch.maximum(sampled, attacked) - 1e-4).all()
+
+
+def test_fused_ibp_bound_equals_the_margin_form_with_its_gradients() -> None:
+    """Fused IBP = robust CE of IBP margin bounds, in value and in every parameter's gradient,
+    whether asked alone or with CROWN-IBP (whose Exp node then keeps a detached shift)."""
+    model, x, y, eps = small_cnn(5).train(), torch.rand(6, 2, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0]), 0.05
+    params = list(model.parameters())  # (auto_LiRPA records no graph for a model in eval mode)
+    margin = robust_cross_entropy(Bounder().margin_lower_bounds(model, x, y, eps, ["IBP"])["IBP"])
+    expected = torch.autograd.grad(margin, params)
+    for asked in (["IBP"], ["IBP", "CROWN-IBP"]):
+        fused = Bounder().fused_cross_entropy_upper_bounds(model, x, y, eps, asked)["IBP"]
+        assert fused.shape == (6,) and torch.allclose(fused.mean(), margin, atol=1e-5)
+        for got, want in zip(torch.autograd.grad(fused.mean(), params), expected, strict=True):
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -361,14 +419,16 @@ def test_bad_parameters_raise_config_error(params: dict[str, float]) -> None:
         method.check()
 
 
-@pytest.mark.parametrize("cls,arch", [(IBP, "cnn-small"), (CROWNIBP, "mlp")])
-def test_training_steps_lower_the_robust_loss(cls: type[IBP], arch: str) -> None:
+@pytest.mark.parametrize("cls,arch,fusion", [(IBP, "cnn-small", False), (CROWNIBP, "mlp", False),
+                                             (CROWNIBP, "cnn-small", True)])
+def test_training_steps_lower_the_robust_loss(cls: type[IBP], arch: str, fusion: bool) -> None:
     from certbench.data.loaders import load_digits_split
 
     torch.manual_seed(0)
     train, _ = load_digits_split(Path("."), False)
     x, y = train.tensors[0][:64], train.tensors[1][:64]
-    method = make_method(cls, epochs=10, eps_train=0.1, **({"beta_final": 0.5} if cls is CROWNIBP else {}))
+    extra = {"beta_final": 0.5, "loss_fusion": fusion} if cls is CROWNIBP else {}
+    method = make_method(cls, epochs=10, eps_train=0.1, **extra)
     method.check()
     params = {"widths": (32, 32)} if arch == "mlp" else {}
     model = method.build_model(arch, params)
