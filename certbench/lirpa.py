@@ -27,7 +27,10 @@ shim   restores                                    needed since
 
 Rules kept by :class:`Bounder` rather than by a shim: a ``BoundedModule`` whose call
 raised is never used again (it keeps per-call state on its nodes), and one is built per
-norm. α-CROWN is not offered: on torch ≥ 2 its α receive zero gradients (``STACK.md``).
+norm. With loss fusion, the labels of the ``GatherElements`` node are set before every
+call: auto_LiRPA 0.3's fused IBP pass skips that node's forward, and CROWN's backward pass
+reads the labels the forward stored, so a module reused on a new batch gave unsound bounds
+(found by our tests; its own examples always run a forward pass first). α-CROWN is not offered: on torch ≥ 2 its α receive zero gradients (``STACK.md``).
 
 Soundness limits of auto_LiRPA 0.3 found here: for an ℓ2 ball the input node carries
 ``x_L = x_U = x``, so IBP through ``Normalize`` is a zero-width, unsound interval, and
@@ -175,7 +178,7 @@ import auto_LiRPA  # noqa: E402
 import auto_LiRPA.bound_general  # noqa: E402
 import auto_LiRPA.operators  # noqa: E402
 from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper, PerturbationLpNorm  # noqa: E402
-from auto_LiRPA.operators import BoundExp  # noqa: E402
+from auto_LiRPA.operators import BoundExp, BoundGatherElements  # noqa: E402
 
 _shim_dynamic_batch(auto_LiRPA.bound_general)
 _shim_named_members(BoundedModule)
@@ -344,6 +347,8 @@ class Bounder:
         perturbation = ball(x, eps, "linf")
         bounded = self._module(model, "linf", x, labels=y)
         exp = next(node for node in bounded.modules() if isinstance(node, BoundExp))
+        gather = next(node for node in bounded.modules() if isinstance(node, BoundGatherElements))
+        gather.index = y.unsqueeze(-1)  # the fused IBP pass skips the node's forward; CROWN reads this
         method = "CROWN-IBP" if "CROWN-IBP" in methods else "IBP"
         with self._discarded_on_failure():
             _, upper = bounded.compute_bounds(x=(BoundedTensor(x, perturbation), y), C=None, method=method,

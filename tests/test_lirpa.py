@@ -277,7 +277,9 @@ def test_fused_cross_entropy_bounds_contain_sampled_points_and_pgd_iterates(arch
     model = build(seed)
     torch.manual_seed(seed + 1)
     x, y = torch.rand(3, 2, side, side), torch.randint(0, 5, (3,))
-    bounds = Bounder().fused_cross_entropy_upper_bounds(model, x, y, eps, ["IBP", "CROWN-IBP"])
+    bounder = Bounder()  # used on a batch with other labels first, as in training
+    bounder.fused_cross_entropy_upper_bounds(model, x, (y + 1) % 5, eps, ["IBP", "CROWN-IBP"])
+    bounds = bounder.fused_cross_entropy_upper_bounds(model, x, y, eps, ["IBP", "CROWN-IBP"])
     lower_x, upper_x = input_box(x, eps)
     with torch.no_grad():
         samples = lower_x + (upper_x - lower_x) * torch.rand(64, *x.shape)
