@@ -375,7 +375,7 @@ class _Sum(_Node):
     shortcut: _Node
 
     def bound(self, exact: bool) -> Scalar:
-        a, b = (float(c) for c in self.residual.coefficients.abs())
+        a, b = (abs(c) for c in self.residual.coefficients)
         return a * self.body.bound(exact) + b * self.shortcut.bound(exact)
 
 

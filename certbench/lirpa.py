@@ -19,8 +19,8 @@ shim   restores                                    needed since
        while auto_LiRPA parses a model             (inference folds ``x.size(0)`` to a constant)
 5      ``BoundedModule._named_members(...,         torch 2.0 at the latest (``named_parameters``
        remove_duplicate=...)``                     passes the keyword)
-6      CROWN through a ``(1, C, 1, 1)`` constant   auto_LiRPA 0.3 itself, any torch: its conv
-       (``Normalize``) at batch > 1                (patches) code asserts batch(constant) = B
+6      CROWN through a ``(1, C, 1, 1)`` or scalar  auto_LiRPA 0.3 itself, any torch: its conv
+       constant (``Normalize``, ``Residual``)      (patches) code asserts batch(constant) = B
 7      the opset-10–12 symbolics (``torch.gather`` torch 2.x (registered only when their
        as GatherElements, used by loss fusion)     modules are imported; else opset 9's)
 =====  ==========================================  ===========================================
@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certbench.nn import Normalize
+from certbench.nn import Normalize, Residual
 
 TESTED_VERSIONS = ("0.3",)
 
@@ -149,7 +149,7 @@ def _shim_named_members(bounded_module: type) -> None:
 
 
 def _shim_patches_times_channel_constant(bound_mul: type) -> None:
-    """Shim 6: multiply conv-mode ``Patches`` by a ``(1, C, 1, 1)`` constant at any batch size.
+    """Shim 6: multiply conv-mode ``Patches`` by a scalar or ``(1, C, 1, 1)`` constant at any batch size.
 
     ``Normalize`` parses into Sub/Div by buffers shaped ``(1, C, 1, 1)``. Patches hold the
     input channel at dim −3 in both layouts auto_LiRPA uses, ``(spec, B, C, kh, kw)`` and
@@ -160,9 +160,11 @@ def _shim_patches_times_channel_constant(bound_mul: type) -> None:
     multiply_by_const = bound_mul._multiply_by_const
 
     def _multiply_by_const(x: Any, const: Any) -> Any:
-        if (isinstance(x, Patches) and isinstance(const, torch.Tensor) and const.ndim == 4
-                and const.size(0) == 1 and const.size(2) == const.size(3) == 1):
-            return x.create_similar(x.patches * const.view(-1, 1, 1))
+        if isinstance(x, Patches) and isinstance(const, torch.Tensor):
+            if const.numel() == 1:  # a scalar (Residual's scales): any layout
+                return x.create_similar(x.patches * const.reshape(()))
+            if const.ndim == 4 and const.size(0) == 1 and const.size(2) == const.size(3) == 1:
+                return x.create_similar(x.patches * const.view(-1, 1, 1))
         return multiply_by_const(x, const)
 
     bound_mul._multiply_by_const = staticmethod(_multiply_by_const)
@@ -193,15 +195,19 @@ BOUND_METHODS: tuple[BoundMethod, ...] = ("IBP", "CROWN", "CROWN-IBP")
 _AUTO_LIRPA_METHOD = {"IBP": "IBP", "CROWN": "backward", "CROWN-IBP": "CROWN-IBP"}
 
 #: Module types whose bounds auto_LiRPA computes soundly here (exact types: a subclass may
-#: change ``forward``). ℓ∞-dist layers, residual sums and other activations are not among them.
+#: change ``forward``); ℓ∞-dist layers and other activations are not among them. auto_LiRPA
+#: parses a model holding Dropout in train mode (its Dropout node is the identity in eval
+#: mode); adaptive pooling must pool to 1×1 (global average pooling).
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Sequential, Normalize, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.Identity)
+    nn.Sequential, Normalize, Residual, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
 
 
 def supports(model: nn.Module) -> bool:
     """Whether every module of ``model`` is one auto_LiRPA bounds soundly (a ReLU network)."""
-    return all(type(module) in SUPPORTED_MODULES for module in model.modules())
+    return all(type(module) in SUPPORTED_MODULES
+               and (not isinstance(module, nn.AdaptiveAvgPool2d) or module.output_size in (1, (1, 1)))
+               for module in model.modules())
 
 
 def specification_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:

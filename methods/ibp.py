@@ -100,7 +100,7 @@ class IBP(Method):
     def prepare(self, model: nn.Module) -> None:
         if not supports(model):
             raise ConfigError(f"method '{self.name}': auto_LiRPA cannot bound this architecture "
-                              "(ReLU networks of Linear/Conv2d/Flatten/BatchNorm/AvgPool only)")
+                              "(ReLU networks of Linear/Conv2d/Flatten/BatchNorm/AvgPool/residual sums only)")
 
     # ---- schedule and loss ------------------------------------------------------------
     def epsilon(self, progress: float) -> float:

@@ -78,7 +78,7 @@ class Parseval(Method):
         model = super().build_model(arch, arch_params)
         for module in model.modules():
             if isinstance(module, Residual):
-                module.coefficients.copy_(torch.tensor(CONVEX))
+                module.coefficients = CONVEX
         return model
 
     def prepare(self, model: nn.Module) -> None:

@@ -24,7 +24,7 @@ from certbench.data.specs import DATASETS
 from certbench.lirpa import (BoundedModule, BoundedTensor, Bounder, PerturbationLpNorm, input_box,
                              robust_cross_entropy, specification_matrix, supports)
 from certbench.method import RunContext
-from certbench.nn import Normalize
+from certbench.nn import Normalize, Residual
 from methods.crown_ibp import CROWNIBP
 from methods.ibp import IBP, ramp
 
@@ -47,6 +47,15 @@ def small_cnn(seed: int, channels: int = 2, side: int = 8, classes: int = 5) -> 
                          nn.Linear(6 * (side // 2) ** 2, 16), nn.ReLU(), nn.Linear(16, classes)).eval()
 
 
+def randomise_batch_norms(model: nn.Module) -> None:
+    for norm in model.modules():
+        if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.data.normal_()
+            norm.bias.data.normal_()
+
+
 def small_bn_cnn(seed: int, channels: int = 2, side: int = 8, classes: int = 5) -> nn.Sequential:
     """Conv → BatchNorm → ReLU → AvgPool → Linear → BatchNorm1d, with non-trivial statistics."""
     torch.manual_seed(seed)
@@ -54,15 +63,25 @@ def small_bn_cnn(seed: int, channels: int = 2, side: int = 8, classes: int = 5) 
                           nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
                           nn.Flatten(), nn.Linear(4 * (side // 2) ** 2, 16), nn.BatchNorm1d(16), nn.ReLU(),
                           nn.Linear(16, classes))
-    for norm in (model[2], model[7]):
-        norm.running_mean.normal_()
-        norm.running_var.uniform_(0.5, 2.0)
-        norm.weight.data.normal_()
-        norm.bias.data.normal_()
+    randomise_batch_norms(model)
     return model.eval()
 
 
-ARCHS = {"mlp": (small_mlp, 4), "cnn": (small_cnn, 8), "bn-cnn": (small_bn_cnn, 8)}
+def small_resnet(seed: int, channels: int = 2, side: int = 8, classes: int = 5) -> nn.Sequential:
+    """WRN-style: an identity and a 1×1-conv shortcut (scales 0.7, 0.4), BatchNorm, dropout, global pooling."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]), nn.Conv2d(channels, 4, 3, padding=1),
+        Residual(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))),
+        nn.BatchNorm2d(4), nn.ReLU(),
+        Residual(nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Dropout(0.3),
+                               nn.Conv2d(6, 6, 3, padding=1)), nn.Conv2d(4, 6, 1, stride=2), (0.7, 0.4)),
+        nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, classes))
+    randomise_batch_norms(model)
+    return model.eval()
+
+
+ARCHS = {"mlp": (small_mlp, 4), "cnn": (small_cnn, 8), "bn-cnn": (small_bn_cnn, 8), "resnet": (small_resnet, 8)}
 
 
 def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -232,6 +251,7 @@ def test_supports() -> None:
     assert supports(small_mlp(0)) and supports(small_cnn(0))
     assert not supports(nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(4, 2), nn.Tanh()))
     assert not supports(nn.Sequential(nn.Flatten(), FlattenBySize()))
+    assert supports(small_resnet(0)) and not supports(nn.Sequential(nn.AdaptiveAvgPool2d(2)))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

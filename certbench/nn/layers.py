@@ -41,7 +41,20 @@ class Residual(nn.Module):
         super().__init__()
         self.body = body
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
-        self.register_buffer("coefficients", torch.tensor(coefficients, dtype=torch.float32))
+        # two scalar buffers, not one indexed vector: auto_LiRPA treats a buffer as a constant
+        # factor only when it feeds the product directly
+        self.register_buffer("body_scale", torch.tensor(float(coefficients[0])))
+        self.register_buffer("shortcut_scale", torch.tensor(float(coefficients[1])))
+
+    @property
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b)."""
+        return float(self.body_scale), float(self.shortcut_scale)
+
+    @coefficients.setter
+    def coefficients(self, values: tuple[float, float]) -> None:
+        self.body_scale.fill_(values[0])
+        self.shortcut_scale.fill_(values[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.coefficients[0] * self.body(x) + self.coefficients[1] * self.shortcut(x)
+        return self.body_scale * self.body(x) + self.shortcut_scale * self.shortcut(x)
