@@ -30,7 +30,8 @@ raised is never used again (it keeps per-call state on its nodes), and one is bu
 norm. With loss fusion, the labels of the ``GatherElements`` node are set before every
 call: auto_LiRPA 0.3's fused IBP pass skips that node's forward, and CROWN's backward pass
 reads the labels the forward stored, so a module reused on a new batch gave unsound bounds
-(found by our tests; its own examples always run a forward pass first). α-CROWN is not offered: on torch ≥ 2 its α receive zero gradients (``STACK.md``).
+(found by our tests; its own examples always run a forward pass first). α-CROWN is not
+offered: on torch ≥ 2 its α receive zero gradients (``STACK.md``).
 
 Soundness limits of auto_LiRPA 0.3 found here: for an ℓ2 ball the input node carries
 ``x_L = x_U = x``, so IBP through ``Normalize`` is a zero-width, unsound interval, and
@@ -203,11 +204,14 @@ SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
 
 
+def _supported(module: nn.Module) -> bool:
+    return type(module) in SUPPORTED_MODULES and (
+        not isinstance(module, nn.AdaptiveAvgPool2d) or module.output_size in (1, (1, 1)))
+
+
 def supports(model: nn.Module) -> bool:
     """Whether every module of ``model`` is one auto_LiRPA bounds soundly (a ReLU network)."""
-    return all(type(module) in SUPPORTED_MODULES
-               and (not isinstance(module, nn.AdaptiveAvgPool2d) or module.output_size in (1, (1, 1)))
-               for module in model.modules())
+    return all(_supported(module) for module in model.modules())
 
 
 def specification_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -235,7 +239,7 @@ def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ball(x: torch.Tensor, eps: float, norm: BoundNorm) -> PerturbationLpNorm:
-    """ℓ∞: the box ``input_box(x, ε)``; ℓ2: the ball ‖δ‖₂ ≤ ε, not clipped (a superset, so still sound)."""
+    """ℓ∞: the box ``input_box(x, ε)``; ℓ2: the ball ‖δ‖₂ ≤ ε, unclipped (a superset: still sound)."""
     if not eps >= 0 or (norm == "linf" and eps > 1):
         raise ValueError(f"eps must be ≥ 0 (and ≤ 1 for linf), got {eps}")
     if norm == "linf":
@@ -280,7 +284,7 @@ class Bounder:
         key = self._key_of(model, norm, x, fused)
         if self._bounded is None or self._key != key or self._model_ref is None or self._model_ref() is not model:
             if not supports(model):
-                layers = sorted({type(m).__name__ for m in model.modules() if type(m) not in SUPPORTED_MODULES})
+                layers = sorted({type(m).__name__ for m in model.modules() if not _supported(m)})
                 raise ValueError(f"auto_LiRPA bounds are not offered for layers {', '.join(layers)}")
             self._bounded = None
             training = model.training
@@ -313,7 +317,8 @@ class Bounder:
         """Lower bounds (B, K−1) on z_y − z_j, j ≠ y, over the ε-ball, for each of ``methods``.
 
         The perturbation set is :func:`ball`; ℓ2 is offered for CROWN only. Gradients flow to
-        the model's parameters unless the caller disables them. IBP and CROWN-IBP asked together share one IBP pass.
+        the model's parameters unless the caller disables them. IBP and CROWN-IBP asked
+        together share one IBP pass.
         """
         unknown = [m for m in methods if m not in BOUND_METHODS]
         if unknown or not methods:
