@@ -122,6 +122,14 @@ def pgd_margin_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     return [it.amin(1) for it in iterates]
 
 
+def box_samples(x: torch.Tensor, eps: float, count: int = 64) -> torch.Tensor:
+    """(count, *x.shape) points of the clipped ε-box around x: 8 random corners, the rest uniform."""
+    lower_x, upper_x = input_box(x, eps)
+    samples = lower_x + (upper_x - lower_x) * torch.rand(count, *x.shape)
+    samples[:8] = torch.where(torch.rand(8, *x.shape) < 0.5, lower_x, upper_x)
+    return samples
+
+
 def assert_never_below(lower: torch.Tensor, observed: torch.Tensor) -> None:
     assert (observed >= lower - 1e-4).all(), f"a point inside the ball beat the bound by {(lower - observed).max():.3g}"
 
@@ -263,11 +271,8 @@ def test_bounds_contain_sampled_points_and_pgd_iterates(arch: str, seed: int, ep
     torch.manual_seed(seed + 1)
     x, y = torch.rand(3, 2, side, side), torch.randint(0, 5, (3,))
     bounds = Bounder().margin_lower_bounds(model, x, y, eps, METHODS)
-    lower_x, upper_x = input_box(x, eps)
     with torch.no_grad():
-        samples = lower_x + (upper_x - lower_x) * torch.rand(64, *x.shape)
-        samples[:8] = torch.where(torch.rand(8, *x.shape) < 0.5, lower_x, upper_x)  # corners
-        sampled = margins(model, samples.flatten(0, 1), y.repeat(64)).view(64, 3, -1).amin(0)
+        sampled = margins(model, box_samples(x, eps).flatten(0, 1), y.repeat(64)).view(64, 3, -1).amin(0)
     attacked = torch.stack(pgd_margin_iterates(model, x, y, eps)).amin(0)
     for method in METHODS:
         assert_never_below(bounds[method], sampled)
@@ -300,11 +305,8 @@ def test_fused_cross_entropy_bounds_contain_sampled_points_and_pgd_iterates(arch
     bounder = Bounder()  # used on a batch with other labels first, as in training
     bounder.fused_cross_entropy_upper_bounds(model, x, (y + 1) % 5, eps, ["IBP", "CROWN-IBP"])
     bounds = bounder.fused_cross_entropy_upper_bounds(model, x, y, eps, ["IBP", "CROWN-IBP"])
-    lower_x, upper_x = input_box(x, eps)
     with torch.no_grad():
-        samples = lower_x + (upper_x - lower_x) * torch.rand(64, *x.shape)
-        samples[:8] = torch.where(torch.rand(8, *x.shape) < 0.5, lower_x, upper_x)  # corners
-        sampled = F.cross_entropy(model(samples.flatten(0, 1)), y.repeat(64), reduction="none")
+        sampled = F.cross_entropy(model(box_samples(x, eps).flatten(0, 1)), y.repeat(64), reduction="none")
         sampled = sampled.view(64, 3).amax(0)
     attacked = pgd_cross_entropy_iterates(model, x, y, eps)
     for upper in bounds.values():
