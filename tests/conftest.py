@@ -8,9 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import settings
 
 # One thread per test process: with several processes on two cores, more threads only contend.
 torch.set_num_threads(1)
+
+# Property tests draw the same examples on every run, so a CI result can be reproduced;
+# `pytest --hypothesis-profile=explore` draws new ones. No deadlines: a first example may
+# compile the ℓ∞-dist kernel or parse a model, and timing on a shared CPU is noise.
+settings.register_profile("reproducible", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
+settings.load_profile("reproducible")
 
 REPO = Path(__file__).resolve().parents[1]
 

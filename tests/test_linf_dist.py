@@ -38,6 +38,14 @@ def naive(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
     return d.amax(-1) if math.isinf(p) else d.pow(p).sum(-1).pow(1 / p)
 
 
+def naive_scaled(x: torch.Tensor, w: torch.Tensor, p: float) -> torch.Tensor:
+    """``naive`` with each difference divided by its largest entry first (an identity): in float64
+    |d|^p still underflows at p = 100 once every |d_i| < 1e-3, which ``naive`` turns into 0 and ∞."""
+    d = (x[:, None, :] - w[None]).abs()
+    m = d.amax(-1)
+    return m if math.isinf(p) else m * (d / m[..., None]).pow(p).sum(-1).pow(1 / p)
+
+
 @pytest.fixture(params=["kernel", "torch"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a float32 test once on the compiled kernel (if it builds here) and once on PyTorch."""
@@ -76,7 +84,6 @@ def test_forward_and_gradients_match_naive_formula_in_float64(p: float) -> None:
         assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
-@settings(max_examples=25, deadline=None)
 def assert_float32_matches_float64(b: int, n_in: int, n_out: int, p: float, value_tolerance: float,
                                    gradient_tolerance: float) -> None:
     """The layer in float32 against the naive formula in float64: values and both gradients."""
@@ -84,13 +91,14 @@ def assert_float32_matches_float64(b: int, n_in: int, n_out: int, p: float, valu
     g = torch.randn(b, n_out, dtype=torch.float64)
     x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
     x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y, reference = lp_distance(x32, w32, p), naive(x64, w64, p)
+    y, reference = lp_distance(x32, w32, p), naive_scaled(x64, w64, p)
     assert relative_error(y, reference) < value_tolerance
     for ours, theirs in zip(torch.autograd.grad(y, (x32, w32), g.float()),
                             torch.autograd.grad(reference, (x64, w64), g)):
         assert relative_error(ours, theirs) < gradient_tolerance
 
 
+@settings(max_examples=25)
 @given(b=st.integers(1, 9), n_in=st.integers(1, 40), n_out=st.integers(1, 20),
        p=st.sampled_from([1.0, 2.0, 3.5, 8.0, 8.7, 100.0, INF]), seed=st.integers(0, 2**16))
 def test_float32_kernel_matches_naive_formula(b: int, n_in: int, n_out: int, p: float, seed: int) -> None:
