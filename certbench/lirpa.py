@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certbench.certificates import input_box
 from certbench.nn import Normalize, Residual
 
 TESTED_VERSIONS = ("0.3",)
@@ -231,11 +232,6 @@ def robust_cross_entropy(lower: torch.Tensor) -> torch.Tensor:
     """
     padded = torch.cat([lower.new_zeros(len(lower), 1), -lower], dim=1)
     return F.cross_entropy(padded, lower.new_zeros(len(lower), dtype=torch.long))
-
-
-def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ℓ∞ ball of radius ε around x, clipped to the input domain [0, 1]."""
-    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
 
 
 def ball(x: torch.Tensor, eps: float, norm: BoundNorm) -> PerturbationLpNorm:

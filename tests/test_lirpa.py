@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import certbench.lirpa as lirpa
-from certbench.certificates import CERTIFICATES, CERTIFIED, ERROR, NOT_CERTIFIED
+from certbench.certificates import CERTIFICATES, CERTIFIED, ERROR, NOT_CERTIFIED, input_box
 from certbench.config import ConfigError, validate_against
 from certbench.data.specs import DATASETS
-from certbench.lirpa import (BoundedModule, BoundedTensor, Bounder, PerturbationLpNorm, input_box,
-                             robust_cross_entropy, specification_matrix, supports)
+from certbench.lirpa import (BoundedModule, BoundedTensor, Bounder, PerturbationLpNorm, robust_cross_entropy,
+                             specification_matrix, supports)
 from certbench.method import RunContext
 from certbench.nn import Normalize, Residual
 from methods.crown_ibp import CROWNIBP

@@ -74,6 +74,11 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true - others.max(dim=1).values
 
 
+def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ℓ∞ ball of radius ε around x, clipped to the input domain [0, 1]."""
+    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Evaluate with running statistics and restore every module's mode afterwards."""

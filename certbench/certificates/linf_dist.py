@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from certbench.certificates import (CERTIFIED, NOT_CERTIFIED, Certificate, CertificateResult, eval_mode,
-                                    logits_with_allowance, margins, register_certificate, statuses_from_radius)
+                                    input_box, logits_with_allowance, margins, register_certificate,
+                                    statuses_from_radius)
 from certbench.nn.linf_dist import (LinfDist, Negate, interval_bounds, lipschitz_linf, margin_lower_bound,
                                     split_trunk)
 
@@ -81,8 +82,7 @@ class LinfDistCertificate(Certificate):
     def _intervals(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]) -> CertificateResult:
         status = {}
         for e in eps:
-            lower, upper = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
-            lower, upper = interval_bounds(model[:-1], lower, upper)
+            lower, upper = interval_bounds(model[:-1], *input_box(x, e))
             bound = margin_lower_bound(model[-1], lower, upper, y)
             others = torch.ones_like(bound, dtype=torch.bool).scatter_(1, y[:, None], False)
             certified = torch.where(others, bound > 0, True).all(1).cpu().numpy()
