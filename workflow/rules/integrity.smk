@@ -28,5 +28,9 @@ def derived_files():
     return graph
 
 
-for damaged in remove_damaged(derived_files()):
-    logger.warning(f"certbench: {damaged} was damaged (hash mismatch); it will be made again")
+# Only in the main process: Snakemake runs each `run:` job in a subprocess that parses this file
+# again, and such a parse while another job is between writing a file and writing its hash
+# would take the fresh file for a damaged one and delete it (seen as a MissingOutputException).
+if workflow.is_main_process:
+    for damaged in remove_damaged(derived_files()):
+        logger.warning(f"certbench: {damaged} was damaged (hash mismatch); it will be made again")
