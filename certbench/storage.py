@@ -31,23 +31,32 @@ def _hash_path(path: Path) -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, with_hash: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically, then its hash beside it (also atomically)."""
+    """Write ``data`` to ``path`` atomically, and its hash beside it.
+
+    Both temporary files are written and synced before either is renamed into place, so a process
+    killed mid-write leaves the old pair, or (in the microseconds between the two renames) a pair
+    whose mismatch :func:`read_verified` refuses, never a half-written file that passes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     targets = [(path, data)] + ([(_hash_path(path), sha256_bytes(data).encode() + b"\n")] if with_hash else [])
-    for target, payload in targets:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
+    staged: list[tuple[str, Path]] = []
+    try:
+        for target, payload in targets:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            staged.append((tmp, target))
             with os.fdopen(fd, "wb") as handle:
                 handle.write(payload)
                 handle.flush()
                 os.fsync(handle.fileno())
+        for tmp, target in staged:
             os.replace(tmp, target)
-        except BaseException as error:
+    except BaseException as error:
+        for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
-            if isinstance(error, OSError):
-                raise OSError(error.errno, f"could not write {target}: {error.strerror}") from error
-            raise
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"could not write {path}: {error.strerror}") from error
+        raise
 
 
 def read_verified(path: str | Path) -> bytes:

@@ -15,7 +15,7 @@ import torch
 from certbench import config as cfg
 from certbench.method import METHODS, LossOutput, Method, register_method
 from certbench.records import load_tensors, save_tensors
-from certbench.storage import CorruptFileError, read_json, write_json
+from certbench.storage import CorruptFileError, read_json, read_verified, write_json
 from certbench.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +33,15 @@ def train_subprocess(config_path: Path, out: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def verifies(path: Path) -> bool:
+    """Whether a complete checkpoint (file and matching hash) is in place: a kill after this loses no epoch."""
+    try:
+        read_verified(path)
+    except (FileNotFoundError, CorruptFileError):
+        return False
+    return True
+
+
 def test_sigkill_mid_training_resumes_to_the_same_model(tmp_path: Path, smoke_config: dict) -> None:
     smoke_config["experiments"] = [{"method": "standard", "arch": "cnn-small"}]
     smoke_config["datasets"]["digits"]["train_size"] = None
@@ -42,7 +51,7 @@ def test_sigkill_mid_training_resumes_to_the_same_model(tmp_path: Path, smoke_co
     killed = train_subprocess(tmp_path / "run.json", tmp_path / "killed")
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.monotonic() + 300
-    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+    while not verifies(checkpoint) and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
