@@ -156,6 +156,10 @@ def resolve_run(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
     training = {**config["training"], **entry.get("training", {})}
     training = validate_against(schema["$defs"]["training"] | {"$defs": schema["$defs"]}, training,
                                 f"experiments[{run.name}].training.")
+    schedule = training["lr_schedule"]
+    if schedule["type"] == "cosine" and schedule["start_epoch"] >= training["epochs"]:
+        raise ConfigError(f"experiments[{run.name}].training.lr_schedule.start_epoch: {schedule['start_epoch']} "
+                          f"leaves no epoch of the {training['epochs']} to decay over")
     return {
         "run": {"dataset": run.dataset, "name": run.name, "arch": run.arch, "seed": run.seed},
         "dataset": {"name": run.dataset, **dataset_cfg},

@@ -113,8 +113,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, training: Mapping[str, Any]
     schedule = training["lr_schedule"]
     if schedule["type"] == "step":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule["milestones"], schedule["gamma"])
-    if schedule["type"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    if schedule["type"] == "cosine":  # constant until start_epoch, then half a cosine down to 0 (SGDR, no restart)
+        start = min(schedule["start_epoch"], epochs - 1)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: 1.0 if epoch < start else 0.5 * (1 + math.cos(math.pi * (epoch - start) / (epochs - start))))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 

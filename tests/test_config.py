@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_filled(smoke_config: dict) -> None:
     filled = cfg.validate_schema(smoke_config)
     assert filled["training"]["optimizer"] == "adam"
-    assert filled["training"]["lr_schedule"] == {"type": "constant", "milestones": [], "gamma": 0.1}
+    assert filled["training"]["lr_schedule"] == {"type": "constant", "milestones": [], "gamma": 0.1, "start_epoch": 0}
     assert filled["evaluation"]["audit_tolerance"] == 1e-4
     assert filled["experiments"][0]["name"] == "standard"
     assert smoke_config.get("data") is None  # the caller's dict is not modified

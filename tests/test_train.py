@@ -133,3 +133,15 @@ def test_record_holds_cost_and_provenance(tmp_path: Path, smoke_config: dict) ->
     assert len(provenance["git_sha"].split("-")[0]) in (40, 7) or provenance["git_sha"] == "unknown"
     assert {"loss", "train_accuracy", "seconds", "lr"} <= set(record["history"][0])
     assert json.loads((tmp_path / "train.json").read_text())["status"] == "ok"
+
+
+def test_cosine_schedule_holds_the_rate_until_its_start_then_decays_to_zero(tmp_path: Path, smoke_config: dict) -> None:
+    record = train(run_config(smoke_config, epochs=5, lr=0.1, lr_schedule={"type": "cosine", "start_epoch": 2}),
+                   tmp_path)
+    # the rate each epoch leaves for the next one: constant through epoch 2, then 0.5·(1 + cos(π·k/3))
+    assert [h["lr"] for h in record["history"]] == pytest.approx([0.1, 0.1, 0.075, 0.025, 0.0], abs=1e-12)
+
+
+def test_cosine_start_after_the_last_epoch_is_refused(smoke_config: dict) -> None:
+    with pytest.raises(cfg.ConfigError, match=r"lr_schedule\.start_epoch: 3 leaves no epoch of the 3 to decay over"):
+        run_config(smoke_config, epochs=3, lr_schedule={"type": "cosine", "start_epoch": 3})
