@@ -76,6 +76,11 @@ class Method:
     def prepare(self, model: nn.Module) -> None:
         """Called once after the model is on its device, before the first step."""
 
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups; a group may override ``training`` settings such as
+        ``weight_decay`` for its parameters. Default: one group, every parameter."""
+        return [{"params": list(model.parameters())}]
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:
         """The loss of one batch; ``progress`` runs from 0 to 1 over training (for schedules)."""
         raise NotImplementedError

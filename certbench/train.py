@@ -99,7 +99,8 @@ def batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> Te
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
 
 
-def make_optimizer(parameters: list[torch.Tensor], training: Mapping[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(parameters: list[torch.Tensor] | list[dict[str, Any]], training: Mapping[str, Any]
+                   ) -> torch.optim.Optimizer:
     name, lr, wd = training["optimizer"], training["lr"], training["weight_decay"]
     if name in ("adam", "adamw"):
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
@@ -153,7 +154,7 @@ def calibrate_epochs(method: Method, model: nn.Module, loader: TensorBatches | D
     starts from the untouched initial state.
     """
     model_copy, method_copy = copy.deepcopy(model), copy.deepcopy(method)
-    optimizer = make_optimizer(list(model_copy.parameters()), training)
+    optimizer = make_optimizer(method_copy.parameter_groups(model_copy), training)
     rng = torch.get_rng_state()
     batches, started = 0, time.perf_counter()
     for x, y in loader:
@@ -192,7 +193,7 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
     if epochs != context.epochs:
         method = method_cls(run_config["params"], run_context({**run_config, "training": {**training, "epochs": epochs}}, device))
         method.prepare(model)
-    optimizer = make_optimizer(list(model.parameters()), training)
+    optimizer = make_optimizer(method.parameter_groups(model), training)
     scheduler = make_scheduler(optimizer, training, epochs)
     history: list[dict[str, Any]] = []
     if state:

@@ -24,6 +24,7 @@ from certbench.config import ConfigError
 from certbench.data.loaders import load_split
 from certbench.data.specs import DATASETS
 from certbench.method import RunContext, get_method
+from certbench.train import make_optimizer
 from certbench.nn import Normalize
 from certbench.nn import linf_dist as ld
 from certbench.nn.linf_dist import (LinfDist, MeanShift, Negate, interval_bounds, lipschitz_linf, lp_distance,
@@ -289,6 +290,24 @@ def test_default_epochs_follow_the_paper_proportions() -> None:
 def test_bad_parameters_are_config_errors(name: str, params: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_method(name, params)
+
+
+def test_head_weight_decay_reaches_only_the_head() -> None:
+    method = make_method("linf-dist-head", {"head_weight_decay": 0.5})
+    model = method.build_model("linf-dist-mlp+head", {"depth": 2, "width": 8, "hidden": 4})
+    trunk, head = ld.split_trunk(model)
+    optimizer = make_optimizer(method.parameter_groups(model),
+                               {"optimizer": "adamw", "lr": 0.1, "weight_decay": 0.0, "betas": [0.9, 0.99],
+                                "adam_eps": 1e-10})
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # zero gradients: only the decoupled decay moves a parameter, by the factor 1 − lr·wd
+    head_names = {f"{len(trunk)}.weight", f"{len(trunk)}.bias", f"{len(trunk) + 2}.weight", f"{len(trunk) + 2}.bias"}
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name] * (0.95 if name in head_names else 1.0)), name
+    assert sum(1 for _ in head.parameters()) == len(head_names)
+    assert make_method("linf-dist-head", {}).parameter_groups(model)[0]["params"] == list(model.parameters())
 
 
 def test_methods_refuse_the_other_architecture() -> None:
