@@ -7,9 +7,10 @@ the last layer folded into the margins ``z_y − z_j`` (:func:`margin_lower_boun
 worst-case logits. Loss: ``κ·CE(worst) + (1−κ)·CE(clean)``; ε_train = 1.1·ε_test by default;
 p and ε follow the schedule of :mod:`methods.linf_dist` (default: the v1 proportions).
 
-``head_weight_decay`` decays the head's parameters only (decoupled with ``optimizer: adamw``, as
-in the authors' commands, which use 5e-3): without it, worst-case training drives the tanh into
-saturation, where interval widths vanish and the clean fit suffers.
+``head_weight_decay`` decays the head's parameters only (decoupled with ``optimizer: adamw``; the
+authors' commands use 5e-3). Worst-case training drives the tanh into saturation, where interval
+widths vanish: on Fashion-MNIST at width 512, 95–99 % of pre-activations end beyond ±3 with 0, 5e-3
+or 5e-2 of head decay over 6–30 epochs.
 """
 
 from __future__ import annotations
