@@ -24,11 +24,11 @@ from certbench.config import ConfigError
 from certbench.data.loaders import load_split
 from certbench.data.specs import DATASETS
 from certbench.method import RunContext, get_method
-from certbench.train import make_optimizer
 from certbench.nn import Normalize
 from certbench.nn import linf_dist as ld
 from certbench.nn.linf_dist import (LinfDist, MeanShift, Negate, interval_bounds, lipschitz_linf, lp_distance,
                                     lp_distance_bounds, set_p)
+from certbench.train import make_optimizer
 
 INF = math.inf
 DIGITS = DATASETS.get("digits")
