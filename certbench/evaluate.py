@@ -21,6 +21,7 @@ from certbench.config import format_eps
 from certbench.certificates import CERTIFICATES, ERROR, margins
 from certbench.data.loaders import load_split
 from certbench.method import get_method, run_context
+from certbench.precision import strict_float32, strict_precision
 from certbench.records import load_tensors
 from certbench.storage import read_json, write_json
 from certbench.train import select_device, subset
@@ -57,11 +58,24 @@ def predict_all(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
     return torch.cat(predictions).numpy(), torch.cat(margin).numpy()
 
 
+def _dtypes(model: nn.Module) -> list[str]:
+    """The floating dtypes of the model's parameters and buffers (the arithmetic its forward pass uses)."""
+    return sorted({str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *model.buffers())
+                   if t.is_floating_point()})
+
+
 def _certify_one(name: str, params: Mapping[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  eps: Mapping[str, list[float]]) -> dict[str, Any]:
     certificate = CERTIFICATES.get(name)(**params)
-    entry: dict[str, Any] = {"norm": certificate.norm, "applicable": certificate.applies(model)}
-    if not entry["applicable"]:
+    try:
+        reason = certificate.refusal(model)
+    except Exception as error:  # noqa: BLE001 - a failing check refuses: never certify what was not checked
+        log.error("certificate %s: applicability check failed:\n%s", name, traceback.format_exc())
+        reason = f"applicability check raised {type(error).__name__}: {error}"
+    entry: dict[str, Any] = {"norm": certificate.norm, "applicable": reason is None}
+    if reason is not None:
+        entry["reason"] = reason
+        log.info("certificate %s not applicable: %s", name, reason)
         return entry
     started = time.perf_counter()
     log.info("certificate %s on %d samples", name, len(x))
@@ -90,20 +104,27 @@ def trained_run(run_config: Mapping[str, Any], run_dir: str | Path
 
 
 def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
-    """Certify the run's model with every applicable certificate; write ``out_path`` (JSON)."""
+    """Certify the run's model with every applicable certificate; write ``out_path`` (JSON).
+
+    Predictions and certificates run inside :func:`~certbench.precision.strict_float32` (no TF32,
+    no cuDNN/oneDNN convolutions); ``precision`` records the settings read back inside it.
+    """
     status, trained = trained_run(run_config, run_dir)
     result: dict[str, Any] = {"status": status}
     if trained is not None:
         model, indices, x, y = trained
         evaluation = run_config["evaluation"]
-        prediction, margin = predict_all(model, x, y, evaluation["batch_size"])
         eps = {"linf": run_config["dataset"]["eps_linf"], "l2": run_config["dataset"]["eps_l2"]}
         names = CERTIFICATES.names() if "all" in evaluation["certificates"] else evaluation["certificates"]
+        with strict_float32(x.device) as precision:
+            prediction, margin = predict_all(model, x, y, evaluation["batch_size"])
+            certificates = {name: _certify_one(name, evaluation["certificate_params"].get(name, {}), model, x, y, eps)
+                            for name in names}
         result.update(
             samples={"index": indices.numpy(), "label": y.cpu().numpy(), "prediction": prediction, "margin": margin},
             clean_accuracy=float(np.mean(prediction == y.cpu().numpy())),
-            certificates={name: _certify_one(name, evaluation["certificate_params"].get(name, {}), model, x, y, eps)
-                          for name in names})
+            precision={**precision, "model_dtypes": _dtypes(model)},
+            certificates=certificates)
     write_json(out_path, result)
     return result
 
@@ -124,6 +145,10 @@ def attack(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | P
                              batch_size=evaluation["batch_size"], seed=run_config["run"]["seed"])
         result.update(seconds=time.perf_counter() - started,
                       attacks={a.name: {"norm": a.norm, "kind": a.kind, "settings": a.settings} for a in attacks},
+                      # the attacks search with the user's settings; success is decided by forward
+                      # passes inside strict_float32 (certbench.attacks.base.Attack.run)
+                      precision={**strict_precision(x.device), "model_dtypes": _dtypes(model),
+                                 "scope": "final verification forward passes"},
                       table=table)
     write_json(out_path, result)
     return result

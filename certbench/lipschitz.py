@@ -322,11 +322,15 @@ def _maxpool_bound(pool: nn.Module, input_hw: tuple[int, int], output_hw: tuple[
 
 
 def _avgpool_bound(pool: nn.Module, input_hw: tuple[int, int]) -> float:
-    """√(‖A‖₁·‖A‖∞) for the non-negative averaging matrix A (Schur test), read off A·1 and Aᵀ·1."""
+    """√(‖A‖₁·‖A‖∞) for the averaging matrix A (Schur test), read off A·1 and Aᵀ·1.
+
+    Every entry of A has the sign of the divisor (a negative ``divisor_override`` makes all of them
+    negative), so |A|·1 = |A·1| and |A|ᵀ·1 = |Aᵀ·1|.
+    """
     ones = torch.ones(1, 1, *input_hw, dtype=torch.float64, requires_grad=True)
     pooled = pool(ones)
     (column_sums,) = torch.autograd.grad(pooled.sum(), ones)
-    return math.sqrt(float(pooled.detach().max()) * float(column_sums.max()))
+    return math.sqrt(float(pooled.detach().abs().max()) * float(column_sums.abs().max()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +381,19 @@ class _Sum(_Node):
     def bound(self, exact: bool) -> Scalar:
         a, b = (abs(c) for c in self.residual.coefficients)
         return a * self.body.bound(exact) + b * self.shortcut.bound(exact)
+
+
+@dataclass
+class _NormalizeScale(_Node):
+    """1/min σ of a Normalize layer, read from its buffer whenever the bound is computed."""
+
+    module: Normalize
+
+    def bound(self, exact: bool) -> Scalar:
+        problem = self.module.buffer_problem()
+        if problem is not None:
+            raise UnsupportedLayerError(self.module, problem)
+        return float(1.0 / self.module.std.detach().double().min())
 
 
 @dataclass
@@ -495,7 +512,9 @@ def _leaf(module: nn.Module) -> _Node:
             raise UnsupportedLayerError(module, "track_running_stats=False depends on the batch")
         return _BatchNorm(module)
     if kind is Normalize:
-        return _Const(float(1.0 / module.std.min()))
+        if module.buffer_problem() is not None:
+            raise UnsupportedLayerError(module, module.buffer_problem())
+        return _NormalizeScale(module)
     if kind in _PASS_THROUGH:
         return _Const(1.0)
     if kind in _ACTIVATIONS:

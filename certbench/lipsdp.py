@@ -455,7 +455,7 @@ class NotAnMLPError(ValueError):
 
 
 def _leaves(module: nn.Module) -> list[nn.Module]:
-    if isinstance(module, nn.Sequential):
+    if type(module) is nn.Sequential:
         return [leaf for child in module for leaf in _leaves(child)]
     return [module]
 
@@ -539,19 +539,20 @@ def mlp_structure(model: nn.Module) -> MLPStructure:
 
     A pooling layer must tile its input (:func:`_check_pool`) and be followed by Flatten.
     Raises :class:`NotAnMLPError` for anything else. ReLU and tanh are both slope-restricted in
-    [0, 1], which is what LipSDP-Neuron assumes.
+    [0, 1], which is what LipSDP-Neuron assumes. Layers are matched by exact type: a subclass
+    (a ReLU with another slope, say) may compute something else and is refused.
     """
     leaves = _leaves(model)
-    normalize = leaves.pop(0) if leaves and isinstance(leaves[0], Normalize) else None
-    pool = leaves.pop(0) if leaves and isinstance(leaves[0], nn.AvgPool2d) else None
-    flatten = leaves.pop(0) if leaves and isinstance(leaves[0], nn.Flatten) else None
-    linears = [m for m in leaves[0::2] if isinstance(m, nn.Linear)]
-    activations = [m for m in leaves[1::2] if isinstance(m, (nn.ReLU, nn.Tanh))]
+    normalize = leaves.pop(0) if leaves and type(leaves[0]) is Normalize else None
+    pool = leaves.pop(0) if leaves and type(leaves[0]) is nn.AvgPool2d else None
+    flatten = leaves.pop(0) if leaves and type(leaves[0]) is nn.Flatten else None
+    linears = [m for m in leaves[0::2] if type(m) is nn.Linear]
+    activations = [m for m in leaves[1::2] if type(m) in (nn.ReLU, nn.Tanh)]
     if (not leaves or len(leaves) % 2 == 0 or len(linears) != (len(leaves) + 1) // 2
             or len(activations) != len(leaves) // 2 or (pool is not None and flatten is None)):
         kinds = ", ".join(type(m).__name__ for m in _leaves(model))
         raise NotAnMLPError(f"not a [Normalize] [AvgPool2d] [Flatten] Linear (ReLU|Tanh Linear)* chain "
-                            f"(pooling needs Flatten): {kinds}")
+                            f"of exactly these types (pooling needs Flatten): {kinds}")
     if pool is not None:
         _check_pool(pool)
     scale = None

@@ -199,20 +199,71 @@ _AUTO_LIRPA_METHOD = {"IBP": "IBP", "CROWN": "backward", "CROWN-IBP": "CROWN-IBP
 #: Module types whose bounds auto_LiRPA computes soundly here (exact types: a subclass may
 #: change ``forward``); ℓ∞-dist layers and other activations are not among them. auto_LiRPA
 #: parses a model holding Dropout in train mode (its Dropout node is the identity in eval
-#: mode); adaptive pooling must pool to 1×1 (global average pooling).
+#: mode). Some types are bounded correctly only with some settings, see :func:`_setting_problem`.
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
     nn.Sequential, Normalize, Residual, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
 
 
-def _supported(module: nn.Module) -> bool:
-    return type(module) in SUPPORTED_MODULES and (
-        not isinstance(module, nn.AdaptiveAvgPool2d) or module.output_size in (1, (1, 1)))
+def _pair(value: Any) -> tuple[Any, Any]:
+    return (value[0], value[-1]) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _setting_problem(module: nn.Module) -> str | None:
+    """Why auto_LiRPA 0.3 would bound this module of a supported type wrongly, or None.
+
+    * ``AvgPool2d``: its ``BoundAveragePool`` always pools with ``ceil_mode=False`` and
+      ``count_include_pad=True`` (the ONNX graph carries neither ``divisor_override`` nor the
+      others), and its backward (CROWN) pass spreads each output over a kernel-sized block, right
+      only for windows that tile the input: kernel = stride, no padding.
+    * ``Conv2d``: ``BoundPad`` pads with a constant, so reflect, replicate and circular padding
+      are bounded as zero padding.
+    * ``AdaptiveAvgPool2d``: parsed as global average pooling, so only a 1×1 output is right.
+    * ``BatchNorm``: without running statistics the layer normalises by the batch, even in eval mode.
+    """
+    kind = type(module)
+    if kind is nn.AvgPool2d:
+        kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        if kernel != stride:
+            return f"overlapping or gapped windows (kernel {kernel}, stride {stride}): kernel must equal stride"
+        if module.ceil_mode:
+            return "ceil_mode=True: must be False"
+        if not module.count_include_pad:
+            return "count_include_pad=False: must be True"
+        if module.divisor_override is not None:
+            return f"divisor_override={module.divisor_override}: must be None"
+        if _pair(module.padding) != (0, 0):
+            return f"padding {module.padding}: must be 0"
+    if kind is nn.Conv2d and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}: auto_LiRPA 0.3 pads with zeros only"
+    if kind is nn.AdaptiveAvgPool2d and _pair(module.output_size) != (1, 1):
+        return f"output_size {module.output_size}: only 1×1 (global average pooling)"
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d) and (module.running_mean is None or module.running_var is None):
+        return "track_running_stats=False: normalises by the batch"
+    return None
+
+
+def _unsupported(name: str, module: nn.Module) -> str | None:
+    where = f"layer '{name}' ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+    if type(module) not in SUPPORTED_MODULES:
+        return f"{where}: auto_LiRPA bounds are not offered for this layer type (exact types only)"
+    problem = _setting_problem(module)
+    return None if problem is None else f"{where}: {problem}"
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why auto_LiRPA 0.3 cannot bound ``model`` soundly here (the first layer at fault), or None."""
+    for name, module in model.named_modules():
+        reason = _unsupported(name, module)
+        if reason is not None:
+            return reason
+    return None
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether every module of ``model`` is one auto_LiRPA bounds soundly (a ReLU network)."""
-    return all(_supported(module) for module in model.modules())
+    """Whether every module of ``model`` is one auto_LiRPA bounds soundly (a ReLU network);
+    :func:`unsupported_reason` says why not."""
+    return unsupported_reason(model) is None
 
 
 def specification_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -279,9 +330,9 @@ class Bounder:
         fused = labels is not None
         key = self._key_of(model, norm, x, fused)
         if self._bounded is None or self._key != key or self._model_ref is None or self._model_ref() is not model:
-            if not supports(model):
-                layers = sorted({type(m).__name__ for m in model.modules() if not _supported(m)})
-                raise ValueError(f"auto_LiRPA bounds are not offered for layers {', '.join(layers)}")
+            reason = unsupported_reason(model)
+            if reason is not None:
+                raise ValueError(reason)
             self._bounded = None
             training = model.training
             model.eval()  # building runs the model: leave BatchNorm statistics alone

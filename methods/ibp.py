@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certbench.config import ConfigError
-from certbench.lirpa import Bounder, robust_cross_entropy, supports
+from certbench.lirpa import Bounder, robust_cross_entropy, unsupported_reason
 from certbench.method import LossOutput, Method, register_method
 
 #: Defaults for a null ramp start/length, as fractions of the run's epochs (CROWN-IBP's
@@ -98,9 +98,10 @@ class IBP(Method):
                               f"the last epoch ({self.context.epochs})")
 
     def prepare(self, model: nn.Module) -> None:
-        if not supports(model):
-            raise ConfigError(f"method '{self.name}': auto_LiRPA cannot bound this architecture "
-                              "(ReLU networks of Linear/Conv2d/Flatten/BatchNorm/AvgPool/residual sums only)")
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ConfigError(f"method '{self.name}': auto_LiRPA cannot bound this architecture (ReLU networks "
+                              f"of Linear/Conv2d/Flatten/BatchNorm/AvgPool/residual sums only): {reason}")
 
     # ---- schedule and loss ------------------------------------------------------------
     def epsilon(self, progress: float) -> float:

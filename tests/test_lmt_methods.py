@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -14,8 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from certbench.certificates import CERTIFICATES, margins
-from certbench.certificates import logits_with_allowance
-from certbench.certificates.lipschitz import exact_bound, radii
+from certbench.certificates.lipschitz import exact_bound, slopes
 from certbench.config import ConfigError
 from certbench.data.loaders import load_split
 from certbench.data.specs import DATASETS
@@ -110,21 +110,24 @@ def test_certificate_records_the_tighter_form(trained: dict[str, nn.Module]) -> 
     result = certify(model, x, y)
     assert {"lipschitz_bound", "lipschitz_bound_sub"} <= set(result.extra)
     estimate, _ = exact_bound(model, SPEC.shape)
-    with torch.no_grad():
-        logits, tau = logits_with_allowance(model, x)
-    logits = logits.double()  # every difference z_y − z_j is reduced by τ
+    with torch.no_grad():  # the exact logits, to float64 accuracy
+        logits = copy.deepcopy(model).double()(x.double())
     weight = model[-1].weight.detach().double()
+    ratios = []
     for i in range(len(x)):
         label = int(y[i])
         if logits[i].argmax() != label:
             assert result.radius[i] == 0
             continue
-        plain = (logits[i, label] - tau[i] - logits[i].index_fill(0, torch.tensor([label]), -math.inf).max()) / (
+        plain = (logits[i, label] - logits[i].index_fill(0, torch.tensor([label]), -math.inf).max()) / (
             math.sqrt(2) * result.extra["lipschitz_bound"])
-        tight = min((logits[i, label] - tau[i] - logits[i, j])
+        tight = min((logits[i, label] - logits[i, j])
                     / (result.extra["lipschitz_bound_sub"] * (weight[label] - weight[j]).norm()) for j in range(10) if j != label)
         assert float(tight) >= float(plain) * (1 - 1e-6)
-        assert result.radius[i] == pytest.approx(max(float(tight), 0.0), rel=1e-6)
+        assert result.radius[i] <= float(tight)  # never above the exact-arithmetic radius
+        ratios.append(result.radius[i] / float(tight))
+    # the proven rounding allowance costs < 1 % of the median radius
+    assert np.median(ratios) > 0.99
     assert float(estimate.total) == result.extra["lipschitz_bound"]
 
 
@@ -139,16 +142,16 @@ def test_bound_cache_follows_the_weights() -> None:
 
 
 def test_radius_forms_on_a_hand_example() -> None:
-    """Two classes, L_sub = 1, rows at distance 2: radius = margin/2 (tight) vs margin/(√2·L)."""
+    """Two classes, L_sub = 1, rows at distance 2: slope √2·L = √2 (global) vs L_sub·2 = 2 (last layer);
+    with L_sub = 0.5 the last-layer slope 1 is the smaller one."""
     from certbench.lipschitz import LipschitzEstimate
 
     weight = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    estimate = LipschitzEstimate(torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64),
-                                 weight)
-    plain, tight = radii(torch.tensor([[3.0, 1.0]]), torch.tensor([0]), torch.zeros(1, dtype=torch.float64),
-                         estimate)
-    assert float(plain) == pytest.approx(2 / math.sqrt(2))
-    assert float(tight) == pytest.approx(1.0)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    estimate = LipschitzEstimate(one, one, weight)
+    assert float(slopes(torch.tensor([0]), estimate, 2)[0, 1]) == pytest.approx(math.sqrt(2))
+    estimate = LipschitzEstimate(one, one / 2, weight)
+    assert float(slopes(torch.tensor([0]), estimate, 2)[0, 1]) == pytest.approx(1.0)
 
 
 # ---- LMT loss ------------------------------------------------------------------------------

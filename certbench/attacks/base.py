@@ -3,7 +3,9 @@
 A library's own success flags and distances are never trusted. After the library returns,
 :meth:`Attack.run` clips the example to the input box [0, 1], projects fixed-ε examples back into
 the ε-ball, runs its own forward pass to decide success (prediction ≠ label), and measures the
-perturbation norms on the example it returns.
+perturbation norms on the example it returns. That forward pass, and the clean one, run in the
+arithmetic certificates are proven for (:func:`certbench.precision.strict_float32`: no TF32, no
+cuDNN/oneDNN convolutions); the search itself runs with the user's settings.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from certbench.precision import strict_float32
 from certbench.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -270,7 +273,8 @@ class Attack:
         with attack_mode(model):
             everything = torch.ones(n, dtype=torch.bool, device=device)
             try:
-                clean_pred = predict(model, x)
+                with strict_float32(device):
+                    clean_pred = predict(model, x)
             except Exception as exc:  # noqa: BLE001 - any model failure becomes an error status
                 fail(everything, f"clean forward pass raised {_one_line(exc)}")
             else:
@@ -284,7 +288,8 @@ class Attack:
                         candidate = torch.where(finite.view(-1, *([1] * (x.dim() - 1))),
                                                 project(raw.to(dtype), x[todo], self.norm, eps), x[todo])
                         x_adv[todo] = candidate
-                        success[todo] = (predict(model, candidate) != y[todo]) & finite
+                        with strict_float32(device):
+                            success[todo] = (predict(model, candidate) != y[todo]) & finite
                         if not bool(finite.all()):
                             bad = torch.zeros_like(todo)
                             bad[todo.nonzero().squeeze(1)[~finite]] = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -36,7 +36,16 @@ class CertificateResult:
 
 
 class Certificate:
-    """Base class: ``applies`` says whether the model can be certified at all."""
+    """Base class: ``refusal`` says why the model cannot be certified at all (None: it can).
+
+    Subclasses implement :meth:`_refusal` for their own rule: accept layers by exact type
+    (``type(m) is X``; a subclass may change ``forward``) and only with the settings their
+    bound is proven for. The checks every certificate shares run first
+    (:func:`certbench.applicability.common_refusal`: hooks, a patched ``forward``, invalid
+    ``Normalize`` buffers), then the rounding rules: every certificate's promise includes the float
+    forward pass, so a layer without a proven rounding rule (:func:`certbench.rounding.check`)
+    refuses the model for all of them.
+    """
 
     name: ClassVar[str]
     norm: ClassVar[Norm]
@@ -45,8 +54,30 @@ class Certificate:
         if params:
             raise TypeError(f"certificate '{self.name}' takes no parameters, got {sorted(params)}")
 
-    def applies(self, model: nn.Module) -> bool:
+    def refusal(self, model: nn.Module) -> str | None:
+        """None when the certificate applies to ``model``, else a one-line reason."""
+        from certbench.applicability import common_refusal
+        from certbench.rounding import RoundingUnsupported, check
+
+        reason = common_refusal(model)
+        if reason is not None:
+            return reason
+        try:
+            check(model)
+        except RoundingUnsupported as error:
+            return f"float rounding: {error}"
+        return self._refusal(model)
+
+    def _refusal(self, model: nn.Module) -> str | None:
+        """The certificate's own rule. A certificate written against the older interface, which
+        overrides :meth:`applies` instead, is asked that (after the common checks)."""
+        if type(self).applies is not Certificate.applies:
+            return None if self.applies(model) else f"certificate '{self.name}' does not apply to this model"
         raise NotImplementedError
+
+    def applies(self, model: nn.Module) -> bool:
+        """Whether :meth:`refusal` finds nothing."""
+        return self.refusal(model) is None
 
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Sequence[float]) -> CertificateResult:
@@ -91,35 +122,30 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-#: Layers whose float output is exact (a selection or sign test of their input): no rounding to allow for.
-EXACT_LAYERS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten,
-                nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+def proven_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, slopes: torch.Tensor,
+                  batch_size: int = 256) -> torch.Tensor:
+    """A radius r (float64, per sample, 0 where none) with, for every class j ≠ y,
 
+        lower_j(x) − slopes_j · r − error_j(box of radius r around x) > 0,
 
-def logits_with_allowance(model: nn.Module, x: torch.Tensor,
-                          factor: Callable[[nn.Module], float] = lambda module: 1.0
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, τ) with τ = 4·eps_mach·Σ factor(layer)·max|output| per sample (float64), over the layers
-    that round: every leaf layer but :data:`EXACT_LAYERS`, and every residual sum.
-
-    Certificates subtract τ from each logit difference: a heuristic allowance for the float error of
-    the forward passes at x and at x + δ (the guarantees are statements about exact arithmetic).
-    ``factor`` weights layers that sum many terms.
+    where ``slopes`` (B, K) are Lipschitz constants of the exact margins z_y − z_j in the
+    certificate's norm (column y is ignored), ``lower_j`` is the proven float64 lower bound of the
+    exact margin at x and ``error_j`` bounds how far any float pass anywhere in the box can move it
+    (:func:`certbench.rounding.margin_bounds`). The exact margin at x' is ≥ lower_j − slopes_j·‖x' − x‖
+    (the Lipschitz property), and the float margin at x' is within error_j of it; the box of radius
+    r contains the ℓ2 and ℓ∞ balls of radius r. Two passes: r₀ from the error at x alone, then r from
+    the error on the box of radius r₀, which contains the box of radius r ≤ r₀ (so the error bound
+    used covers every point of the final ball).
     """
-    from certbench.nn import Residual
+    from certbench.rounding import input_region, margin_bounds
 
-    total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-
-    def add(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        flat = output.detach().flatten(1)
-        total.add_(factor(module) * torch.maximum(flat.amax(1), -flat.amin(1)).double())
-
-    rounding = [m for m in model.modules() if isinstance(m, Residual) or
-                (not list(m.children()) and not isinstance(m, EXACT_LAYERS))]
-    hooks = [m.register_forward_hook(add) for m in rounding]
-    try:
-        logits = model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return logits, 4 * torch.finfo(logits.dtype).eps * total
+    radii = []
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        k = slopes[start:start + batch_size].double().scatter(1, yb[:, None], 1.0).to(xb.device)
+        point = margin_bounds(model, input_region(xb), yb)
+        first = ((point.lower - point.error) / k).min(dim=1).values.clamp_min(0) * (1 - 4 * 2.0**-53)
+        region = margin_bounds(model, input_region(xb, first), yb)
+        final = ((point.lower - region.error) / k).min(dim=1).values.clamp_min(0) * (1 - 4 * 2.0**-53)
+        radii.append(torch.minimum(final, first))
+    return torch.cat(radii)

@@ -3,14 +3,15 @@
 * Plain ℓ∞-dist nets (the last ℓ∞-dist layer gives the logits): the logit map is L-Lipschitz in
   ℓ∞ with ``L = lipschitz_linf(model)`` — ``1/min(std)`` for the input normalisation, times
   ``n_in^{1/p}`` per layer (1 at ``p = ∞``, so a model trained to the end of its p schedule gets
-  exactly ``1/min(std)``). No ‖δ‖∞ < r with ``r = (margin − τ)/(2L)`` changes the prediction
-  (paper Thm. 3.2: each logit moves by at most L‖δ‖∞). ``τ`` covers float rounding in the forward
-  pass at x and at x + δ (:func:`certbench.certificates.logits_with_allowance`, a ℓ∞-dist layer
-  with finite p weighted by ``1 + n_in/p`` for its summation).
+  exactly ``1/min(std)``). No ‖δ‖∞ < r changes the prediction (paper Thm. 3.2: each logit moves
+  by at most L‖δ‖∞, so each margin by 2L‖δ‖∞), with r from
+  :func:`certbench.certificates.proven_radius` (slope 2L), which also covers float rounding.
 * "+MLP" nets (a Linear/tanh head after the trunk): no radius; at each ε the box
-  ``[x − ε, x + ε] ∩ [0, 1]`` is propagated exactly through Normalize and every ℓ∞-dist and
-  MeanShift layer, by interval arithmetic through the head, with the last Linear folded into the
-  margins; certified iff every lower bound of ``z_y − z_j`` is positive.
+  ``[x − ε, x + ε] ∩ [0, 1]`` is propagated through Normalize and every ℓ∞-dist and MeanShift
+  layer (exact per layer) and by interval arithmetic through the head, with the last Linear folded
+  into the margins, in float64 with outward widening; certified iff every lower bound of
+  ``z_y − z_j`` exceeds the float error bound of the margin on the box
+  (:func:`certbench.rounding.margin_bounds`).
 
 Since ‖δ‖∞ ≤ ‖δ‖₂, every ℓ∞ guarantee also holds for ℓ2 balls of the same radius:
 ``linf-dist-l2`` reports it in the ℓ2 column (loose, but sound).
@@ -18,7 +19,6 @@ Since ‖δ‖∞ ≤ ‖δ‖₂, every ℓ∞ guarantee also holds for ℓ2 ba
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,15 +26,15 @@ import torch
 from torch import nn
 
 from certbench.certificates import (CERTIFIED, NOT_CERTIFIED, Certificate, CertificateResult, eval_mode,
-                                    input_box, logits_with_allowance, margins, register_certificate,
-                                    statuses_from_radius)
-from certbench.nn.linf_dist import (LinfDist, Negate, interval_bounds, lipschitz_linf, margin_lower_bound,
-                                    split_trunk)
+                                    proven_radius, register_certificate, statuses_from_radius)
+from certbench.nn import Normalize
+from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lipschitz_linf, split_trunk
+from certbench.rounding import input_region, margin_bounds
 
 
-def _summation_factor(module: nn.Module) -> float:
-    """A ℓ∞-dist layer with finite p sums n_in powers: its rounding error grows with 1 + n_in/p."""
-    return 1.0 + module.in_features / module.p if isinstance(module, LinfDist) else 1.0
+#: Layers of the chain with an ℓ∞-dist rule (exact types); the head after the trunk takes ``_HEAD``.
+_KNOWN = (Normalize, nn.Flatten, nn.Identity, LinfDist, MeanShift, Negate, nn.Linear, nn.Tanh, nn.ReLU, nn.Sigmoid)
+_HEAD = (nn.Linear, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Identity, Negate)
 
 
 @register_certificate("linf-dist")
@@ -43,18 +43,26 @@ class LinfDistCertificate(Certificate):
 
     norm = "linf"
 
-    def applies(self, model: nn.Module) -> bool:
-        if not isinstance(model, nn.Sequential) or not any(isinstance(m, LinfDist) for m in model):
-            return False
+    def _refusal(self, model: nn.Module) -> str | None:
+        """Exact layer types only: a subclass of LinfDist (or of any layer here) may compute something else."""
+        if type(model) is not nn.Sequential:
+            return f"not an ℓ∞-dist net: the model is a {type(model).__name__}, not an nn.Sequential"
+        for index, module in enumerate(model):
+            if type(module) not in _KNOWN:
+                return f"layer {index} ({type(module).__name__}) has no ℓ∞-dist rule (exact types only)"
+        if not any(type(m) is LinfDist for m in model):
+            return "not an ℓ∞-dist net: no LinfDist layer"
         head = split_trunk(model)[1]
-        if all(isinstance(m, Negate) for m in head):
+        if all(type(m) is Negate for m in head):
             try:
                 lipschitz_linf(model)
-            except TypeError:
-                return False
-            return True
-        supported = (nn.Linear, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Identity, Negate)
-        return isinstance(head[-1], nn.Linear) and all(isinstance(m, supported) for m in head)
+            except TypeError as error:
+                return str(error)
+            return None
+        if type(head[-1]) is not nn.Linear:
+            return f"the head after the last ℓ∞-dist layer must end in nn.Linear, not {type(head[-1]).__name__}"
+        unsupported = sorted({type(m).__name__ for m in head if type(m) not in _HEAD})
+        return f"no interval rule for head layers {', '.join(unsupported)}" if unsupported else None
 
     @torch.no_grad()
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -66,27 +74,21 @@ class LinfDistCertificate(Certificate):
 
     @staticmethod
     def _radius(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]) -> CertificateResult:
-        logits, tau = logits_with_allowance(model, x, _summation_factor)
+        logits = model(x)
         lipschitz = lipschitz_linf(model)
-        margin = margins(logits, y).double()
-        correct = (margin > 0).cpu().numpy()
-        radius = ((margin - tau).clamp_min(0) / (2 * lipschitz)).cpu().numpy()
-        radius = np.where(correct, radius, 0.0)
+        correct = (logits.argmax(1) == y).cpu().numpy()
+        slopes = torch.full(logits.shape, 2 * lipschitz, dtype=torch.float64)
+        radius = np.where(correct, proven_radius(model, x, y, slopes).cpu().numpy(), 0.0)
         return CertificateResult(radius=radius, status=statuses_from_radius(radius, correct, eps),
-                                 extra={"lipschitz_bound": lipschitz,
-                                        "max_rounding_allowance": float(tau.max()) if len(tau) else 0.0,
-                                        "p_is_inf": float(all(math.isinf(m.p) for m in model
-                                                              if isinstance(m, LinfDist)))})
+                                 extra={"lipschitz_bound": lipschitz})
 
     @staticmethod
     def _intervals(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]) -> CertificateResult:
         status = {}
+        correct = model(x).argmax(1) == y
         for e in eps:
-            lower, upper = interval_bounds(model[:-1], *input_box(x, e))
-            bound = margin_lower_bound(model[-1], lower, upper, y)
-            others = torch.ones_like(bound, dtype=torch.bool).scatter_(1, y[:, None], False)
-            certified = torch.where(others, bound > 0, True).all(1).cpu().numpy()
-            status[float(e)] = np.where(certified, CERTIFIED, NOT_CERTIFIED)
+            certified = margin_bounds(model, input_region(x, float(e)), y).certified() & correct
+            status[float(e)] = np.where(certified.cpu().numpy(), CERTIFIED, NOT_CERTIFIED)
         return CertificateResult(radius=None, status=status)
 
 

@@ -11,17 +11,18 @@ L and L_sub come from :class:`certbench.lipschitz.LipschitzBound` in its rigorou
 computed once per set of weights and cached; ``extra`` records them as ``lipschitz_bound`` and
 ``lipschitz_bound_sub``, with ``bound_seconds``.
 
-Float rounding: the logits are computed in the model's float precision, which the guarantee (a
-statement about exact arithmetic) does not cover. As in the ``linf-dist`` certificate, every
-logit difference is reduced by τ = 4·eps_mach·Σ_layers max|output| (per sample, over the layers
-of the forward pass that round, see :func:`certbench.certificates.logits_with_allowance`) before it is divided: a
-heuristic allowance for the error of the forward passes at x and at x + δ, not a proven bound.
+Float rounding: the radius is :func:`certbench.certificates.proven_radius` with the slopes √2·L and
+L_sub·‖w_y − w_i‖ (the smaller per class): the exact margin at x is bounded below in float64 and
+the float error of any forward pass in the box around x is bounded above
+(:mod:`certbench.rounding`), so the prediction is constant on the ball both in exact arithmetic
+and for the float pass.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import hashlib
 import weakref
 from collections.abc import Sequence
 
@@ -29,21 +30,48 @@ import numpy as np
 import torch
 from torch import nn
 
-from certbench.certificates import (Certificate, CertificateResult, eval_mode, logits_with_allowance,
+from certbench.certificates import (Certificate, CertificateResult, eval_mode, proven_radius,
                                     register_certificate, statuses_from_radius)
 from certbench.lipschitz import LipschitzBound, LipschitzEstimate, UnsupportedLayerError, check_supported
 
-_Key = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
+_Key = tuple[tuple[int, ...], str]
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, LipschitzEstimate, float]] = weakref.WeakKeyDictionary()
+#: Module attributes that are torch's bookkeeping (or hashed separately), not settings of the layer.
+_BOOKKEEPING = frozenset({"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
 
 
-def _fingerprint(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Changes whenever a parameter or buffer is replaced or modified in place."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    data = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}:".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes())
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """A digest of the model's structure and content: every module's type and plain attributes
+    (kernel sizes, strides, padding modes, ``p``, …), its extra state, and the bytes, dtype and
+    shape of every parameter, buffer and tensor attribute. It changes when a layer is swapped in
+    place, a setting is changed, or a weight or buffer is modified in place or replaced."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name, module in model.named_modules(remove_duplicate=False):
+        kind = type(module)
+        digest.update(f"module {name}: {kind.__module__}.{kind.__qualname__}@{id(kind)}\n".encode())
+        for key, value in sorted(vars(module).items()):
+            if key in _BOOKKEEPING or "hook" in key:
+                continue
+            if isinstance(value, torch.Tensor):
+                _hash_tensor(digest, f"{name}.{key}", value)
+            else:
+                digest.update(f"{key}={value!r}\n".encode())
+        if kind.get_extra_state is not nn.Module.get_extra_state:
+            digest.update(f"extra state {module.get_extra_state()!r}\n".encode())
+        for key, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+            _hash_tensor(digest, f"{name}.{key}", tensor)
+    return digest.hexdigest()
 
 
 def exact_bound(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[LipschitzEstimate, float]:
-    """The exact-mode bound of ``model`` and the seconds it took, cached while the weights stay the same."""
+    """The exact-mode bound of ``model`` and the seconds it took, cached while the model's structure
+    and content (:func:`_fingerprint`) stay the same."""
     key = (tuple(input_shape), _fingerprint(model))
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
@@ -55,24 +83,17 @@ def exact_bound(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Lipschi
     return estimate, seconds
 
 
-def radii(logits: torch.Tensor, y: torch.Tensor, tau: torch.Tensor,
-          estimate: LipschitzEstimate) -> tuple[torch.Tensor, torch.Tensor]:
-    """(radius of the √2·L form, radius of the last-layer form or −inf), float64, 0 where not positive.
+def slopes(y: torch.Tensor, estimate: LipschitzEstimate, classes: int) -> torch.Tensor:
+    """(B, K) Lipschitz constants of z_y − z_i: the smaller of √2·L and L_sub·‖w_y − w_i‖ (LMT Props. 1, 2).
 
-    Both use the logit differences z_y − z_i − τ.
+    The pairwise distances are computed in float64 and enlarged by 1e-9 (their rounding is ≲ 1e-15).
     """
-    logits = logits.double()
-    diff = logits.gather(1, y[:, None]) - logits - tau[:, None]
-    diff.scatter_(1, y[:, None], math.inf)
-    margin = diff.min(dim=1).values
-    plain = (margin / (math.sqrt(2.0) * estimate.total.to(diff.device))).clamp_min(0)
+    plain = math.sqrt(2.0) * float(estimate.total)
     if estimate.sub is None:
-        return plain, torch.full_like(plain, -math.inf)
-    weight = estimate.last_weight.detach().double().to(diff.device)
-    distances = torch.cdist(weight, weight)[y] * estimate.sub.to(diff.device)
-    pairwise = diff / distances  # label column: +inf/0 = +inf; 0/0 (a tie between equal rows): nan → 0
-    pairwise = torch.where(pairwise.isnan(), 0.0, pairwise)
-    return plain, pairwise.min(dim=1).values.clamp_min(0)
+        return torch.full((len(y), classes), plain, dtype=torch.float64)
+    weight = estimate.last_weight.detach().double().cpu()
+    pairwise = torch.cdist(weight, weight)[y.cpu()] * float(estimate.sub) * (1 + 1e-9)
+    return pairwise.clamp_max(plain)
 
 
 @register_certificate("lipschitz-l2")
@@ -86,24 +107,24 @@ class LipschitzL2(Certificate):
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.batch_size = int(batch_size)
 
-    def applies(self, model: nn.Module) -> bool:
+    def _refusal(self, model: nn.Module) -> str | None:
         try:
             check_supported(model)
-        except UnsupportedLayerError:
-            return False
-        return True
+        except UnsupportedLayerError as error:
+            return str(error)
+        return None
 
     @torch.no_grad()
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Sequence[float]) -> CertificateResult:
         with eval_mode(model):
             estimate, seconds = exact_bound(model, tuple(x.shape[1:]))
-            batches = [logits_with_allowance(model, x[start:start + self.batch_size])
-                       for start in range(0, len(x), self.batch_size)]
-        logits, tau = (torch.cat(parts) for parts in zip(*batches))
-        r_plain, r_tight = (r.cpu().numpy() for r in radii(logits, y, tau, estimate))
+            logits = torch.cat([model(x[start:start + self.batch_size])
+                                for start in range(0, len(x), self.batch_size)])
+            k = slopes(y, estimate, logits.shape[1])
+            radius = proven_radius(model, x, y, k, self.batch_size).cpu().numpy()
         is_correct = (logits.argmax(1) == y).cpu().numpy()
-        radius = np.where(is_correct, np.maximum(r_plain, r_tight), 0.0)
+        radius = np.where(is_correct, radius, 0.0)
         # keys as the other certificates' (the Lipschitz-vs-accuracy figure reads "lipschitz_bound")
         extra = {"lipschitz_bound": float(estimate.total), "bound_seconds": seconds}
         if estimate.sub is not None:

@@ -5,6 +5,8 @@ For an MLP with global ℓ2 Lipschitz bound L of its logit map, no perturbation 
 two logits is √2·L-Lipschitz). L is the float64-verified LipSDP bound from :func:`certbench.lipsdp.lipsdp`
 in pixel units (the Normalize layer and an input average pooling folded in, see
 :class:`certbench.lipsdp.MLPStructure`); if no bound is verified, every sample is "error".
+Float rounding is covered as in ``lipschitz-l2``: the radius is
+:func:`certbench.certificates.proven_radius` with the slope √2·L for every class.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from certbench.certificates import (ERROR, Certificate, CertificateResult, margins, register_certificate,
-                                    statuses_from_radius)
-from certbench.lipsdp import SOLVERS, is_mlp, lipsdp, mlp_weights
+from certbench.certificates import (ERROR, Certificate, CertificateResult, eval_mode, proven_radius,
+                                    register_certificate, statuses_from_radius)
+from certbench.lipsdp import SOLVERS, NotAnMLPError, lipsdp, mlp_structure, mlp_weights
 
 
 @register_certificate("lipsdp-l2")
@@ -35,8 +37,12 @@ class LipSDPL2(Certificate):
         self.time_limit = float(time_limit)
         self.solver = solver
 
-    def applies(self, model: nn.Module) -> bool:
-        return is_mlp(model)
+    def _refusal(self, model: nn.Module) -> str | None:
+        try:
+            mlp_structure(model)
+        except NotAnMLPError as error:
+            return str(error)
+        return None
 
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Sequence[float]) -> CertificateResult:
@@ -47,9 +53,11 @@ class LipSDPL2(Certificate):
         if result.bound is None:
             return CertificateResult(radius=None, status={float(e): np.full(len(x), ERROR) for e in eps},
                                      errors=[f"lipsdp {result.status}: {result.message}"], extra=extra)
-        with torch.no_grad():
-            margin = margins(model(x), y).double().cpu().numpy()
-        correct = margin > 0
-        radius = np.where(correct, margin / (math.sqrt(2.0) * result.bound), 0.0)
+        with torch.no_grad(), eval_mode(model):
+            logits = model(x)
+            slopes = torch.full(logits.shape, math.sqrt(2.0) * result.bound, dtype=torch.float64)
+            radius = proven_radius(model, x, y, slopes).cpu().numpy()
+        correct = (logits.argmax(1) == y).cpu().numpy()
+        radius = np.where(correct, radius, 0.0)
         return CertificateResult(radius=radius, status=statuses_from_radius(radius, correct, eps),
                                  extra={**extra, "lipschitz_bound": result.bound})

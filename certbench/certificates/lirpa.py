@@ -4,10 +4,21 @@ A sample is certified at ε iff it is classified correctly and the lower bound o
 margin z_y − z_j (j ≠ y) over the clipped box [x − ε, x + ε] ∩ [0, 1] is positive
 (Gowal et al. 2018, eq. 6; Zhang et al. 2020, eq. 3). A batch on which auto_LiRPA fails
 is retried sample by sample; a sample that still fails gets status ``error``.
+
+Rounding. auto_LiRPA rounds to nearest with no outward rounding, so its bounds are computed on a
+float64 copy of the model and lowered by ``LIRPA_SLACK·(depth + 2)`` times the float64 forward error
+bound of the margin on the box (:func:`certbench.rounding.margin_bounds` of the float64 copy). That
+first-order bound is of the same form as the rounding of each back-substitution product
+Λ_{k+1}·D_k·W_k, whose entries are bounded by those of |W_L|⋯|W_k| (relaxation slopes in [0, 1],
+intercepts bounded by the layer's interval magnitudes; Higham Thm. 3.5 per product), one product
+per layer; the factor 1024 covers the constants this argument leaves open, at a cost of about
+2⁻¹⁹ of the float32 term. A sample is certified at ε iff each such lower bound also exceeds the
+float32 error bound of its margin on the box, so the float32 pass of the model agrees as well.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from typing import ClassVar
@@ -17,8 +28,11 @@ import torch
 from torch import nn
 
 from certbench.certificates import CERTIFIED, ERROR, NOT_CERTIFIED, Certificate, CertificateResult, register_certificate
-from certbench.lirpa import BoundMethod, Bounder, supports
+from certbench.lirpa import BoundMethod, Bounder, unsupported_reason
+from certbench.rounding import input_region, layers, margin_bounds
 
+#: Safety factor on the first-order float64 error bound of auto_LiRPA's margin bounds (module docstring).
+LIRPA_SLACK = 1024.0
 #: Peak memory one CROWN batch may use; full CROWN keeps, per sample, A matrices of about
 #: (neurons of a layer) × (neurons of all earlier layers) entries (in patches mode fewer).
 CROWN_MEMORY_BYTES = 2 * 1024**3
@@ -51,8 +65,8 @@ class LiRPACertificate(Certificate):
             raise ValueError(f"certificate '{self.name}': batch_size must be ≥ 1, got {batch_size}")
         self.batch_size = batch_size
 
-    def applies(self, model: nn.Module) -> bool:
-        return supports(model)
+    def _refusal(self, model: nn.Module) -> str | None:
+        return unsupported_reason(model)
 
     def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 eps: Sequence[float]) -> CertificateResult:
@@ -74,30 +88,41 @@ class LiRPACertificate(Certificate):
                                  for i in range(0, len(x), batch)]).cpu().numpy()
         candidates = np.flatnonzero(correct)  # misclassified samples stay not_certified
         bounder, errors = Bounder(), []
+        model64 = copy.deepcopy(model).double().eval()
+        depth = sum(1 for _ in layers(model))
         status: dict[float, np.ndarray] = {}
         for e in eps:
             status[float(e)] = np.full(len(x), NOT_CERTIFIED, dtype=f"<U{len(NOT_CERTIFIED)}")
             for start in range(0, len(candidates), batch):
                 index = candidates[start:start + batch]
                 try:
-                    status[float(e)][index] = self._certified(bounder, model, x, y, index, e)
+                    status[float(e)][index] = self._certified(bounder, model, model64, depth, x, y, index, e)
                 except Exception:
                     for i in index:  # retry one by one; a fresh BoundedModule is built after a failure
                         try:
-                            status[float(e)][i] = self._certified(bounder, model, x, y, np.array([i]), e)[0]
+                            one = np.array([i])
+                            status[float(e)][i] = self._certified(bounder, model, model64, depth, x, y, one, e)[0]
                         except Exception as error:
                             status[float(e)][i] = ERROR
                             errors.append(f"sample {i}, eps {e}: {type(error).__name__}: {error}")
         return status, errors
 
-    def _certified(self, bounder: Bounder, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   index: np.ndarray, eps: float) -> np.ndarray:
+    def _certified(self, bounder: Bounder, model: nn.Module, model64: nn.Module, depth: int, x: torch.Tensor,
+                   y: torch.Tensor, index: np.ndarray, eps: float) -> np.ndarray:
+        """Certified iff every float64 margin bound, lowered by its slack and by the float32 error
+        bound on the box, is positive (module docstring)."""
         picked = torch.as_tensor(index, device=x.device)
+        xb, yb = x[picked], y[picked]
         with torch.no_grad():
-            lower = bounder.margin_lower_bounds(model, x[picked], y[picked], eps, [self.method])[self.method]
+            lower = bounder.margin_lower_bounds(model64, xb.double(), yb, eps, [self.method])[self.method]
+            region = input_region(xb, eps)
+            slack = LIRPA_SLACK * (depth + 2) * margin_bounds(model64, region, yb).error
+            error = margin_bounds(model, region, yb).error
         if not torch.isfinite(lower).all():
             raise FloatingPointError("non-finite margin bound")
-        return np.where((lower > 0).all(dim=1).cpu().numpy(), CERTIFIED, NOT_CERTIFIED)
+        others = torch.ones_like(error, dtype=torch.bool).scatter_(1, yb[:, None], False)
+        proven = lower - (slack + error)[others].view(len(yb), -1) > 0
+        return np.where(proven.all(dim=1).cpu().numpy(), CERTIFIED, NOT_CERTIFIED)
 
 
 @register_certificate("ibp")

@@ -8,21 +8,49 @@ import torch
 from torch import nn
 
 
+def normalize_buffer_problem(mean: torch.Tensor, std: torch.Tensor) -> str | None:
+    """Why ``(mean, std)`` cannot be a :class:`Normalize`'s buffers (non-finite, std ≤ 0), or None."""
+    if not bool(torch.isfinite(mean).all()):
+        return f"mean must be finite, got {mean.flatten().tolist()}"
+    if not bool(torch.isfinite(std).all()) or not bool((std > 0).all()):
+        return f"std must be finite and positive, got {std.flatten().tolist()}"
+    return None
+
+
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` as the model's first layer.
 
     Keeping normalisation inside the model means every ε and every certified radius
-    is measured in pixel units of the raw input in [0, 1].
+    is measured in pixel units of the raw input in [0, 1]. ``mean`` must be finite and
+    ``std`` finite and positive: checked on construction and when a state dict is loaded
+    (ValueError); certificates check the buffers again when they certify
+    (:meth:`buffer_problem`), since a buffer can be changed in place at any time.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
-        if min(std) <= 0:
-            raise ValueError(f"std must be positive, got {list(std)}")
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        problem = normalize_buffer_problem(mean_t, std_t)
+        if problem is not None:
+            raise ValueError(problem)
+        self.register_buffer("mean", mean_t)
+        self.register_buffer("std", std_t)
+
+    def buffer_problem(self) -> str | None:
+        """Why the current buffers are invalid (non-finite, std ≤ 0), or None."""
+        return normalize_buffer_problem(self.mean, self.std)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        """Refuse (ValueError) a state dict whose mean or std is invalid, before anything is copied."""
+        mean, std = state_dict.get(prefix + "mean", self.mean), state_dict.get(prefix + "std", self.std)
+        if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+            problem = normalize_buffer_problem(mean, std)
+            if problem is not None:
+                raise ValueError(f"Normalize '{prefix.rstrip('.')}': {problem}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

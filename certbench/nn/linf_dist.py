@@ -411,7 +411,7 @@ _TRUNK_TYPES = (LinfDist, MeanShift)
 
 
 def _modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
-    return list(model) if isinstance(model, (nn.Sequential, list, tuple)) else [model]
+    return list(model) if type(model) is nn.Sequential or isinstance(model, (list, tuple)) else [model]
 
 
 def set_p(model: nn.Module, p: float) -> None:
@@ -423,24 +423,29 @@ def set_p(model: nn.Module, p: float) -> None:
 
 def split_trunk(model: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
     """``(trunk, head)``: the trunk ends with the last ℓ∞-dist or mean-shift module."""
-    last = max(i for i, m in enumerate(model) if isinstance(m, _TRUNK_TYPES))
+    last = max(i for i, m in enumerate(model) if type(m) in _TRUNK_TYPES)
     return model[: last + 1], model[last + 1:]
 
 
 def lipschitz_linf(model: nn.Module | Sequence[nn.Module]) -> float:
     """ℓ∞→ℓ∞ Lipschitz bound of a chain of Normalize / Flatten / LinfDist / MeanShift / Negate.
 
-    ``Normalize`` contributes ``1 / min(std)``; a ℓ∞-dist layer ``n_in^{1/p}``. Any other module
-    raises ``TypeError`` (a bound for it would need its own argument).
+    ``Normalize`` contributes ``1 / min(std)`` of its buffer as it is now (ValueError unless finite
+    and positive); a ℓ∞-dist layer ``n_in^{1/p}``. Layers are matched by exact type: any other
+    module, a subclass included, raises ``TypeError`` (a bound for it would need its own argument).
     """
     bound = 1.0
     for m in _modules(model):
-        if isinstance(m, Normalize):
+        kind = type(m)
+        if kind is Normalize:
+            problem = m.buffer_problem()
+            if problem is not None:
+                raise ValueError(f"Normalize: {problem}")
             bound /= float(m.std.min())
-        elif isinstance(m, LinfDist):
+        elif kind is LinfDist:
             bound *= m.lipschitz_linf()
-        elif not isinstance(m, (MeanShift, Negate, nn.Flatten, nn.Identity)):
-            raise TypeError(f"no ℓ∞ Lipschitz bound for {type(m).__name__}")
+        elif kind not in (MeanShift, Negate, nn.Flatten, nn.Identity):
+            raise TypeError(f"no ℓ∞ Lipschitz bound for {kind.__name__} (exact types only)")
     return bound
 
 
@@ -450,19 +455,23 @@ def interval_bounds(model: nn.Module | Sequence[nn.Module], lower: Tensor, upper
 
     Exact per layer for Normalize, Flatten, LinfDist, MeanShift, Negate and monotone activations;
     ``Linear`` uses the centre/radius form ``W c + b ± |W| r``. Differentiable except through
-    LinfDist. Other modules raise ``TypeError``.
+    LinfDist. Layers are matched by exact type; other modules (subclasses included) raise
+    ``TypeError``, a Normalize with a non-finite or non-positive std ``ValueError``.
     """
     for m in _modules(model):
-        if isinstance(m, nn.Linear):
+        kind = type(m)
+        if kind is nn.Linear:
             centre, radius = (upper + lower) / 2, (upper - lower) / 2
             centre, radius = m(centre), radius @ m.weight.abs().t()
             lower, upper = centre - radius, centre + radius
-        elif isinstance(m, (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Flatten, nn.Identity, Normalize)):
+        elif kind in (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Flatten, nn.Identity, Normalize):
+            if kind is Normalize and m.buffer_problem() is not None:
+                raise ValueError(f"Normalize: {m.buffer_problem()}")
             lower, upper = m(lower), m(upper)  # monotone non-decreasing (Normalize: std > 0)
-        elif isinstance(m, (LinfDist, MeanShift, Negate)):
+        elif kind in (LinfDist, MeanShift, Negate):
             lower, upper = m.interval(lower, upper)
         else:
-            raise TypeError(f"no interval bound for {type(m).__name__}")
+            raise TypeError(f"no interval bound for {kind.__name__} (exact types only)")
     return lower, upper
 
 

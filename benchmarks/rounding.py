@@ -1,0 +1,111 @@
+"""What the proven rounding allowance costs: certified accuracy, median radius and time.
+
+For every trained run of a results directory (``make run`` leaves one in ``results/``), each
+applicable certificate is run twice on the run's test points: as shipped, and with the rounding
+terms of :mod:`certbench.rounding` set to zero (γ = 0, no ulps, no slack: the exact-arithmetic
+answer the allowance can only lower, and an upper limit for the heuristic allowance it replaced).
+Goals (issue: certificates sound under floating point): certified accuracy within 0.5 points and
+median radius within 1 % of the exact-arithmetic answer; certification time ≤ 1.2× without the
+rounding walks (their share of the time is measured directly).
+
+Usage: ``python benchmarks/rounding.py [--results results] [--samples 200] [--certificates a,b]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+from certbench import rounding
+from certbench.certificates import CERTIFICATES, CERTIFIED
+from certbench.evaluate import load_model, test_points
+from certbench.storage import read_json
+
+GOAL_ACCURACY_POINTS, GOAL_RADIUS, GOAL_TIME = 0.5, 0.01, 1.2
+
+
+@contextmanager
+def rounding_off() -> Iterator[None]:
+    """Every rounding term zero: the certificates then answer for exact arithmetic."""
+    with mock.patch.object(rounding, "gamma", lambda k, u: 0.0), mock.patch.object(rounding, "U64", 0.0), \
+            mock.patch.object(rounding, "SMOOTH_ULPS", 0):
+        yield
+
+
+@contextmanager
+def timed_walks(total: list[float]) -> Iterator[None]:
+    """Accumulate the seconds spent in :func:`certbench.rounding.margin_bounds`."""
+    original = rounding.margin_bounds
+
+    def timed(*args: object, **kwargs: object) -> rounding.MarginBounds:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            total[0] += time.perf_counter() - started
+
+    targets = ["certbench.rounding.margin_bounds", "certbench.certificates.lirpa.margin_bounds",
+               "certbench.certificates.linf_dist.margin_bounds"]
+    with mock.patch(targets[0], timed), mock.patch(targets[1], timed), mock.patch(targets[2], timed):
+        yield
+
+
+def summary(result: object, eps: list[float]) -> tuple[dict[float, float], float | None]:
+    accuracy = {e: 100 * float(np.mean(result.status[e] == CERTIFIED)) for e in eps}  # type: ignore[attr-defined]
+    radius = result.radius  # type: ignore[attr-defined]
+    return accuracy, (float(np.median(radius)) if radius is not None else None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="results", help="results directory of a finished DAG")
+    parser.add_argument("--samples", type=int, default=200, help="test points per run")
+    parser.add_argument("--certificates", default="lipschitz-l2,lipsdp-l2,linf-dist,linf-dist-l2,ibp,crown-ibp",
+                        help="comma-separated certificate names")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runs = sorted(Path(args.results).glob("*/*/*/seed0/run.json"))
+    if not runs:
+        raise SystemExit(f"no runs under {args.results}/: run the DAG first (make run)")
+    worst = {"accuracy": 0.0, "radius": 0.0, "time": 1.0}
+    print(f"{'run':42s} {'certificate':13s} {'certified % (exact → proven)':38s} {'median radius':24s} time×")
+    for path in runs:
+        config = read_json(path)
+        model = load_model(config, path.parent, torch.device("cpu"))
+        _, x, y = test_points(config)
+        x, y = x[:args.samples], y[:args.samples]
+        for name in args.certificates.split(","):
+            certificate = CERTIFICATES.get(name)(**config["evaluation"]["certificate_params"].get(name, {}))
+            if not certificate.applies(model):
+                continue
+            eps = [float(e) for e in config["dataset"]["eps_l2" if certificate.norm == "l2" else "eps_linf"]]
+            with rounding_off():
+                exact = summary(certificate.certify(model, x, y, eps), eps)
+            walks = [0.0]
+            started = time.perf_counter()
+            with timed_walks(walks):
+                proven = summary(certificate.certify(model, x, y, eps), eps)
+            seconds = time.perf_counter() - started
+            ratio = seconds / max(seconds - walks[0], 1e-9)
+            drop = max(exact[0][e] - proven[0][e] for e in eps)
+            radius_loss = 0.0 if exact[1] in (None, 0.0) else 1 - proven[1] / exact[1]
+            worst = {"accuracy": max(worst["accuracy"], drop), "radius": max(worst["radius"], radius_loss),
+                     "time": max(worst["time"], ratio)}
+            accuracy = ", ".join(f"{exact[0][e]:.1f}→{proven[0][e]:.1f}" for e in eps)
+            radius = "—" if exact[1] is None else f"{exact[1]:.4f}→{proven[1]:.4f}"
+            run = "/".join(path.parent.parts[-4:-1])
+            print(f"{run:42s} {name:13s} {accuracy:38s} {radius:24s} {ratio:.2f}")
+    print(f"\nworst certified-accuracy drop {worst['accuracy']:.2f} points (goal < {GOAL_ACCURACY_POINTS}); "
+          f"worst median-radius loss {100 * worst['radius']:.2f} % (goal < {100 * GOAL_RADIUS:.0f} %); "
+          f"worst time ratio {worst['time']:.2f}× (goal ≤ {GOAL_TIME}×)")
+
+
+if __name__ == "__main__":
+    main()

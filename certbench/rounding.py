@@ -1,0 +1,404 @@
+"""Proven enclosures of a network's exact outputs and of its floating-point forward error.
+
+Every certificate promises that the prediction of the network given by the stored weights is
+constant on a ball, in exact real arithmetic *and* for the float forward pass certbench runs. Both
+halves rest on one walk over the layers of a region ``[lower, upper]`` of inputs (a point, or a box
+that contains the certified ball), which carries per activation
+
+* an **enclosure** ``[lo, hi]`` of the exact (real-arithmetic) activation over the region:
+  interval arithmetic in float64 in the midpoint–radius form, each affine layer widened by
+  ``γ₆₄(n+4)·(|W|(|c|+r) + |b|)``, which covers the float64 rounding of the midpoint, the radius and
+  the bounds (Rump, "Fast and parallel interval arithmetic", BIT 39, 1999, Thm. 2.1; Higham,
+  *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 3.1 and eq. (3.4));
+* a **forward error bound** ``e`` with ``|ã − a| ≤ e`` for the float activation ``ã`` of *any*
+  float evaluation of the network at *any* point of the region. For an affine layer
+  ``fl(W ã + b)`` errs from ``W ã + b`` by at most ``γ(n+1)·(|W||ã| + |b|)`` whatever the order of
+  summation, with or without fused multiply–add (Higham Thm. 3.5 / eq. (3.13)), with
+  ``γ(k) = k·u/(1 − k·u)`` and ``u`` the unit roundoff of the model's dtype; since
+  ``|ã| ≤ max(|lo|, |hi|) + e`` on the region,
+
+      e_out = |W|·e_in + γ(n+1)·(|W|·(max(|lo|,|hi|) + e_in) + |b|),
+
+  with ``n`` the terms of each dot product (the fan-in; a convolution's ``C_in/groups·kh·kw``).
+  Max pooling, ReLU, clamps, flattening and negation are exact and 1-Lipschitz elementwise, so
+  they pass the bound through; averaging pools add ``γ(k+1)`` of the pooled magnitudes;
+  Normalize, BatchNorm (inference form), the residual sum, MeanShift and ℓ∞-dist layers at
+  ``p = ∞`` (a max of rounded differences) add the error of their few correctly rounded
+  operations; smooth activations (tanh, sigmoid, softplus, ELU) add 16 ulps of their output
+  plus 16 ulps absolute, which covers the documented accuracy of the elementwise kernels (SLEEF's
+  ``u10`` functions ≤ 1 ulp on the CPU, CUDA's ``expf``/``tanhf``/``log1pf`` ≤ 2 ulp) and the ≤ 3
+  basic operations around them.
+
+The error model is that of ordinary float arithmetic: every product and sum rounded to nearest in
+the model's dtype. It does not cover TF32, FFT or Winograd convolutions, which
+:func:`certbench.precision.strict_float32` switches off wherever certbench evaluates a model for a
+certificate, the audit or an attack's final check.
+
+A margin ``z_y − z_j`` is then certified on the region iff its exact lower bound minus
+``e_y + e_j`` is positive: the exact network keeps the label, and no float pass can move the margin
+by more than ``e_y + e_j``. A module without a rule raises :class:`RoundingUnsupported` (with the
+reason); nothing is ever given a rule it was not proven for. Only exact types are accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certbench.nn import Normalize, Residual
+from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lp_distance_bounds
+
+U64 = 2.0**-53
+#: Elementwise kernels of smooth activations: error ≤ SMOOTH_ULPS·u·(|f(x)| + 1) (see the module docstring).
+SMOOTH_ULPS = 16
+
+_PASS_THROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+_CLAMPS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_SMOOTH = {nn.Tanh: 1.0, nn.Sigmoid: 0.25, nn.Softplus: 1.0}
+
+
+class RoundingUnsupported(TypeError):
+    """No proven rounding rule for a module (or for its settings)."""
+
+
+def gamma(k: int, u: float) -> float:
+    """Higham's γ_k = k·u / (1 − k·u), the relative error of k chained rounded operations."""
+    if k * u >= 0.5:
+        raise RoundingUnsupported(f"{k} terms per dot product: γ_k is not small")
+    return k * u / (1 - k * u)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^−p for round-to-nearest in a dtype of p significand bits (float32: 2⁻²⁴)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise RoundingUnsupported(f"forward passes in {dtype} have no rounding rule here")
+    return float(torch.finfo(dtype).eps) / 2
+
+
+@dataclass
+class Region:
+    """Float64 enclosure ``[lo, hi]`` of the exact activations and the float error bound ``err``."""
+
+    lo: Tensor
+    hi: Tensor
+    err: Tensor
+
+    def magnitude(self) -> Tensor:
+        """max(|lo|, |hi|): bounds |a| of the exact activation on the region."""
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    def map(self, module: nn.Module) -> Region:
+        """Apply a shape-only or elementwise-exact monotone module to all three."""
+        return Region(module(self.lo), module(self.hi), module(self.err))
+
+
+def input_region(x: Tensor, radius: Tensor | float = 0.0) -> Region:
+    """The box ``[x − r, x + r] ∩ [0, 1]`` in float64 (per-sample ``radius`` of shape (B,) allowed),
+    widened by the float64 rounding of ``x ± r``; the input is exact (error 0)."""
+    x = x.detach().double()
+    r = torch.as_tensor(radius, dtype=torch.float64, device=x.device)
+    r = r.view(-1, *([1] * (x.dim() - 1))) if r.dim() == 1 else r
+    slack = 2 * U64 * (x.abs() + r)
+    lo, hi = (x - r - slack).clamp(0.0, 1.0), (x + r + slack).clamp(0.0, 1.0)
+    return Region(torch.minimum(lo, x), torch.maximum(hi, x), torch.zeros_like(x))
+
+
+def _up(t: Tensor, terms: int) -> Tensor:
+    """t ≥ 0 computed in float64 as a sum of ``terms`` non-negative products: scale up past its rounding."""
+    return t * (1 + gamma(terms + 2, U64))
+
+
+def _affine(region: Region, apply: object, apply_abs: object, bias: Tensor | None, terms: int,
+            u: float) -> Region:
+    """An affine layer ``x ↦ A x + b`` with ``apply = A·``, ``apply_abs = |A|·`` (float64, no bias)."""
+    c = (region.lo + region.hi) / 2
+    r = (region.hi - region.lo) / 2 + U64 * (region.lo.abs() + region.hi.abs())
+    magnitude = region.magnitude() + region.err
+    batch = len(c)
+    stacked = apply_abs(torch.cat([r, c.abs() + r, region.err, magnitude]))  # type: ignore[operator]
+    rad, mag, err_in, mag_float = (_up(t, terms) for t in stacked.split(batch))
+    mid = apply(c)  # type: ignore[operator]
+    b = torch.zeros(()) if bias is None else bias.detach().double()
+    shape = [1, -1] + [1] * (mid.dim() - 2)
+    b = b.view(shape) if b.dim() else b.to(mid.device)
+    mid = mid + b
+    slack = gamma(terms + 4, U64) * (mag + b.abs())
+    err = _up(err_in + gamma(terms + 1, u) * (mag_float + b.abs()), terms)
+    return Region(mid - rad - slack, mid + rad + slack, err)
+
+
+def _linear(m: nn.Linear, region: Region, u: float) -> Region:
+    w = m.weight.detach().double()
+    return _affine(region, lambda t: F.linear(t, w), lambda t: F.linear(t, w.abs()), m.bias, m.in_features, u)
+
+
+def _conv(m: nn.Conv2d, region: Region, u: float) -> Region:
+    w = m.weight.detach().double()
+
+    def conv(t: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(t, weight, None, m.stride, m.padding, m.dilation, m.groups)
+
+    terms = (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    return _affine(region, lambda t: conv(t, w), lambda t: conv(t, w.abs()), m.bias, terms, u)
+
+
+def _scale_shift(region: Region, scale: Tensor, shift: Tensor, magnitude_terms: Tensor, ops64: int,
+                 ops: int, u: float) -> Region:
+    """Elementwise ``scale·x + shift`` (float64 coefficients); ``magnitude_terms`` bounds the size of
+    the intermediate terms besides |scale·x| (e.g. |mean·scale| + |β|)."""
+    lo, hi = region.lo * scale + shift, region.hi * scale + shift
+    lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
+    size = scale.abs() * region.magnitude() + magnitude_terms
+    slack = gamma(ops64, U64) * size
+    err = _up(scale.abs() * region.err + gamma(ops, u) * (size + scale.abs() * region.err), 4)
+    return Region(lo - slack, hi + slack, err)
+
+
+def _channel_view(t: Tensor, like: Tensor) -> Tensor:
+    return t.detach().double().view([1, -1] + [1] * (like.dim() - 2))
+
+
+def _batchnorm(m: nn.modules.batchnorm._BatchNorm, region: Region, u: float) -> Region:
+    """Inference BatchNorm computed as x·α + (β − μ·α), α = γ/√(var + ε): ≤ 12 rounded operations."""
+    if m.training:
+        raise RoundingUnsupported("BatchNorm in training mode depends on the batch")
+    var, mean = _channel_view(m.running_var, region.lo), _channel_view(m.running_mean, region.lo)
+    alpha = 1.0 / torch.sqrt(var + m.eps)
+    if m.weight is not None:
+        alpha = alpha * _channel_view(m.weight, region.lo)
+    beta = _channel_view(m.bias, region.lo) if m.bias is not None else torch.zeros_like(alpha)
+    return _scale_shift(region, alpha, beta - mean * alpha, beta.abs() + (mean * alpha).abs(), 12, 12, u)
+
+
+def _normalize(m: Normalize, region: Region, u: float) -> Region:
+    """(x − μ)/σ: two correctly rounded operations."""
+    std, mean = m.std.detach().double(), m.mean.detach().double()
+    return _scale_shift(region, 1.0 / std, -mean / std, (mean / std).abs(), 4, 2, u)
+
+
+def _pool(m: nn.Module, region: Region, u: float) -> Region:
+    """Pooling: max pools are exact; average pools are non-negative averaging maps of ≤ k terms."""
+    if type(m) in (nn.MaxPool2d, nn.AdaptiveMaxPool2d):
+        return region.map(m)
+    if type(m) is nn.AvgPool2d:
+        kh, kw = (m.kernel_size, m.kernel_size) if isinstance(m.kernel_size, int) else m.kernel_size
+        terms = kh * kw
+    else:  # adaptive average pooling: windows of at most ⌈n/o⌉ + 1 entries per axis
+        size = region.lo.shape[-2:]
+        out = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
+        terms = math.prod(-(-n // (o or n)) + 1 for n, o in zip(size, out))
+    magnitude = region.magnitude()
+    slack = gamma(terms + 2, U64) * m(magnitude)
+    err = _up(m(region.err) + gamma(terms + 1, u) * m(magnitude + region.err), terms)
+    return Region(m(region.lo) - slack, m(region.hi) + slack, err)
+
+
+def _activation(m: nn.Module, region: Region, u: float) -> Region:
+    kind = type(m)
+    if kind in _CLAMPS:
+        return Region(m(region.lo), m(region.hi), region.err)
+    if kind is nn.LeakyReLU:
+        slope = float(m.negative_slope)
+        lipschitz, lo, hi = max(1.0, slope), m(region.lo), m(region.hi)
+        slack = U64 * torch.maximum(lo.abs(), hi.abs())
+        err = _up(lipschitz * region.err + u * slope * (region.magnitude() + region.err), 2)
+        return Region(lo - slack, hi + slack, err)
+    if kind is nn.ELU:
+        lipschitz = max(1.0, float(m.alpha))
+    elif kind is nn.Softplus:
+        lipschitz = 1.0
+    elif kind in _SMOOTH:
+        lipschitz = _SMOOTH[kind]
+    else:
+        raise RoundingUnsupported(f"no rounding rule for {kind.__name__}")
+    lo, hi = m(region.lo), m(region.hi)
+    slack = SMOOTH_ULPS * 2 * U64 * (torch.maximum(lo.abs(), hi.abs()) + 1)
+    lo, hi = lo - slack, hi + slack
+    out_magnitude = torch.maximum(lo.abs(), hi.abs()) + lipschitz * region.err
+    err = _up(lipschitz * region.err + SMOOTH_ULPS * 2 * u * (out_magnitude + 1), 2)
+    return Region(lo, hi, err)
+
+
+def _linf_dist(m: LinfDist, region: Region, u: float) -> Region:
+    """p = ∞: y_j = max_i |x_i − w_ji| (+ b_j); each difference is rounded once, max and |·| are exact,
+    so |ỹ − y| ≤ max_i e_i + u·|ỹ| (+ the bias addition)."""
+    w = m.weight.detach().double()
+    lo, hi = lp_distance_bounds(region.lo, region.hi, w, math.inf)
+    err_in = region.err.amax(dim=1, keepdim=True)
+    b = m.bias.detach().double() if m.bias is not None else torch.zeros((), dtype=torch.float64)
+    lo, hi = lo + b, hi + b
+    size = torch.maximum(lo.abs(), hi.abs()) + b.abs()
+    slack = 4 * U64 * size
+    err = _up(err_in + 2 * gamma(2, u) * (size + err_in + b.abs()), 2).expand_as(lo).clone()
+    return Region(lo - slack, hi + slack, err)
+
+
+def _mean_shift(m: MeanShift, region: Region, u: float) -> Region:
+    if m.training:
+        raise RoundingUnsupported("MeanShift in training mode depends on the batch")
+    mean = _channel_view(m.running_mean, region.lo)
+    return _scale_shift(region, torch.ones_like(mean), -mean, mean.abs(), 2, 1, u)
+
+
+def _residual(m: Residual, region: Region, u: float) -> Region:
+    """a·body(x) + b·shortcut(x): two products and a sum, each rounded once."""
+    a, b = m.coefficients
+    body, short = walk(m.body, region, u), walk(m.shortcut, region, u)
+    parts = [(a * body.lo, a * body.hi), (b * short.lo, b * short.hi)]
+    lo = sum(torch.minimum(p, q) for p, q in parts)
+    hi = sum(torch.maximum(p, q) for p, q in parts)
+    size = abs(a) * body.magnitude() + abs(b) * short.magnitude()
+    slack = gamma(4, U64) * size
+    err = _up(abs(a) * body.err + abs(b) * short.err
+              + gamma(2, u) * (size + abs(a) * body.err + abs(b) * short.err), 4)
+    return Region(lo - slack, hi + slack, err)  # type: ignore[arg-type]
+
+
+def layers(model: nn.Module) -> Iterator[nn.Module]:
+    """The modules of nested ``nn.Sequential`` containers, in order (exact type only)."""
+    if type(model) is nn.Sequential:
+        for child in model:
+            yield from layers(child)
+    else:
+        yield model
+
+
+def walk(model: nn.Module, region: Region, u: float) -> Region:
+    """Propagate a region through ``model`` (exact module types only, eval-mode semantics)."""
+    for m in layers(model):
+        reason = problem(m)
+        if reason is not None:
+            raise RoundingUnsupported(reason)
+        kind = type(m)
+        if kind is nn.Linear:
+            region = _linear(m, region, u)
+        elif kind is nn.Conv2d:
+            region = _conv(m, region, u)
+        elif kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+            region = _batchnorm(m, region, u)
+        elif kind is Normalize:
+            region = _normalize(m, region, u)
+        elif kind in (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+            region = _pool(m, region, u)
+        elif kind in _PASS_THROUGH:
+            region = region.map(nn.Identity() if kind.__name__.startswith(("Dropout", "Alpha")) else m)
+        elif kind is Negate:
+            region = Region(-region.hi, -region.lo, region.err)
+        elif kind is LinfDist:
+            region = _linf_dist(m, region, u)
+        elif kind is MeanShift:
+            region = _mean_shift(m, region, u)
+        elif kind is Residual:
+            region = _residual(m, region, u)
+        else:
+            region = _activation(m, region, u)
+    return region
+
+
+def model_roundoff(model: nn.Module) -> float:
+    """The unit roundoff of the dtype ``model`` computes in (its parameters' dtype)."""
+    reference = next(iter(model.parameters()), None)
+    return unit_roundoff(reference.dtype if reference is not None else torch.float32)
+
+
+def problem(module: nn.Module) -> str | None:
+    """Why ``module`` (one layer, exact type) has no rounding rule here, or None."""
+    kind = type(module)
+    if kind not in _HANDLED:
+        known = next((k for k in _HANDLED if isinstance(module, k)), None)
+        if known is not None:
+            return f"{kind.__name__} is a subclass of {known.__name__} (only exact types have rules)"
+        return f"no rounding rule for {kind.__name__}"
+    settings = {
+        nn.Conv2d: lambda m: m.padding_mode != "zeros" and f"Conv2d with padding_mode={m.padding_mode!r}",
+        LinfDist: lambda m: not math.isinf(m.p) and f"ℓ∞-dist layer with finite p = {m.p:g} (its p-norm "
+                                                    "kernel has no proven error bound)",
+        nn.BatchNorm1d: lambda m: m.running_var is None and "BatchNorm without running statistics",
+        nn.BatchNorm2d: lambda m: m.running_var is None and "BatchNorm without running statistics",
+        nn.LeakyReLU: lambda m: m.negative_slope < 0 and "LeakyReLU with a negative slope is not monotone",
+        nn.ELU: lambda m: m.alpha < 0 and "ELU with a negative alpha is not monotone",
+        nn.Hardtanh: lambda m: not m.min_val <= m.max_val and "Hardtanh with min_val > max_val",
+        nn.MaxPool2d: lambda m: m.return_indices and "MaxPool2d with return_indices=True",
+        Normalize: lambda m: not (torch.isfinite(m.std).all() and torch.isfinite(m.mean).all()
+                                  and bool((m.std > 0).all())) and "Normalize with non-finite or non-positive buffers",
+    }
+    rule = settings.get(kind)
+    return (rule(module) or None) if rule is not None else None
+
+
+def check(model: nn.Module) -> None:
+    """Raise :class:`RoundingUnsupported` unless every module of ``model`` has a rounding rule here."""
+    for m in layers(model):
+        reason = problem(m)
+        if reason is not None:
+            raise RoundingUnsupported(reason)
+        if type(m) is Residual:
+            check(m.body)
+            check(m.shortcut)
+    model_roundoff(model)
+
+
+_HANDLED = {nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, Normalize, nn.MaxPool2d, nn.AdaptiveMaxPool2d,
+            nn.AvgPool2d, nn.AdaptiveAvgPool2d, *_PASS_THROUGH, Negate, LinfDist, MeanShift, Residual, *_CLAMPS,
+            nn.LeakyReLU, nn.ELU, *_SMOOTH}
+
+
+@dataclass(frozen=True)
+class MarginBounds:
+    """Per sample and class j (B, K), float64: ``lower`` ≤ the exact z_y − z_j on the whole region;
+    ``error`` ≥ how far any float pass at any point of the region can move that margin (e_y + e_j).
+    Column y holds +inf and 0."""
+
+    lower: Tensor
+    error: Tensor
+
+    def certified(self) -> Tensor:
+        """Per sample: every margin stays positive, exactly and in floating point, on the region."""
+        return ((self.lower - self.error) > 0).all(dim=1)
+
+
+def _last_linear(model: nn.Module) -> tuple[list[nn.Module], nn.Linear | None]:
+    chain = list(layers(model))
+    tail = len(chain)
+    while tail > 0 and type(chain[tail - 1]) in _PASS_THROUGH:
+        tail -= 1
+    if tail > 0 and type(chain[tail - 1]) is nn.Linear and all(type(m) is nn.Identity or
+                                                              type(m).__name__.startswith("Dropout")
+                                                              for m in chain[tail:]):
+        return chain[:tail - 1], chain[tail - 1]
+    return chain, None
+
+
+@torch.no_grad()
+def margin_bounds(model: nn.Module, region: Region, y: Tensor) -> MarginBounds:
+    """Bounds of every margin over ``region``; a final Linear layer is folded into the margins
+    (rows ``w_y − w_j``, as IBP with an elided last layer, Gowal et al. 2018 §3), in float64 with
+    the midpoint–radius widening of the module docstring."""
+    u = model_roundoff(model)
+    body, last = _last_linear(model)
+    hidden = walk(nn.Sequential(*body), region, u)
+    if last is None:
+        e = hidden.err.flatten(1)
+        lower = hidden.lo.flatten(1).gather(1, y[:, None]) - hidden.hi.flatten(1)
+        error = e.gather(1, y[:, None]) + e
+    else:
+        out = _linear(last, hidden, u)
+        w = last.weight.detach().double()
+        diff = w[y][:, None, :] - w[None]  # (B, K, H): exact enough, covered by the γ below
+        c = (hidden.lo + hidden.hi) / 2
+        r = (hidden.hi - hidden.lo) / 2 + U64 * (hidden.lo.abs() + hidden.hi.abs())
+        bias = torch.zeros(1, dtype=torch.float64, device=c.device) if last.bias is None \
+            else last.bias.detach().double()
+        bias_diff = bias[y][:, None] - bias[None]
+        size = (diff.abs() @ (c.abs() + r)[:, :, None]).squeeze(-1) + bias[y][:, None].abs() + bias.abs()[None]
+        lower = ((diff @ c[:, :, None]).squeeze(-1) - (diff.abs() @ r[:, :, None]).squeeze(-1) + bias_diff
+                 - gamma(last.in_features + 6, U64) * size)
+        error = out.err.gather(1, y[:, None]) + out.err
+    lower = lower.scatter(1, y[:, None], math.inf)
+    error = _up(error.scatter(1, y[:, None], 0.0), 2)
+    return MarginBounds(lower, error)
