@@ -8,7 +8,7 @@ import sys
 
 from snakemake.utils import min_version
 
-from certbench.config import ConfigError, validate
+from certbench.config import ConfigError, type_overrides, validate
 
 min_version("9.0")
 
@@ -20,8 +20,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# `--config` values are typed as in a config file (Snakemake leaves `seeds=[0]` as ["0"]).
 try:
-    CONFIG = validate(config)
+    CONFIG = validate(type_overrides(config, workflow.config_settings.config))
 except ConfigError as error:
     sys.exit(f"certbench: config error: {error}")
 
@@ -40,3 +41,4 @@ rule all:
         rules.config_snapshot.output,
         rules.tables.output,
         rules.figures.output,
+        rules.front_page.output,

@@ -3,19 +3,51 @@
     certbench train   --run-config run.json --out-dir DIR
     certbench certify --run-config run.json --run-dir DIR --out certify.json
     certbench attack  --run-config run.json --run-dir DIR --out attack.json
-    certbench audit   --out results/audit.csv RUN_DIR...
+    certbench audit   --out results/audit.csv RECORD_OR_RUN_DIR...
     certbench collect --out results/summary.csv --radii results/radii.csv RECORD...
     certbench tables  --summary results/summary.csv --audit results/audit.csv --out-dir results/tables
     certbench figures --summary results/summary.csv --radii results/radii.csv --out-dir figures
-    certbench check-config CONFIG.yaml
+    certbench check-config CONFIG.yaml [--config KEY=VALUE ...]
+    certbench run [SNAKEMAKE OPTIONS ...]
+
+Errors are one line on stderr, starting with "certbench: "; the exit status is 2 for a bad
+argument, file or config and 1 when the work itself failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+RUN_HELP = """\
+Run the DAG: `snakemake` with the same options. Snakemake reads --configfile and parses --config
+before it reads the workflow, so a missing config file or a dotted key ends there in a traceback.
+`certbench run` first checks that every --configfile exists and is a YAML mapping (one-line error)
+and turns dotted --config keys into nested ones: training.epochs=3 becomes training={"epochs": "3"},
+which Snakemake merges key by key. The workflow types every --config value as in a config file.
+Example: certbench run --cores 2 --configfile config/smoke.yaml --config training.epochs=3 seeds=[0]
+"""
+
+
+class UsageError(Exception):
+    """A missing file or directory, or nothing to do: one line, exit status 2."""
+
+
+def version() -> str:
+    """The installed distribution's version, or the package's own when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("certbench")
+    except metadata.PackageNotFoundError:
+        from certbench import __version__
+
+        return __version__
 
 
 def _threads(count: int) -> None:
@@ -24,47 +56,129 @@ def _threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="certbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("train", "certify", "attack"):
-        sub = commands.add_parser(name)
-        sub.add_argument("--run-config", type=Path, required=True)
-        sub.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--version", action="version", version=f"certbench {version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {"train": "train one run (resumes from its checkpoint)",
+             "certify": "apply every applicable certificate to a trained run",
+             "attack": "run every configured attack on a trained run"}
+    for name, text in helps.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--run-config", type=Path, required=True, metavar="RUN.JSON",
+                         help="the run's resolved config (run.json, written by the DAG's run_config rule)")
+        sub.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
         if name == "train":
-            sub.add_argument("--out-dir", type=Path, required=True)
+            sub.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
+                             help="run directory for model.pt, train.json and the checkpoint")
         else:
-            sub.add_argument("--run-dir", type=Path, required=True)
-            sub.add_argument("--out", type=Path, required=True)
-    audit = commands.add_parser("audit")
-    audit.add_argument("--out", type=Path, required=True)
-    audit.add_argument("records", type=Path, nargs="*")
-    collect = commands.add_parser("collect")
-    collect.add_argument("--out", type=Path, required=True)
-    collect.add_argument("--radii", type=Path, required=True)
-    collect.add_argument("records", type=Path, nargs="+")
-    tables = commands.add_parser("tables")
-    tables.add_argument("--summary", type=Path, required=True)
-    tables.add_argument("--audit", type=Path, required=True)
-    tables.add_argument("--published", type=Path)
-    tables.add_argument("--out-dir", type=Path, required=True)
-    figures = commands.add_parser("figures")
-    figures.add_argument("--summary", type=Path, required=True)
-    figures.add_argument("--radii", type=Path, required=True)
-    figures.add_argument("--out-dir", type=Path, required=True)
-    check = commands.add_parser("check-config")
-    check.add_argument("config", type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            sub.add_argument("--run-dir", type=Path, required=True, metavar="DIR",
+                             help="the trained run's directory (model.pt and train.json)")
+            sub.add_argument("--out", type=Path, required=True, metavar="JSON",
+                             help=f"where to write the {name} results ({name}.json)")
+    text = "check that no attack beats a certified radius"
+    audit = commands.add_parser("audit", help=text, description=text)
+    audit.add_argument("--out", type=Path, required=True, metavar="CSV",
+                       help="the audit table (one row per run and certificate)")
+    audit.add_argument("records", type=Path, nargs="*", metavar="RECORD",
+                       help="record.json files of the runs, or their run directories (at least one)")
+    text = "join records into the summary and the radii table"
+    collect = commands.add_parser("collect", help=text, description=text)
+    collect.add_argument("--out", type=Path, required=True, metavar="CSV", help="the summary (one row per run)")
+    collect.add_argument("--radii", type=Path, required=True, metavar="CSV",
+                         help="certified radii and attack distances per sample")
+    collect.add_argument("records", type=Path, nargs="+", metavar="RECORD", help="record.json files of the runs")
+    text = "write the tables (CSV, Markdown, LaTeX)"
+    tables = commands.add_parser("tables", help=text, description=text)
+    tables.add_argument("--summary", type=Path, required=True, metavar="CSV", help="the summary from `collect`")
+    tables.add_argument("--audit", type=Path, required=True, metavar="CSV", help="the audit table from `audit`")
+    tables.add_argument("--published", type=Path, metavar="CSV", help="published figures to show beside ours")
+    tables.add_argument("--out-dir", type=Path, required=True, metavar="DIR", help="where to write the tables")
+    text = "draw the figures (PNG and PDF)"
+    figures = commands.add_parser("figures", help=text, description=text)
+    figures.add_argument("--summary", type=Path, required=True, metavar="CSV", help="the summary from `collect`")
+    figures.add_argument("--radii", type=Path, required=True, metavar="CSV", help="the radii table from `collect`")
+    figures.add_argument("--out-dir", type=Path, required=True, metavar="DIR", help="where to write the figures")
+    text = "validate a config file (schema and registries) as the DAG would"
+    check = commands.add_parser("check-config", help=text, description=text)
+    check.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the config file to check")
+    check.add_argument("--config", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="overrides as for the DAG; dotted keys and YAML values (training.epochs=3 seeds=[0])")
+    commands.add_parser("run", help="run the DAG: snakemake with its options, checked first (see run --help)",
+                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        usage="certbench run [SNAKEMAKE OPTIONS ...]")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     from certbench.config import ConfigError
 
+    if argv[:1] == ["run"] and not set(argv[1:2]) & {"-h", "--help"}:
+        # Everything after `run` belongs to Snakemake, options included, so argparse never sees it.
+        try:
+            return run_snakemake(argv[1:])
+        except ConfigError as error:
+            print(f"certbench: config error: {error}", file=sys.stderr)
+            return 2
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from certbench.storage import CorruptFileError
+
     try:
+        _check_paths(args)
         return _dispatch(args)
     except ConfigError as error:
         print(f"certbench: config error: {error}", file=sys.stderr)
         return 2
+    except UsageError as error:
+        print(f"certbench: {error}", file=sys.stderr)
+        return 2
+    except CorruptFileError as error:
+        print(f"certbench: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"certbench: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """The inputs a command reads exist, before any work (or a torch import) starts."""
+    def need_file(option: str, path: Path | None) -> None:
+        if path is not None and not path.is_file():
+            raise UsageError(f"{option} {path}: no such file" if not path.exists() else f"{option} {path}: not a file")
+
+    def need_dir(option: str, path: Path) -> None:
+        if not path.is_dir():
+            raise UsageError(f"{option} {path}: no such directory" if not path.exists()
+                             else f"{option} {path}: not a directory")
+
+    if args.command in ("train", "certify", "attack"):
+        need_file("--run-config", args.run_config)
+        if args.command != "train":
+            need_dir("--run-dir", args.run_dir)
+            for name in ("train.json", "model.pt"):
+                if not (args.run_dir / name).is_file():
+                    raise UsageError(f"--run-dir {args.run_dir}: no {name} in it (is the run trained?)")
+    elif args.command == "audit":
+        if not args.records:
+            raise UsageError("audit: no records given; pass the record.json files (or run directories) to audit")
+        args.records = [path / "record.json" if path.is_dir() else path for path in args.records]
+        for path in args.records:
+            need_file("record", path)
+    elif args.command == "collect":
+        for path in args.records:
+            need_file("record", path)
+    elif args.command == "tables":
+        need_file("--summary", args.summary)
+        need_file("--audit", args.audit)
+        need_file("--published", args.published)
+    elif args.command == "figures":
+        need_file("--summary", args.summary)
+        need_file("--radii", args.radii)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -86,7 +200,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "audit":
         from certbench.audit import audit
-        audit(args.records, args.out)
+        frame = audit(args.records, args.out)
+        if frame.empty:
+            # Every run diverged or failed: nothing to audit, which the DAG reports in its tables.
+            print(f"certbench: audit: nothing to audit in {len(args.records)} record(s) (no finished run with "
+                  f"an applicable certificate); {args.out} lists no certificate", file=sys.stderr)
         return 0
     if args.command == "collect":
         from certbench.collect import collect
@@ -101,9 +219,83 @@ def _dispatch(args: argparse.Namespace) -> int:
         write_figures(args.summary, args.radii, args.out_dir)
         return 0
     from certbench import config as cfg
-    cfg.validate(cfg.load(args.config))
+    cfg.validate(cfg.merge(cfg.read_config_file(args.config), cfg.parse_overrides(args.overrides)))
     print(f"{args.config}: valid")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# certbench run: snakemake, with its --configfile and --config checked first
+# ---------------------------------------------------------------------------------------------
+
+def _option_values(args: list[str], start: int) -> int:
+    """Index just past the values of the option at ``start - 1`` (they end at the next option)."""
+    end = start
+    while end < len(args) and not args[end].startswith("-"):
+        end += 1
+    return end
+
+
+def snakemake_args(args: list[str]) -> list[str]:
+    """Snakemake's arguments with every --configfile checked and dotted --config keys nested.
+
+    ``training.epochs=3`` becomes ``training={"epochs": "3"}`` (Snakemake merges mappings key by key
+    and the workflow types the text as in a config file); other entries pass unchanged.
+    """
+    import json
+
+    from certbench import config as cfg
+
+    out: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        name, eq, inline = arg.partition("=")
+        if name in ("--configfile", "--configfiles") and eq:
+            cfg.read_config_file(inline)
+            out.append(arg)
+            index += 1
+            continue
+        if arg in ("--configfile", "--configfiles", "--config", "-C"):
+            end = _option_values(args, index + 1)
+            values = args[index + 1:end]
+            if arg in ("--configfile", "--configfiles"):
+                if not values:
+                    raise cfg.ConfigError(f"{arg}: expected a file name")
+                for path in values:
+                    cfg.read_config_file(path)
+            else:
+                rewritten = []
+                for entry in values:
+                    key = entry.partition("=")[0]
+                    if "." in key:
+                        nested = cfg.parse_overrides([entry], typed=False)
+                        top = next(iter(nested))
+                        entry = f"{top}={json.dumps(nested[top])}"
+                    else:
+                        cfg.parse_overrides([entry], typed=False)  # the same one-line error for a bad entry
+                    rewritten.append(entry)
+                values = rewritten
+            out += [arg, *values]
+            index = end
+            continue
+        out.append(arg)
+        index += 1
+    return out
+
+
+def _snakemake_command() -> list[str]:
+    beside = Path(sys.executable).with_name("snakemake")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("snakemake")
+    return [found] if found else [sys.executable, "-m", "snakemake"]
+
+
+def run_snakemake(args: list[str]) -> int:
+    """``snakemake ARGS`` after :func:`snakemake_args`; returns Snakemake's exit status."""
+    command = [*_snakemake_command(), *snakemake_args(args)]
+    return subprocess.run(command, check=False).returncode
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ import copy
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,134 @@ def validate_schema(config: Mapping[str, Any]) -> dict[str, Any]:
     return filled
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; a missing, unreadable or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read ({error})") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from error
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values, not {type(config).__name__}")
+    return config
+
+
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read a YAML config, merge ``overrides`` (top-level keys) and validate the schema."""
-    config = yaml.safe_load(Path(path).read_text()) or {}
-    config.update(overrides or {})
-    return validate_schema(config)
+    """Read a YAML config, merge ``overrides`` into it (nested mappings merged key by key, as
+    Snakemake merges ``--config``) and validate the schema."""
+    return validate_schema(merge(read_config_file(path), overrides or {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# `--config KEY=VALUE` overrides: typed values and dotted keys
+# ---------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_KEY_PART = re.compile(r"[A-Za-z_][\w-]*")
+_NULLS = ("null", "Null", "NULL", "~", "")
+
+
+def typed_value(text: str) -> Any:
+    """``text`` as a value in a YAML config file would read (``3`` → 3, ``[0, 1]`` → [0, 1],
+    ``true``, ``null``), and ``1e-3`` as the number that YAML 1.1 leaves a string; text that is
+    not valid YAML stays text."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.fullmatch(text.strip()):
+        return float(text)
+    return value
+
+
+def merge(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with ``overrides`` merged in: mappings key by key, anything else replaced
+    (Snakemake's rule for ``--config``)."""
+    merged = copy.deepcopy(dict(config))
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_overrides(entries: Iterable[str], typed: bool = True) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as one nested mapping: ``training.epochs=3`` → {"training": {"epochs": 3}}.
+
+    Values are typed as in a YAML config file (:func:`typed_value`) except where the schema wants
+    text (``results_dir=001`` stays ``"001"``); ``typed=False`` leaves every value as its text.
+    Later entries win, merged key by key.
+    """
+    overrides: dict[str, Any] = {}
+    for entry in entries:
+        key, sep, text = entry.partition("=")
+        parts = key.split(".")
+        if not sep or not all(_KEY_PART.fullmatch(part) for part in parts):
+            raise ConfigError(f"--config {entry}: expected KEY=VALUE with KEY a name or dotted names "
+                              f"(seeds=[0], training.epochs=3)")
+        value: Any = text
+        for part in reversed(parts):
+            value = {part: value}
+        overrides = merge(overrides, value)
+    if not typed:
+        return overrides
+    schema = load_schema()
+    return _typed_like_schema(overrides, schema, schema)
+
+
+def _resolve(node: Any, root: Mapping[str, Any]) -> dict[str, Any]:
+    while isinstance(node, dict) and "$ref" in node:
+        target: Any = root
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return node if isinstance(node, dict) else {}
+
+
+def _child(node: Any, key: str | int, root: Mapping[str, Any]) -> Any:
+    node = _resolve(node, root)
+    if isinstance(key, int):
+        return node.get("items", {})
+    if key in node.get("properties", {}):
+        return node["properties"][key]
+    extra = node.get("additionalProperties", {})
+    return extra if isinstance(extra, dict) else {}
+
+
+def _typed_like_schema(value: Any, node: Any, root: Mapping[str, Any]) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _typed_like_schema(item, _child(node, key, root), root) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_typed_like_schema(item, _child(node, index, root), root) for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    types = _resolve(node, root).get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if "string" in types:  # text where the schema wants text; `null` where it also allows null
+        return None if "null" in types and value in _NULLS else value
+    return typed_value(value)
+
+
+def type_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the values that came from Snakemake's ``--config`` typed as in a config file.
+
+    Snakemake types only top-level values; inside ``[…]`` or ``{…}`` it leaves text (``seeds=[0]``
+    arrives as ``["0"]``). Every text value in ``overrides`` is read as YAML unless the schema wants
+    text at that place (``results_dir=001`` stays ``"001"``); ``config`` already holds ``overrides``
+    merged in, so merging the typed copy again replaces the text.
+    """
+    schema = load_schema()
+    return merge(config, _typed_like_schema(dict(overrides), schema, schema))
 
 
 def runs(config: Mapping[str, Any]) -> list[RunId]:
@@ -202,11 +326,15 @@ def validate(config: Mapping[str, Any], cache_dir: str | Path = ".snakemake/cert
     Returns the config with every default filled in (method parameters included).
     """
     filled = validate_schema(config)
-    cache = Path(cache_dir) / f"config-{config_hash([filled, _source_fingerprint()])}.json"
+    # The registry checks read neither where results go nor what the scheduler is asked for, and
+    # only the first seed's runs are built: configs that differ there share one check (and cache entry).
+    probe = {key: value for key, value in filled.items() if key not in _NOT_CHECKED_BY_REGISTRIES}
+    probe["seeds"] = filled["seeds"][:1]
+    cache = Path(cache_dir) / f"config-{config_hash([probe, _source_fingerprint()])}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        return _unprobe(json.loads(cache.read_text()), filled)
     result = subprocess.run([sys.executable, "-m", "certbench.catalogue", "check-config"],
-                            input=json.dumps(filled), capture_output=True, text=True,
+                            input=json.dumps(probe), capture_output=True, text=True,
                             cwd=REPO_ROOT, check=False)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -217,4 +345,14 @@ def validate(config: Mapping[str, Any], cache_dir: str | Path = ".snakemake/cert
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(checked))
     os.replace(tmp, cache)
+    return _unprobe(checked, filled)
+
+
+_NOT_CHECKED_BY_REGISTRIES = ("results_dir", "figures_dir", "resources")
+
+
+def _unprobe(checked: dict[str, Any], filled: Mapping[str, Any]) -> dict[str, Any]:
+    """The registry-checked config with the keys :func:`validate` left out of the check put back."""
+    for key in (*_NOT_CHECKED_BY_REGISTRIES, "seeds"):
+        checked[key] = copy.deepcopy(filled[key])
     return checked

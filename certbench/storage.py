@@ -8,6 +8,7 @@ mismatching hash refuses the file (:class:`CorruptFileError`) instead of using i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -63,6 +64,8 @@ def read_verified(path: str | Path) -> bytes:
     """The bytes of ``path`` after checking them against ``path.sha256``."""
     path = Path(path)
     hash_file = _hash_path(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
     if not hash_file.is_file():
         raise CorruptFileError(f"{path}: no hash file {hash_file.name} beside it")
     data = path.read_bytes()

@@ -77,9 +77,32 @@ def test_normalisation_is_folded_into_the_first_layer() -> None:
     assert np.allclose(mlp_weights(model)[0], (first / torch.tensor([0.5, 0.5, 0.25, 0.25])).numpy())
 
 
-def test_repair_makes_the_lmi_negative_semidefinite() -> None:
-    weights = random_weights(4, (6, 10, 10, 3))
+def lipschitz_lower_bound(weights: list[np.ndarray], samples: int = 2000) -> float:
+    """max ‖W_l D_l ⋯ D_1 W₀‖₂ over diagonal D_k with entries in [0, 1]: the identity, 0/1 patterns and
+    uniform draws. Each such D is the Jacobian of some activation slope-restricted in [0, 1], so every
+    LipSDP-Neuron certificate √ρ is at least this (a lower bound computed without the LMI)."""
+    rng = np.random.default_rng(1)
+    best = 0.0
+    for draw in (lambda n: np.ones((1, n)), lambda n: rng.integers(0, 2, (samples, n)).astype(float),
+                 lambda n: rng.uniform(0, 1, (samples, n))):
+        jac = weights[0][None]
+        for w in weights[1:]:
+            jac = w[None] @ (draw(w.shape[1])[:, :, None] * jac)
+        best = max(best, float(np.linalg.norm(jac, 2, axis=(1, 2)).max()))
+    return best
+
+
+@pytest.mark.parametrize("seed", [1, 4, 7])
+def test_repair_makes_the_lmi_negative_semidefinite(seed: int) -> None:
+    """What :func:`repair` guarantees, whatever (ρ, T) it is given: None, or a certified answer (T ⪰ 0 and
+    M(ρ, T) ⪯ 0 with the float64 round-off margin) with T the given one (floored at 1e-9·max T) or that
+    times one factor s > 1 when K(T) ⊀ 0, ρ the smallest certified value for that T, and √ρ a bound on the
+    Lipschitz constant. Not guaranteed: ρ ≥ the ρ it was given (another T can admit a smaller ρ), nor an
+    answer for every T (None when no scaling of T makes K negative definite). The solver's own answer
+    varies in its last digits between machines, so only these properties are asserted."""
+    weights = random_weights(seed, (6, 10, 10, 3))
     result = lipsdp(weights)
+    assert result.verified, result.message
     ts = result.multipliers
     lower = min_rho(weights, ts)
     assert lower is not None and result.bound ** 2 >= lower
@@ -87,17 +110,45 @@ def test_repair_makes_the_lmi_negative_semidefinite() -> None:
     assert max_eigenvalue(lmi_matrix(weights, 0.98 * lower, ts)) > 0
     assert not is_certified(weights, 0.98 * lower, ts)
     assert not is_certified(weights, result.bound ** 2, [-t for t in ts])
+
     shrunk = [0.1 * t for t in ts]
     assert min_rho(weights, shrunk) is None  # T too small: no ρ works unless T is scaled up
+    grown = [2.0 * t for t in ts]  # K(2T) = 2K(T) − P ≺ 0: repairable, with another minimal ρ
     rng = np.random.default_rng(0)
-    jittered = [t * rng.uniform(0.7, 1.3, t.shape) for t in ts]
-    for bad_rho, bad_t in [(0.5 * lower, ts), (lower, shrunk), (lower, jittered)]:
+    jittered = [t * rng.uniform(0.9, 1.1, t.shape) for t in ts]
+    true_lower = lipschitz_lower_bound(weights)
+    for bad_rho, bad_t in [(0.5 * lower, ts), (lower, shrunk), (lower, grown), (lower, jittered)]:
+        floor = 1e-9 * max(float(v.max()) for v in bad_t)
+        floored = [np.maximum(v, floor) for v in bad_t]
+        feasible_t = min_rho(weights, floored) is not None
         fixed = repair(weights, bad_rho, bad_t)
-        assert fixed is not None
+        if is_certified(weights, bad_rho, bad_t):  # already a certificate: returned as it is
+            assert fixed is not None and fixed[0] == bad_rho
+            assert all(np.array_equal(a, b) for a, b in zip(fixed[1], bad_t, strict=True))
+            continue
+        if fixed is None:
+            assert bad_t is jittered and not feasible_t
+            continue
         rho, t = fixed
+        # certified in float64, with the margin for round-off
         assert all(np.all(v >= 0) for v in t)
+        assert is_certified(weights, rho, t)
         assert max_eigenvalue(lmi_matrix(weights, rho, t)) <= 0
-        assert rho >= bad_rho
+        # T kept (floored), or scaled up by one factor where K(T) is not negative definite
+        scale = float(t[0][0] / floored[0][0])
+        assert scale == 1 if feasible_t else scale > 1
+        assert all(np.allclose(a, scale * b, rtol=1e-12, atol=0) for a, b in zip(t, floored, strict=True))
+        # ρ is the smallest certified value for that T (bisection down to the Schur-complement minimum),
+        # up to round-off, which grows with the condition number of the hidden block K
+        minimum = min_rho(weights, t)
+        hidden = lmi_matrix(weights, 0.0, t)[weights[0].shape[1]:, weights[0].shape[1]:]
+        assert minimum is not None and minimum <= rho <= minimum * (1 + 1e-9 * np.linalg.cond(hidden))
+        # √ρ bounds the Lipschitz constant, computed without the LMI
+        assert math.sqrt(rho) >= true_lower
+        # a certified answer comes back unchanged
+        again = repair(weights, rho, t)
+        assert again is not None and again[0] == rho
+        assert all(np.array_equal(a, b) for a, b in zip(again[1], t, strict=True))
 
 
 def test_time_limit_and_solver_failure_claim_no_bound(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,8 +26,10 @@ def test_building_the_dag_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-def test_default_dag_plans_with_gpu_resources() -> None:
-    result = snakemake("-n", "--cores", "8", "--resources", "gpu=2")
+def test_default_dag_plans_with_gpu_resources(tmp_path: Path) -> None:
+    # Into an empty results_dir: the plan is the whole DAG whatever `make run` left in results/.
+    result = snakemake("-n", "--cores", "8", "--resources", "gpu=2",
+                       "--config", f"results_dir={tmp_path}/results", f"figures_dir={tmp_path}/figures")
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "audit_check" in result.stdout
 
