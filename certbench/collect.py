@@ -58,26 +58,45 @@ def convert_radius(radius: np.ndarray, source: str, target: str, input_dim: int)
     return radius / math.sqrt(input_dim)
 
 
-def best_certified_radius(samples: pd.DataFrame, certificates: Mapping[str, Any], norm: str,
-                          input_dim: int) -> np.ndarray:
-    """Per sample, the largest radius in ``norm`` that any certificate proves (0 if misclassified).
-
-    Radius certificates are converted between norms; ε-status certificates of the same norm
-    contribute the largest ε at which they certified the sample.
-    """
+def radius_certificate_radius(samples: pd.DataFrame, certificates: Mapping[str, Any], norm: str,
+                              input_dim: int) -> np.ndarray:
+    """Per sample, the largest radius in ``norm`` that a *radius* certificate proves, converted
+    between norms (certified at ε iff the radius exceeds ε); NaN for every sample when no
+    applicable certificate gives radii, 0 for misclassified samples."""
     correct = (samples["prediction"] == samples["label"]).to_numpy()
+    best = np.full(len(samples), np.nan)
+    for name, entry in certificates.items():
+        if entry["applicable"] and f"radius:{name}" in samples:
+            radius = np.nan_to_num(samples[f"radius:{name}"].to_numpy(dtype=float), nan=0.0)
+            best = np.fmax(best, convert_radius(radius, entry["norm"], norm, input_dim))
+    return np.where(correct | np.isnan(best), best, 0.0)
+
+
+def status_certified_radius(samples: pd.DataFrame, certificates: Mapping[str, Any], norm: str,
+                            input_dim: int) -> np.ndarray:
+    """Per sample, the largest ball in ``norm`` that a fixed-ε certificate (IBP, CROWN, …) proves:
+    the largest evaluated ε at which one certified the sample, converted between norms (an ℓ∞
+    ball of radius ε holds the ℓ2 ball of radius ε; an ℓ2 ball of radius ε holds the ℓ∞ ball of
+    radius ε/√d). Certified at ε iff this value is ≥ ε; 0 where none certified."""
     best = np.zeros(len(samples))
     for name, entry in certificates.items():
-        if not entry["applicable"]:
+        if not entry["applicable"] or f"radius:{name}" in samples:
             continue
-        if f"radius:{name}" in samples:
-            radius = np.nan_to_num(samples[f"radius:{name}"].to_numpy(dtype=float), nan=0.0)
-            best = np.maximum(best, convert_radius(radius, entry["norm"], norm, input_dim))
-        elif entry["norm"] == norm:
-            for column in (c for c in samples if c.startswith(f"status:{name}@")):
-                certified = samples[column].to_numpy() == "certified"
-                best = np.where(certified, np.maximum(best, float(column.rsplit("@", 1)[1])), best)
+        for column in (c for c in samples if c.startswith(f"status:{name}@")):
+            certified = samples[column].to_numpy() == "certified"
+            eps = convert_radius(np.asarray(float(column.rsplit("@", 1)[1])), entry["norm"], norm, input_dim)
+            best = np.where(certified, np.maximum(best, float(eps)), best)
+    correct = (samples["prediction"] == samples["label"]).to_numpy()
     return np.where(correct, best, 0.0)
+
+
+def best_certified_radius(samples: pd.DataFrame, certificates: Mapping[str, Any], norm: str,
+                          input_dim: int) -> np.ndarray:
+    """Per sample, the largest radius in ``norm`` that any certificate proves (0 if misclassified):
+    the larger of :func:`radius_certificate_radius` and :func:`status_certified_radius`, so an ℓ∞
+    guarantee counts as an ℓ2 one of the same radius and an ℓ2 one as an ℓ∞ one of radius r/√d."""
+    radius = np.nan_to_num(radius_certificate_radius(samples, certificates, norm, input_dim), nan=0.0)
+    return np.maximum(radius, status_certified_radius(samples, certificates, norm, input_dim))
 
 
 def smallest_adversarial(samples: pd.DataFrame, norm: str) -> np.ndarray:
@@ -130,12 +149,11 @@ def metrics(record: Mapping[str, Any], samples: pd.DataFrame) -> dict[str, Any]:
     attacks = record["attack"].get("attacks", {})
     eps_by_norm = {"linf": record["config"]["dataset"]["eps_linf"], "l2": record["config"]["dataset"]["eps_l2"]}
     for norm, values in eps_by_norm.items():
-        best = best_certified_radius(samples, certify["certificates"], norm, d)
+        by_radius = np.nan_to_num(radius_certificate_radius(samples, certify["certificates"], norm, d), nan=0.0)
+        by_status = status_certified_radius(samples, certify["certificates"], norm, d)
         for eps in values:
-            status_columns = [f"status:{n}@{format_eps(eps)}" for n, e in certify["certificates"].items()
-                              if e["applicable"] and e["norm"] == norm and f"status:{n}@{format_eps(eps)}" in samples]
-            by_status = (samples[status_columns].to_numpy() == "certified").any(axis=1) if status_columns else False
-            row[f"certified:{norm}@{format_eps(eps)}"] = float(np.mean((best > eps) | by_status))
+            certified = (by_radius > eps) | (by_status >= float(format_eps(eps)))
+            row[f"certified:{norm}@{format_eps(eps)}"] = float(np.mean(certified))
     survives: dict[tuple[str, float], np.ndarray] = {(n, float(e)): correct.copy()
                                                     for n, values in eps_by_norm.items() for e in values}
     for name, info in attacks.items():
@@ -197,13 +215,17 @@ def summary_row(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def radii(record: Mapping[str, Any], samples: pd.DataFrame) -> pd.DataFrame:
-    """Long table of one run: per sample and norm, the best certified radius and the smallest attack."""
+    """Long table of one run: per sample and norm, the best certified radius (any certificate,
+    ``certified_radius``), the radius from radius certificates alone (``radius_bound``, NaN when
+    the run has none: its fixed-ε certificates hold only at the evaluated ε) and the smallest
+    adversarial perturbation any attack found (``adversarial_norm``)."""
     if samples.empty:
         return pd.DataFrame()
     run, d = record["run"], DATASETS.get(record["run"]["dataset"]).input_dim
+    certificates = record["certify"]["certificates"]
     parts = [pd.DataFrame({"index": samples["index"], "norm": norm,
-                           "certified_radius": best_certified_radius(samples, record["certify"]["certificates"],
-                                                                     norm, d),
+                           "certified_radius": best_certified_radius(samples, certificates, norm, d),
+                           "radius_bound": radius_certificate_radius(samples, certificates, norm, d),
                            "adversarial_norm": smallest_adversarial(samples, norm)})
              for norm in ("l2", "linf")]
     frame = pd.concat(parts, ignore_index=True)
@@ -226,3 +248,25 @@ def collect(record_paths: Iterable[Path], out: Path, radii_out: Path) -> pd.Data
     radii_frame = pd.concat(long, ignore_index=True) if long else pd.DataFrame()
     atomic_write_bytes(radii_out, radii_frame.to_csv(index=False).encode())
     return frame
+
+
+def history(record_paths: Iterable[Path], out: Path) -> pd.DataFrame:
+    """``history.csv``: the per-epoch training log of every run (loss, training accuracy, learning
+    rate, seconds and each method's own statistics), one row per (run, epoch), for the training
+    curves. Diverged runs keep the epochs they finished."""
+    frames = []
+    for path in record_paths:
+        record = read_json(path)
+        run = record["run"]
+        frame = pd.DataFrame(record.get("history") or [])
+        if frame.empty:
+            continue
+        for key in ("seed", "arch", "name", "dataset"):
+            frame.insert(0, key, run[key])
+        frame.insert(4, "method", record["method"])
+        frame.insert(5, "status", record["status"])
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["dataset", "name", "arch", "seed", "method", "status", "epoch"])
+    atomic_write_bytes(out, table.to_csv(index=False).encode())
+    return table

@@ -1,12 +1,16 @@
-"""Tables from ``summary.csv`` and ``audit.csv``: mean ± std over seeds, as CSV, Markdown
-(tabulate) and LaTeX.
+"""Tables from ``summary.csv`` and ``audit.csv``: mean ± sd over seeds, as CSV, Markdown
+(tabulate), LaTeX and HTML.
 
-Runs that did not finish (``status`` other than ``ok``, e.g. ``diverged``) stay in every
-table as rows marked with their status instead of being dropped.
+The spread is the sample standard deviation (``ddof=1``), as in the figures; a cell with a single
+finished seed shows the value alone. Runs that did not finish (``status`` other than ``ok``,
+e.g. ``diverged``) stay in every table as rows marked with their status instead of being dropped.
+The CSV keeps the column keys of ``summary.csv`` (``median_radius_norm:lipschitz-l2``) for
+programs; Markdown, LaTeX and HTML show human headers (:func:`certbench.labels.column_label`).
 """
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from certbench.labels import column_label
 from certbench.storage import atomic_write_bytes
 
 KEYS = ["dataset", "name", "arch"]
@@ -24,9 +29,11 @@ def _fmt(values: pd.Series, percent: bool) -> str:
     if values.empty:
         return "–"
     scale = 100.0 if percent else 1.0
-    mean, std = values.mean() * scale, (values.std(ddof=0) * scale if len(values) > 1 else 0.0)
+    mean = values.mean() * scale
     digits = 2 if percent or abs(mean) >= 1 else 4
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {values.std(ddof=1) * scale:.{digits}f}"
 
 
 def aggregate(summary: pd.DataFrame, columns: Sequence[str], percent: Sequence[str] = (),
@@ -80,6 +87,7 @@ def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> 
         table[f"Δ {ours}"] = (mean - table[paper]).map(lambda v: f"{v:+.2f}" if np.isfinite(v) else "–")
         at = order.index(ours) + 1
         order[at:at] = [paper, f"Δ {ours}"]
+        table[paper] = pd.to_numeric(table[paper], errors="coerce").map(lambda v: f"{v:.2f}" if np.isfinite(v) else "–")
     return table[order]
 
 
@@ -132,11 +140,68 @@ TABLES: dict[str, Callable[..., pd.DataFrame]] = {
     "linf": linf_table, "lmt": lmt_table, "cost": cost_table, "cross": cross_table}
 
 
+TITLES = {"linf": "Clean, PGD and certified ℓ∞ accuracy", "lmt": "Certified ℓ2 radii (LMT)",
+          "cost": "Training cost", "cross": "Certified accuracy under every certificate",
+          "audit": "Soundness audit of the certificates"}
+CAPTIONS = {
+    "linf": "Reproduces Table 1 of Zhang et al. (2021), “Towards certifying ℓ∞ robustness using neural networks "
+            "with ℓ∞-dist neurons”: clean, PGD and certified accuracy (%) at each ℓ∞ ε; with a paper "
+            "configuration, the published numbers and our difference stand beside ours.",
+    "lmt": "Reproduces the certified-radius comparison of Tsuzuku et al. (2018), “Lipschitz-margin training” "
+           "(§5): clean accuracy and the mean and median certified ℓ2 radius divided by √n (n the input size), "
+           "per certificate.",
+    "cost": "Reproduces Table 4 of Zhang et al. (2021): seconds per training epoch, peak memory and parameters, "
+            "and the time relative to standard training on the same data set and architecture.",
+    "cross": "No paper table (certbench's cross-evaluation): certified accuracy (%) of every model under every "
+             "certificate at each ε; n/a where the certificate does not apply; errors: points whose verifier failed.",
+    "audit": "No paper table (certbench's soundness audit): per certificate, the (point, attack) pairs checked, "
+             "the points an attack broke inside the certified radius (must be 0) and the smallest ratio "
+             "attack norm / certified radius (≥ 1 for a sound certificate).",
+}
+SPREAD_NOTE = ("Cells: mean ± sample standard deviation (ddof = 1) over the seeds that finished; a single value "
+               "where one seed finished; – where nothing was measured.")
+HTML_STYLE = """body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;font-size:14px;margin:1em;color:#222}
+p{max-width:60em;line-height:1.4}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
+th{background:#f3f3f3;position:sticky;top:0;text-align:center;white-space:normal;min-width:5em;max-width:12em}
+tr:hover td{background:#fafafa}"""
+
+
+def human(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with human column headers (keys kept where there is no better name)."""
+    return table.rename(columns={c: column_label(str(c)) for c in table.columns})
+
+
+def _numeric(column: pd.Series) -> bool:
+    """Whether a column holds numbers (formatted ones included: ``85.00 ± 7.07``, ``2.00×``, ``–``)."""
+    text = column.dropna().astype(str)
+    return bool(len(text)) and text.str.fullmatch(r"[-+]?[\d.,]+(e[-+]?\d+)?( ± [\d.,]+)?×?|–|n/a|nan").all()
+
+
+def to_html(table: pd.DataFrame, title: str, caption: str = "", note: str = SPREAD_NOTE) -> str:
+    """A standalone HTML page with ``table`` (human headers), its title, caption and a note."""
+    body = human(table).to_html(index=False, border=0, na_rep="–", escape=True, float_format=lambda v: f"{v:.4g}")
+    text_columns = [i for i, c in enumerate(table.columns, start=1) if not _numeric(table[c])]
+    style = HTML_STYLE + "".join(f"\ntd:nth-child({i}){{text-align:left}}" for i in text_columns)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head>\n<body>\n<h3>{html.escape(title)}</h3>\n"
+            f"<p>{html.escape(caption)}</p>\n<p>{html.escape(note)}</p>\n{body}\n</body></html>\n")
+
+
 def write_table(table: pd.DataFrame, out_dir: Path, name: str) -> None:
+    """``name`` as ``.csv`` (column keys), ``.md``, ``.tex`` and ``.html`` (human headers)."""
     atomic_write_bytes(out_dir / f"{name}.csv", table.to_csv(index=False).encode())
-    atomic_write_bytes(out_dir / f"{name}.md", table.to_markdown(index=False).encode() + b"\n")
-    latex = table.to_latex(index=False).replace("±", r"$\pm$").replace("×", r"$\times$").replace("–", "--")
-    atomic_write_bytes(out_dir / f"{name}.tex", latex.replace("Δ", r"$\Delta$").encode())
+    shown = human(table)
+    atomic_write_bytes(out_dir / f"{name}.md", shown.to_markdown(index=False, disable_numparse=True).encode() + b"\n")
+    latex = shown.to_latex(index=False, escape=True).replace("±", r"$\pm$").replace("×", r"$\times$").replace("–", "--")
+    for symbol, command in (("Δ", r"$\Delta$"), ("ℓ∞", r"$\ell_\infty$"), ("ℓ2", r"$\ell_2$"), ("ε", r"$\varepsilon$"),
+                            ("√", r"$\surd$"), ("−", "-"), ("≥", r"$\geq$")):
+        latex = latex.replace(symbol, command)
+    atomic_write_bytes(out_dir / f"{name}.tex", latex.encode())
+    title = TITLES.get(name, f"Table {name}")
+    note = "Sums over runs; the worst ratio is the minimum." if name == "audit" else SPREAD_NOTE
+    atomic_write_bytes(out_dir / f"{name}.html", to_html(table, title, CAPTIONS.get(name, ""), note).encode())
 
 
 def write_tables(summary_path: Path, audit_path: Path, out_dir: Path, published_path: Path | None = None) -> None:

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
-from tqdm import tqdm
 
 from certbench.config import config_hash
 from certbench.data.loaders import load_split
 from certbench.method import LossOutput, Method, get_method, run_context
+from certbench.progress import Progress
 from certbench.records import load_tensors, provenance, save_tensors
 from certbench.storage import CorruptFileError, write_json
 
@@ -209,40 +209,42 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
         log.info("resuming after epoch %d of %d from %s", len(history), epochs, checkpoint_path)
 
     status, message, resumed_from = "ok", "", len(history)
-    bar = tqdm(range(len(history), epochs), initial=len(history), total=epochs, desc="train", mininterval=5)
-    for epoch in bar:
-        model.train()
-        started = time.perf_counter()
-        totals: dict[str, float] = {}
-        seen = scored = correct = 0
-        try:
-            for batch, (x, y) in enumerate(loader):
-                x, y = x.to(device), y.to(device)
-                progress = (epoch + batch / len(loader)) / epochs
-                step = _step(method, model, optimizer, x, y, progress, training["grad_clip"])
-                for key, value in {"loss": step.loss.item(), **step.stats}.items():
-                    totals[key] = totals.get(key, 0.0) + value * len(y)
-                if step.logits is not None:
-                    correct += int((step.logits.argmax(1) == y).sum())
-                    scored += len(y)
-                seen += len(y)
-        except Diverged as error:
-            status, message = "diverged", str(error)
-            log.error("training diverged: %s", error)
-            break
-        scheduler.step()
-        entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - started, "lr": optimizer.param_groups[0]["lr"],
-                 **({"train_accuracy": correct / scored} if scored else {}), **{k: v / seen for k, v in totals.items()}}
-        history.append(entry)
-        bar.set_postfix(loss=f"{entry['loss']:.4f}")
-        log.info("epoch %d/%d %s", epoch + 1, epochs, {k: round(v, 5) for k, v in entry.items()})
-        checkpoint = {"config_hash": chash, "epochs": epochs, "history": history, "model": model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "method": method.state_dict(), "loader_rng": generator.get_state(),
-                      "torch_rng": torch.get_rng_state()}
-        if device.type == "cuda":
-            checkpoint["cuda_rng"] = torch.cuda.get_rng_state(device)
-        save_tensors(checkpoint_path, checkpoint)
+    with Progress(total=epochs, initial=len(history), desc="train", log=log, unit="epoch",
+                  log_on_terminal=True) as bar:
+        for epoch in range(len(history), epochs):
+            model.train()
+            started = time.perf_counter()
+            totals: dict[str, float] = {}
+            seen = scored = correct = 0
+            try:
+                for batch, (x, y) in enumerate(loader):
+                    bar.note(batch=f"{batch + 1}/{len(loader)}")
+                    x, y = x.to(device), y.to(device)
+                    progress = (epoch + batch / len(loader)) / epochs
+                    step = _step(method, model, optimizer, x, y, progress, training["grad_clip"])
+                    for key, value in {"loss": step.loss.item(), **step.stats}.items():
+                        totals[key] = totals.get(key, 0.0) + value * len(y)
+                    if step.logits is not None:
+                        correct += int((step.logits.argmax(1) == y).sum())
+                        scored += len(y)
+                    seen += len(y)
+            except Diverged as error:
+                status, message = "diverged", str(error)
+                log.error("training diverged: %s", error)
+                break
+            scheduler.step()
+            entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - started,
+                     "lr": optimizer.param_groups[0]["lr"], **({"train_accuracy": correct / scored} if scored else {}),
+                     **{k: v / seen for k, v in totals.items()}}
+            history.append(entry)
+            bar.update(**{k: v for k, v in entry.items() if k != "epoch"})
+            checkpoint = {"config_hash": chash, "epochs": epochs, "history": history, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "method": method.state_dict(), "loader_rng": generator.get_state(),
+                          "torch_rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                checkpoint["cuda_rng"] = torch.cuda.get_rng_state(device)
+            save_tensors(checkpoint_path, checkpoint)
 
     if status == "ok":
         method.finish(model)

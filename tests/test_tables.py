@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from certbench.tables import audit_table, cost_table, cross_table, linf_table, published_table, write_table
+from certbench.tables import (
+    audit_table,
+    cost_table,
+    cross_table,
+    linf_table,
+    published_table,
+    write_table,
+)
 
 
 def summary() -> pd.DataFrame:
@@ -22,10 +29,12 @@ def summary() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_mean_and_std_over_ok_seeds_and_failed_runs_kept() -> None:
+def test_mean_and_sample_std_over_ok_seeds_and_failed_runs_kept() -> None:
     table = linf_table(summary()).set_index("name")
-    assert table.loc["standard", "clean"] == "85.00 ± 5.00"
-    assert table.loc["standard", "certified@0.1"] == "20.00 ± 10.00"
+    # the sample standard deviation (ddof=1), as in the figures: std(0.9, 0.8) = 0.0707
+    assert table.loc["standard", "clean"] == "85.00 ± 7.07"
+    assert table.loc["standard", "certified@0.1"] == "20.00 ± 14.14"
+    assert table.loc["lmt", "clean"] == "85.00"  # one finished seed: no spread to show
     assert table.loc["lmt", "status"] == "ok, diverged" and table.loc["lmt", "seeds"] == 2
     assert table.loc["ibp", "status"] == "diverged" and table.loc["ibp", "clean"] == "–"
 
@@ -38,6 +47,7 @@ def test_published_figures_stand_beside_ours_with_the_difference() -> None:
     assert columns[columns.index("clean") + 1: columns.index("clean") + 3] == ["paper:clean", "Δ clean"]
     assert table.loc["standard", "Δ clean"] == "+5.00" and table.loc["standard", "Δ certified@0.1"] == "-5.00"
     assert table.loc["lmt", "Δ clean"] == "–"
+    assert table.loc["standard", "paper:clean"] == "80.00" and table.loc["lmt", "paper:clean"] == "–"
 
 
 def test_cost_ratio_to_standard_and_error_counts() -> None:
@@ -56,3 +66,28 @@ def test_audit_summary_and_three_formats(tmp_path: Path) -> None:
     write_table(table, tmp_path, "audit")
     assert "$\\pm$" not in (tmp_path / "audit.tex").read_text() and "|" in (tmp_path / "audit.md").read_text()
     assert pd.read_csv(tmp_path / "audit.csv").shape == table.shape
+
+
+def test_csv_keeps_keys_and_the_other_formats_show_human_headers(tmp_path: Path) -> None:
+    table = linf_table(summary())
+    table["median_radius_norm:lipschitz-l2"] = "0.1"
+    write_table(table, tmp_path, "linf")
+    assert "median_radius_norm:lipschitz-l2" in pd.read_csv(tmp_path / "linf.csv").columns
+    for suffix in ("md", "html", "tex"):
+        text = (tmp_path / f"linf.{suffix}").read_text()
+        assert "median_radius_norm" not in text and "certified@0.1" not in text
+    assert "median normalised ℓ2 radius (lipschitz-l2)" in (tmp_path / "linf.md").read_text()
+    page = (tmp_path / "linf.html").read_text()
+    assert "<table" in page and "Table 1 of Zhang et al. (2021)" in page and "ddof = 1" in page
+    assert "certified accuracy (%) at ℓ∞ ε = 0.1" in page and "20.00 ± 14.14" in page
+    assert r"(\%)" in (tmp_path / "linf.tex").read_text()  # LaTeX-escaped, not a comment
+
+
+def test_column_labels() -> None:
+    from certbench.labels import column_label
+
+    assert column_label("median_radius_norm:lipschitz-l2") == "median normalised ℓ2 radius (lipschitz-l2)"
+    assert column_label("mean_radius:linf-dist") == "mean ℓ∞ radius (linf-dist)"
+    assert column_label("Δ pgd@0.3") == "Δ PGD accuracy at ℓ∞ ε = 0.3 (points, ours − published)"
+    assert column_label("cert:crown@0.1") == "certified by crown (%) at ℓ∞ ε = 0.1"
+    assert column_label("something_new") == "something_new"

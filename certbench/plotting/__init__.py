@@ -1,0 +1,1 @@
+"""The figures of :mod:`certbench.figures`, one module per kind (matplotlib, torch-free)."""
