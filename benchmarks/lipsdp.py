@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certbench.bounds.lipsdp import lipsdp, mlp_weights, product_bound
 from certbench.data.loaders import load_split
 from certbench.data.specs import DATASETS
-from certbench.lipsdp import lipsdp, mlp_weights, product_bound
 from certbench.models import build
 
 

@@ -6,7 +6,8 @@
     certbench audit   --out results/audit.csv RECORD_OR_RUN_DIR...
     certbench collect --out results/summary.csv --radii results/radii.csv RECORD...
     certbench tables  --summary results/summary.csv --audit results/audit.csv --out-dir results/tables
-    certbench figures --summary results/summary.csv --radii results/radii.csv --out-dir figures
+    certbench figures --summary results/summary.csv --radii results/radii.csv [--history results/history.csv]
+                      [--published results/published.csv] --out-dir figures
     certbench check-config CONFIG.yaml [--config KEY=VALUE ...]
     certbench run [SNAKEMAKE OPTIONS ...]
 
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     figures = commands.add_parser("figures", help=text, description=text)
     figures.add_argument("--summary", type=Path, required=True, metavar="CSV", help="the summary from `collect`")
     figures.add_argument("--radii", type=Path, required=True, metavar="CSV", help="the radii table from `collect`")
+    figures.add_argument("--history", type=Path, metavar="CSV",
+                         help="per-epoch training logs (history.csv) for the training curves")
+    figures.add_argument("--published", type=Path, metavar="CSV",
+                         help="published figures (published.csv) for the ours-vs-published figure")
     figures.add_argument("--out-dir", type=Path, required=True, metavar="DIR", help="where to write the figures")
     text = "validate a config file (schema and registries) as the DAG would"
     check = commands.add_parser("check-config", help=text, description=text)
@@ -179,6 +184,8 @@ def _check_paths(args: argparse.Namespace) -> None:
     elif args.command == "figures":
         need_file("--summary", args.summary)
         need_file("--radii", args.radii)
+        need_file("--history", args.history)
+        need_file("--published", args.published)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -216,7 +223,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "figures":
         from certbench.figures import write_figures
-        write_figures(args.summary, args.radii, args.out_dir)
+        write_figures(args.summary, args.radii, args.out_dir, args.history, args.published)
         return 0
     from certbench import config as cfg
     cfg.validate(cfg.merge(cfg.read_config_file(args.config), cfg.parse_overrides(args.overrides)))

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from certbench.config import format_eps
 from certbench.certificates import CERTIFICATES, ERROR, margins
+from certbench.config import format_eps
 from certbench.data.loaders import load_split
 from certbench.method import get_method, run_context
 from certbench.precision import strict_float32, strict_precision
+from certbench.progress import Progress
 from certbench.records import load_tensors
 from certbench.storage import read_json, write_json
 from certbench.train import select_device, subset
@@ -118,8 +119,15 @@ def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | 
         names = CERTIFICATES.names() if "all" in evaluation["certificates"] else evaluation["certificates"]
         with strict_float32(x.device) as precision:
             prediction, margin = predict_all(model, x, y, evaluation["batch_size"])
-            certificates = {name: _certify_one(name, evaluation["certificate_params"].get(name, {}), model, x, y, eps)
-                            for name in names}
+            certificates: dict[str, dict[str, Any]] = {}
+            # one line per certificate in a log file (its name and seconds), a bar on a terminal
+            with Progress(total=len(names), desc="certify", unit="certificate", log=log,
+                          log_on_terminal=True) as progress:
+                for name in names:
+                    entry = _certify_one(name, evaluation["certificate_params"].get(name, {}), model, x, y, eps)
+                    certificates[name] = entry
+                    progress.update(certificate=name, **({"seconds": round(entry["seconds"], 2)} if "seconds" in entry
+                                                         else {"applicable": "no"}))
         result.update(
             samples={"index": indices.numpy(), "label": y.cpu().numpy(), "prediction": prediction, "margin": margin},
             clean_accuracy=float(np.mean(prediction == y.cpu().numpy())),

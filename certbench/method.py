@@ -9,6 +9,7 @@ an optional hook after each optimiser step, and its default certificate.
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -51,8 +52,24 @@ class LossOutput:
     logits: torch.Tensor | None = None
 
 
+def non_negative(name: str, value: float) -> None:
+    """ConfigError unless the parameter ``name`` is ≥ 0 (NaN is refused)."""
+    if not value >= 0:  # also rejects NaN
+        raise ConfigError(f"params.{name}: must be ≥ 0, got {value}")
+
+
+def unit_interval(name: str, value: float) -> None:
+    """ConfigError unless the parameter ``name`` lies in [0, 1] (NaN is refused)."""
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise ConfigError(f"params.{name}: must lie in [0, 1], got {value}")
+
+
 class Method:
-    """Base class of every training method; subclasses override what they need."""
+    """Base class of every training method; subclasses override what they need.
+
+    Parameter checks shared by several methods (:func:`non_negative`, :func:`unit_interval`) live
+    in this module; a base class shared by a family of methods lives in a ``methods/_<family>.py``
+    module, never in a sibling method's module."""
 
     name: ClassVar[str]
     #: JSON-schema ``properties`` of the method's parameters, each with a ``default``.

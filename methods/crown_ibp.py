@@ -1,6 +1,7 @@
 """``crown-ibp``: CROWN-IBP training (Zhang et al., ICLR 2020) through auto_LiRPA.
 
-As :mod:`methods.ibp`, with the margin lower bound mixed from two relaxations,
+As :mod:`methods.ibp` (both build on :class:`methods._bound_propagation.BoundPropagationMethod`), with
+the margin lower bound mixed from two relaxations,
 ``lb = β·lb_CROWN-IBP + (1−β)·lb_IBP`` (Zhang et al. eq. 7), where CROWN-IBP bounds the
 hidden layers by IBP and the margins by CROWN's backward pass. β = 1 − (ε/ε_train)(1 − β_final)
 goes from pure CROWN-IBP at ε = 0 to β_final at ε_train; both bounds share one IBP pass.
@@ -20,17 +21,17 @@ import math
 import torch
 from torch import nn
 
-from certbench.method import register_method
-from methods.ibp import IBP, unit_interval
+from certbench.method import register_method, unit_interval
+from methods._bound_propagation import BoundPropagationMethod
 
 
 @register_method("crown-ibp")
-class CROWNIBP(IBP):
+class CROWNIBP(BoundPropagationMethod):
     """CROWN-IBP-trained ReLU network (mlp, cnn-small, cnn-large)."""
 
     default_certificate = "crown-ibp"
     params_schema = {
-        **IBP.params_schema,
+        **BoundPropagationMethod.params_schema,
         "beta_final": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0,
                        "description": "weight of the CROWN-IBP bound once ε = eps_train (1 for CIFAR 2/255)"},
         "loss_fusion": {"type": "boolean", "default": False,

@@ -5,7 +5,8 @@ The trunk is 1-Lipschitz in ℓ∞ at ``p = ∞`` (in normalised units), so its 
 ``feature ± ε·s`` with ``s = 1/min(std)``; interval propagation of that box through the head, with
 the last layer folded into the margins ``z_y − z_j`` (:func:`margin_lower_bound`), gives
 worst-case logits. Loss: ``κ·CE(worst) + (1−κ)·CE(clean)``; ε_train = 1.1·ε_test by default;
-p and ε follow the schedule of :mod:`methods.linf_dist` (default: the v1 proportions).
+p and ε follow the schedule of :mod:`methods.linf_dist` (default: the v1 proportions; both build on
+:class:`methods._linf_dist.LinfDistBase`).
 
 ``head_weight_decay`` decays the head's parameters only (decoupled with ``optimizer: adamw``; the
 authors' commands use 5e-3). Worst-case training drives the tanh into saturation, where interval
@@ -21,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certbench.bounds.linf_dist import interval_bounds, margin_lower_bound, split_trunk
 from certbench.config import ConfigError
 from certbench.method import LossOutput, register_method
-from certbench.nn.linf_dist import LinfDist, interval_bounds, margin_lower_bound, split_trunk
-from methods.linf_dist import SCHEDULE_PARAMS, LinfDistMethod
+from certbench.nn.linf_dist import LinfDist
+from methods._linf_dist import SCHEDULE_PARAMS, LinfDistBase
 
 
 @register_method("linf-dist-head")
-class LinfDistHead(LinfDistMethod):
+class LinfDistHead(LinfDistBase):
     """ℓ∞-dist trunk + MLP head, IBP-style worst-case cross-entropy through the head."""
 
     eps_train_factor = 1.1

@@ -1,6 +1,6 @@
 """``lipschitz-reg``: cross-entropy plus λ·L, L the layer-wise ℓ2 Lipschitz bound (the LMT paper's baseline).
 
-L is :class:`certbench.lipschitz.LipschitzBound` in training mode: one power-iteration step per
+L is :class:`certbench.bounds.lipschitz.LipschitzBound` in training mode: one power-iteration step per
 batch for every Linear and Conv2d, differentiable in the weights (and BatchNorm scales).
 """
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certbench.method import LossOutput, register_method
-from methods.lmt import LipschitzMethod, non_negative
+from certbench.method import LossOutput, non_negative, register_method
+from methods._lipschitz import LipschitzMethod
 
 
 @register_method("lipschitz-reg")

@@ -6,21 +6,21 @@ The training problem ``min_W CE(W) + μ·L(W)²`` (regularised) or ``min_W CE(W)
 
 1. W-step: ``admm_every`` epochs of the framework's training on
    ``CE + Σ_k (ρ_a/2)‖W_k − W̄_k‖²_F + tr(Y_kᵀ(W_k − W̄_k))``;
-2. W̄-step: the SDP :func:`certbench.lipsdp.weight_step` with T from a LipSDP solve on the current W;
+2. W̄-step: the SDP :func:`certbench.bounds.lipsdp.weight_step` with T from a LipSDP solve on the current W;
 3. dual update ``Y_k += ρ_a (W_k − W̄_k)``;
 
 until the LipSDP bound of W changes by less than ``tolerance`` (then W̄, Y stay fixed and training
 goes on with the last coupling terms). The first ``admm_every`` epochs train without coupling.
 
 W, W̄, Y are the weights the optimiser trains, with the Normalize layer's 1/σ folded into W₀
-(:meth:`certbench.lipsdp.MLPStructure.weights`), while every bound (L, L̄, and μ's L²) is in pixel
+(:meth:`certbench.bounds.lipsdp.MLPStructure.weights`), while every bound (L, L̄, and μ's L²) is in pixel
 units, for inputs in [0, 1] of the data set's shape. The two differ when the MLP average-pools its
 input (``input_pool``, Pauli et al. 2021): the network's first map is then W₀P, P the pooling
 matrix (196×784 for 2×2 pooling of 28×28 images), and W₀, W̄₀, Y₀ have the pooled width (50×196).
 P is carried inside the W̄-step's LMI (``weight_step(..., input_map=P)``), so the ADMM constraint
 is W₀ = W̄₀ in the trained coordinates and W̄ ranges over the convex set where the LMI of
 ``[W̄₀P, W̄₁, …]`` holds. This is exact, not a bound: PPᵀ = cI (c = 1/4 for disjoint 2×2 windows),
-so that LMI equals the one of √c·W̄₀ (:func:`certbench.lipsdp.weight_step`). Running the ADMM on the
+so that LMI equals the one of √c·W̄₀ (:func:`certbench.bounds.lipsdp.weight_step`). Running the ADMM on the
 50×784 matrix W₀P instead would need W̄₀ mapped back through P⁺ and would silently scale the
 penalty ρ_a on the trained W₀ by c.
 
@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certbench.bounds.lipsdp import SOLVERS, is_mlp, lipsdp, mlp_structure, product_bound, weight_step
 from certbench.config import ConfigError
-from certbench.lipsdp import SOLVERS, is_mlp, lipsdp, mlp_structure, product_bound, weight_step
 from certbench.method import LossOutput, Method, register_method
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """``lmt``: Lipschitz-margin training (Tsuzuku, Sato, Sugiyama, NeurIPS 2018).
 
 Before the cross-entropy, every wrong logit is raised by the margin that a perturbation of size c
-could at most create (LMT Sec. 4.3), with the Lipschitz bound of :mod:`certbench.lipschitz` in its
+could at most create (LMT Sec. 4.3), with the Lipschitz bound of :mod:`certbench.bounds.lipschitz` in its
 training mode (one power-iteration step per batch, differentiable):
 
 * ``margin: global`` (LMT): z_i + √2·c·L for i ≠ y;
@@ -14,77 +14,22 @@ sample by f = clip(r/c, 0, 1), r the radius that the same bound certifies at the
 (= m/(√2·c·L) for the global form), so misclassified points are left to plain cross-entropy, as
 in the authors' code.
 
-This module also holds :class:`LipschitzMethod`, the base of every method that trains against
+Its base, :class:`methods._lipschitz.LipschitzMethod`, is shared with every method that trains against
 the bound (``lipschitz-reg``) or is certified with it (``spectral``, ``parseval``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certbench.bounds.lipschitz import LipschitzEstimate
 from certbench.config import ConfigError
-from certbench.lipschitz import LipschitzBound, LipschitzEstimate, UnsupportedLayerError, check_supported
-from certbench.method import LossOutput, Method, register_method
-
-
-def non_negative(name: str, value: float) -> None:
-    if not value >= 0:  # also rejects NaN
-        raise ConfigError(f"params.{name}: must be ≥ 0, got {value}")
-
-
-def require_supported(method: str, model: nn.Module) -> None:
-    """ConfigError naming the layer type if :mod:`certbench.lipschitz` cannot bound ``model``."""
-    try:
-        check_supported(model)
-    except UnsupportedLayerError as error:
-        raise ConfigError(f"method '{method}': {error}") from None
-
-
-class LipschitzMethod(Method):
-    """A method whose model must be boundable by :class:`LipschitzBound`.
-
-    ``prepare`` rejects unsupported layers with a ConfigError naming the layer type. The
-    persistent power-iteration vectors are this method's checkpoint state.
-    """
-
-    def __init__(self, params: Mapping[str, Any], context: Any) -> None:
-        super().__init__(params, context)
-        self._bound: LipschitzBound | None = None
-        self._pending: Mapping[str, torch.Tensor] = {}
-
-    def prepare(self, model: nn.Module) -> None:
-        require_supported(self.name, model)
-        self.bind(model)
-
-    def bind(self, model: nn.Module) -> LipschitzBound:
-        """The bound of ``model``, rebuilt (keeping the power-iteration vectors) if the model object changed,
-        as after the deep copy of the epoch calibration."""
-        if self._bound is None or self._bound.model is not model:
-            previous = self._bound.state_dict() if self._bound is not None else self._pending
-            self._bound = LipschitzBound(model, self.context.spec.shape)
-            self._bound.load_state_dict(previous)
-            self._pending = {}
-        return self._bound
-
-    def estimate(self, model: nn.Module) -> LipschitzEstimate:
-        """The training-mode bound of ``model``: one power-iteration step per call."""
-        return self.bind(model).compute()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"power_vectors": self._bound.state_dict() if self._bound is not None else dict(self._pending)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        vectors = state.get("power_vectors", {})
-        if self._bound is not None:
-            self._bound.load_state_dict(vectors)
-        else:
-            self._pending = dict(vectors)
+from certbench.method import LossOutput, non_negative, register_method
+from methods._lipschitz import LipschitzMethod
 
 
 @register_method("lmt")

@@ -28,7 +28,7 @@ from torch import nn
 from certbench.config import ConfigError
 from certbench.method import LossOutput, Method, register_method
 from certbench.nn import Residual
-from methods.lmt import require_supported
+from methods._lipschitz import require_supported
 
 CONVEX = (0.5, 0.5)
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certbench.lipschitz import power_step
-from certbench.method import LossOutput, Method, register_method
-from methods.lmt import non_negative, require_supported
+from certbench.bounds.lipschitz import power_step
+from certbench.method import LossOutput, Method, non_negative, register_method
+from methods._lipschitz import require_supported
 
 
 def weight_matrices(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certbench.method import LossOutput, Method, register_method
-from methods.lmt import non_negative
+from certbench.method import LossOutput, Method, non_negative, register_method
 
 
 @register_method("weight-decay")

@@ -10,7 +10,7 @@ PYTHON="${PYTHON:-python3}"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
 # auto_LiRPA 0.3 is the only release on PyPI; its metadata pins torch<1.13, so it goes in
-# without dependencies (its runtime needs are in pyproject.toml) and certbench.lirpa makes
+# without dependencies (its runtime needs are in pyproject.toml) and certbench.bounds.lirpa_compat makes
 # it work on torch 2.14.
 "$VENV/bin/python" -m pip install --quiet --no-deps auto-LiRPA==0.3
 

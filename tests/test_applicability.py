@@ -20,14 +20,15 @@ from torch import nn
 
 from certbench import precision
 from certbench.applicability import common_refusal
-from certbench.certificates import CERTIFICATES, input_box
+from certbench.bounds.linf_dist import lipschitz_linf
+from certbench.bounds.lipschitz import LipschitzBound
+from certbench.bounds.lipsdp import mlp_weights, product_bound
+from certbench.bounds.lirpa import BoundedModule, BoundedTensor, PerturbationLpNorm, input_box, unsupported_reason
+from certbench.certificates import CERTIFICATES
 from certbench.certificates.lipschitz import exact_bound
 from certbench.evaluate import _certify_one
-from certbench.lipschitz import LipschitzBound
-from certbench.lipsdp import mlp_weights, product_bound
-from certbench.lirpa import BoundedModule, BoundedTensor, PerturbationLpNorm, unsupported_reason
 from certbench.nn import Normalize
-from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lipschitz_linf
+from certbench.nn.linf_dist import LinfDist, MeanShift, Negate
 
 LIRPA = ("ibp", "crown", "crown-ibp")
 LIRPA_METHODS = {"ibp": "IBP", "crown": "backward", "crown-ibp": "CROWN-IBP"}
@@ -342,7 +343,7 @@ def test_normalize_with_nan_mean_is_refused() -> None:
 def test_negative_std_breaks_the_lipschitz_rule() -> None:
     """Why: with σ < 0 the rule 1/min σ is negative, not a bound. Failed before: LipschitzBound
     took the negative constant and lipschitz_linf returned a negative bound."""
-    from certbench.lipschitz import UnsupportedLayerError
+    from certbench.bounds.lipschitz import UnsupportedLayerError
 
     model = mlp()
     model[0].std.fill_(-0.25)

@@ -157,3 +157,28 @@ def test_run_nests_dotted_config_keys() -> None:
     assert args[4:] == ["--config", 'training={"epochs": "3"}', "seeds=[0]",
                         'training={"lr_schedule": {"type": "step"}}', "-n"]
     assert json.loads(args[5].partition("=")[2]) == {"epochs": "3"}
+
+
+def test_figures_takes_the_history_and_the_published_figures(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`certbench figures` passes --history and --published on (training curves, ours vs published),
+    as `python -m certbench.figures` does, and names either one when it is missing."""
+    import certbench.figures
+
+    calls = []
+    monkeypatch.setattr(certbench.figures, "write_figures", lambda *args: calls.append(args))
+    for name in ("summary", "radii", "history", "published"):
+        (tmp_path / f"{name}.csv").write_text("dataset\n")
+    inputs = ["--summary", str(tmp_path / "summary.csv"), "--radii", str(tmp_path / "radii.csv")]
+    out = ["--out-dir", str(tmp_path / "figures")]
+    assert cli.main(["figures", *inputs, "--history", str(tmp_path / "history.csv"),
+                     "--published", str(tmp_path / "published.csv"), *out]) == 0
+    assert cli.main(["figures", *inputs, *out]) == 0
+    assert calls == [(tmp_path / "summary.csv", tmp_path / "radii.csv", tmp_path / "figures",
+                      tmp_path / "history.csv", tmp_path / "published.csv"),
+                     (tmp_path / "summary.csv", tmp_path / "radii.csv", tmp_path / "figures", None, None)]
+    code = cli.main(["figures", *inputs, "--history", str(tmp_path / "nope.csv"), *out])
+    assert one_line_error(capsys, code) == f"certbench: --history {tmp_path / 'nope.csv'}: no such file"
+    code = cli.main(["figures", *inputs, "--published", str(tmp_path / "nope.csv"), *out])
+    assert one_line_error(capsys, code) == f"certbench: --published {tmp_path / 'nope.csv'}: no such file"
+    assert len(calls) == 2

@@ -18,6 +18,7 @@ from torch import nn
 
 from certbench import config as cfg
 from certbench import models
+from certbench.bounds.linf_dist import interval_bounds, lipschitz_linf, split_trunk
 from certbench.catalogue import params_schema
 from certbench.certificates import CERTIFICATES, margins
 from certbench.config import ConfigError
@@ -26,8 +27,7 @@ from certbench.data.specs import DATASETS
 from certbench.method import RunContext, get_method
 from certbench.nn import Normalize
 from certbench.nn import linf_dist as ld
-from certbench.nn.linf_dist import (LinfDist, MeanShift, Negate, interval_bounds, lipschitz_linf, lp_distance,
-                                    lp_distance_bounds, set_p)
+from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lp_distance, lp_distance_bounds, set_p
 from certbench.train import make_optimizer
 
 INF = math.inf
@@ -295,7 +295,7 @@ def test_bad_parameters_are_config_errors(name: str, params: dict, message: str)
 def test_head_weight_decay_reaches_only_the_head() -> None:
     method = make_method("linf-dist-head", {"head_weight_decay": 0.5})
     model = method.build_model("linf-dist-mlp+head", {"depth": 2, "width": 8, "hidden": 4})
-    trunk, head = ld.split_trunk(model)
+    trunk, head = split_trunk(model)
     optimizer = make_optimizer(method.parameter_groups(model),
                                {"optimizer": "adamw", "lr": 0.1, "weight_decay": 0.0, "betas": [0.9, 0.99],
                                 "adam_eps": 1e-10})

@@ -1,4 +1,4 @@
-"""The layer-wise ℓ2 Lipschitz bounds of :mod:`certbench.lipschitz` hold and are tight where they should be."""
+"""The layer-wise ℓ2 Lipschitz bounds of :mod:`certbench.bounds.lipschitz` hold and are tight where they should be."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import jacrev, vmap
 
-from certbench import lipschitz as lip
+from certbench.bounds import lipschitz as lip
 from certbench.nn import Normalize, Residual
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,9 +12,21 @@ import pytest
 import torch
 from torch import nn
 
+from certbench.bounds.lipsdp import (
+    NotAnMLPError,
+    is_certified,
+    is_mlp,
+    lipsdp,
+    lmi_matrix,
+    max_eigenvalue,
+    min_rho,
+    mlp_structure,
+    mlp_weights,
+    product_bound,
+    repair,
+    weight_step,
+)
 from certbench.data.rings2d import RINGS, make_rings2d
-from certbench.lipsdp import (NotAnMLPError, is_certified, is_mlp, lipsdp, lmi_matrix, max_eigenvalue, min_rho,
-                              mlp_structure, mlp_weights, product_bound, repair, weight_step)
 from certbench.nn import Normalize
 
 

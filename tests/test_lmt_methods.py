@@ -144,7 +144,7 @@ def test_bound_cache_follows_the_weights() -> None:
 def test_radius_forms_on_a_hand_example() -> None:
     """Two classes, L_sub = 1, rows at distance 2: slope √2·L = √2 (global) vs L_sub·2 = 2 (last layer);
     with L_sub = 0.5 the last-layer slope 1 is the smaller one."""
-    from certbench.lipschitz import LipschitzEstimate
+    from certbench.bounds.lipschitz import LipschitzEstimate
 
     weight = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     one = torch.tensor(1.0, dtype=torch.float64)

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from certbench import config as cfg
+from certbench.catalogue import check_config
 from certbench.progress import Progress, duration
+from certbench.storage import read_json, write_json
+from certbench.train import train
 
 
 class Terminal(io.StringIO):
@@ -54,3 +61,33 @@ def test_terminal_gets_a_bar(records: pytest.LogCaptureFixture) -> None:
 
 def test_durations() -> None:
     assert [duration(s) for s in (2.34, 42, 185, 7620)] == ["2.3 s", "42 s", "3 min 05 s", "2 h 07 min"]
+
+
+def test_certify_and_attack_in_a_log_file_write_whole_progress_lines(tmp_path: Path, smoke_config: dict) -> None:
+    """`certbench certify` and `attack` with stderr in a file, as in a Snakemake job's log: one line per
+    certificate (its name and seconds), batch lines of the LiRPA certificates and of the attacks, and
+    no carriage return (no tqdm bar)."""
+    smoke_config["training"]["epochs"] = 1
+    checked = check_config(smoke_config)
+    run_config = cfg.resolve_run(checked, cfg.runs(checked)[0])
+    assert train(run_config, tmp_path)["status"] == "ok"
+    write_json(tmp_path / "run.json", run_config)
+    for command in ("certify", "attack"):
+        log_path = tmp_path / f"{command}.log"
+        with log_path.open("w") as log_file:
+            subprocess.run([sys.executable, "-m", "certbench", command, "--run-config", str(tmp_path / "run.json"),
+                            "--run-dir", str(tmp_path), "--out", str(tmp_path / f"{command}.json")],
+                           stdout=log_file, stderr=log_file, check=True, timeout=600)
+        text = log_path.read_text()
+        assert "\r" not in text, text
+        if command == "certify":
+            names = read_json(tmp_path / "certify.json")["certificates"]
+            lines = [line for line in text.splitlines() if "certify: certificate " in line]
+            assert len(lines) == len(names) >= 2, text
+            assert f"certify: certificate {len(names)}/{len(names)} (100 %)" in lines[-1]
+            assert all(f"certificate {name}" in line for name, line in zip(names, lines)), lines
+            for (name, entry), line in zip(names.items(), lines):
+                assert ("seconds " if entry["applicable"] else "applicable no") in line, line
+            assert names["ibp"]["applicable"] and "ibp: batch 1/1 (100 %)" in text, text
+        else:
+            assert "attacks: batch 2/2 (100 %)" in text and "attack seconds: deepfool-l2 " in text, text

@@ -17,6 +17,8 @@ beats ε on a sample where ``adv_<norm>:A <= ε``. Error samples are never count
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,6 +27,9 @@ from torch import nn
 
 from certbench.attacks.base import Attack, AttackResult, Norm
 from certbench.config import format_eps
+from certbench.progress import Progress, duration
+
+log = logging.getLogger(__name__)
 
 FIELDS: dict[str, type] = {"success": bool, "adv_l2": np.float64, "adv_linf": np.float64,
                            "error": bool, "error_msg": object}
@@ -82,11 +87,21 @@ def attack_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Se
     for attack, e in runs:
         for field, dtype in FIELDS.items():
             table[column(field, attack.name, e)] = np.empty(n, dtype=dtype)
-    for batch, start in enumerate(range(0, n, batch_size)):
-        rows = slice(start, min(start + batch_size, n))
-        for attack, e in runs:
-            result = attack.run(model, x[rows], y[rows], e, seed=seed + batch)
-            table["clean_pred"][rows] = result.clean_pred
-            for field in FIELDS:
-                table[column(field, attack.name, e)][rows] = _values(result, field)
+    batches = -(-n // batch_size)
+    labels = [attack.name if e is None else f"{attack.name}@{format_eps(e)}" for attack, e in runs]
+    seconds = dict.fromkeys(labels, 0.0)
+    # one step per attack and batch: a log line at most every 30 s (and one at the end) in a log
+    # file, a bar on a terminal; then the seconds each attack took
+    with Progress(total=batches * len(runs), desc="attacks", unit="batch", log=log, every_seconds=30.0) as progress:
+        for batch, start in enumerate(range(0, n, batch_size)):
+            rows = slice(start, min(start + batch_size, n))
+            for (attack, e), label in zip(runs, labels):
+                started = time.perf_counter()
+                result = attack.run(model, x[rows], y[rows], e, seed=seed + batch)
+                seconds[label] += time.perf_counter() - started
+                table["clean_pred"][rows] = result.clean_pred
+                for field in FIELDS:
+                    table[column(field, attack.name, e)][rows] = _values(result, field)
+                progress.update(attack=label)
+    log.info("attack seconds: %s", ", ".join(f"{label} {duration(s)}" for label, s in seconds.items()))
     return table

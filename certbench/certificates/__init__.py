@@ -43,7 +43,7 @@ class Certificate:
     bound is proven for. The checks every certificate shares run first
     (:func:`certbench.applicability.common_refusal`: hooks, a patched ``forward``, invalid
     ``Normalize`` buffers), then the rounding rules: every certificate's promise includes the float
-    forward pass, so a layer without a proven rounding rule (:func:`certbench.rounding.check`)
+    forward pass, so a layer without a proven rounding rule (:func:`certbench.bounds.rounding.check`)
     refuses the model for all of them.
     """
 
@@ -57,7 +57,7 @@ class Certificate:
     def refusal(self, model: nn.Module) -> str | None:
         """None when the certificate applies to ``model``, else a one-line reason."""
         from certbench.applicability import common_refusal
-        from certbench.rounding import RoundingUnsupported, check
+        from certbench.bounds.rounding import RoundingUnsupported, check
 
         reason = common_refusal(model)
         if reason is not None:
@@ -105,11 +105,6 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true - others.max(dim=1).values
 
 
-def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ℓ∞ ball of radius ε around x, clipped to the input domain [0, 1]."""
-    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
-
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Evaluate with running statistics and restore every module's mode afterwards."""
@@ -122,22 +117,22 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def proven_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, slopes: torch.Tensor,
+def proven_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, slopes: torch.Tensor, norm: Norm,
                   batch_size: int = 256) -> torch.Tensor:
     """A radius r (float64, per sample, 0 where none) with, for every class j ≠ y,
 
-        lower_j(x) − slopes_j · r − error_j(box of radius r around x) > 0,
+        lower_j(x) − slopes_j · r − error_j(ball of radius r around x, in ``norm``) > 0,
 
     where ``slopes`` (B, K) are Lipschitz constants of the exact margins z_y − z_j in the
     certificate's norm (column y is ignored), ``lower_j`` is the proven float64 lower bound of the
     exact margin at x and ``error_j`` bounds how far any float pass anywhere in the box can move it
-    (:func:`certbench.rounding.margin_bounds`). The exact margin at x' is ≥ lower_j − slopes_j·‖x' − x‖
-    (the Lipschitz property), and the float margin at x' is within error_j of it; the box of radius
-    r contains the ℓ2 and ℓ∞ balls of radius r. Two passes: r₀ from the error at x alone, then r from
-    the error on the box of radius r₀, which contains the box of radius r ≤ r₀ (so the error bound
-    used covers every point of the final ball).
+    (:func:`certbench.bounds.rounding.margin_bounds`). The exact margin at x' is ≥ lower_j − slopes_j·‖x' − x‖
+    (the Lipschitz property), and the float margin at x' is within error_j of it (the ball is
+    described as the box of radius r, for ℓ2 intersected with the ball at the first affine layer).
+    Two passes: r₀ from the error at x alone, then r from the error on the ball of radius r₀, which
+    contains the ball of radius r ≤ r₀ (so the error bound used covers every point of the final ball).
     """
-    from certbench.rounding import input_region, margin_bounds
+    from certbench.bounds.rounding import input_region, margin_bounds
 
     radii = []
     for start in range(0, len(x), batch_size):
@@ -145,7 +140,7 @@ def proven_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, slopes: to
         k = slopes[start:start + batch_size].double().scatter(1, yb[:, None], 1.0).to(xb.device)
         point = margin_bounds(model, input_region(xb), yb)
         first = ((point.lower - point.error) / k).min(dim=1).values.clamp_min(0) * (1 - 4 * 2.0**-53)
-        region = margin_bounds(model, input_region(xb, first), yb)
+        region = margin_bounds(model, input_region(xb, first, l2=norm == "l2"), yb)
         final = ((point.lower - region.error) / k).min(dim=1).values.clamp_min(0) * (1 - 4 * 2.0**-53)
         radii.append(torch.minimum(final, first))
     return torch.cat(radii)

@@ -11,7 +11,7 @@
   layer (exact per layer) and by interval arithmetic through the head, with the last Linear folded
   into the margins, in float64 with outward widening; certified iff every lower bound of
   ``z_y − z_j`` exceeds the float error bound of the margin on the box
-  (:func:`certbench.rounding.margin_bounds`).
+  (:func:`certbench.bounds.rounding.margin_bounds`).
 
 Since ‖δ‖∞ ≤ ‖δ‖₂, every ℓ∞ guarantee also holds for ℓ2 balls of the same radius:
 ``linf-dist-l2`` reports it in the ℓ2 column (loose, but sound).
@@ -25,12 +25,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from certbench.certificates import (CERTIFIED, NOT_CERTIFIED, Certificate, CertificateResult, eval_mode,
-                                    proven_radius, register_certificate, statuses_from_radius)
+from certbench.bounds.linf_dist import lipschitz_linf, split_trunk
+from certbench.bounds.rounding import input_region, margin_bounds
+from certbench.certificates import (
+    CERTIFIED,
+    NOT_CERTIFIED,
+    Certificate,
+    CertificateResult,
+    eval_mode,
+    proven_radius,
+    register_certificate,
+    statuses_from_radius,
+)
 from certbench.nn import Normalize
-from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lipschitz_linf, split_trunk
-from certbench.rounding import input_region, margin_bounds
-
+from certbench.nn.linf_dist import LinfDist, MeanShift, Negate
 
 #: Layers of the chain with an ℓ∞-dist rule (exact types); the head after the trunk takes ``_HEAD``.
 _KNOWN = (Normalize, nn.Flatten, nn.Identity, LinfDist, MeanShift, Negate, nn.Linear, nn.Tanh, nn.ReLU, nn.Sigmoid)
@@ -78,7 +86,7 @@ class LinfDistCertificate(Certificate):
         lipschitz = lipschitz_linf(model)
         correct = (logits.argmax(1) == y).cpu().numpy()
         slopes = torch.full(logits.shape, 2 * lipschitz, dtype=torch.float64)
-        radius = np.where(correct, proven_radius(model, x, y, slopes).cpu().numpy(), 0.0)
+        radius = np.where(correct, proven_radius(model, x, y, slopes, "linf").cpu().numpy(), 0.0)
         return CertificateResult(radius=radius, status=statuses_from_radius(radius, correct, eps),
                                  extra={"lipschitz_bound": lipschitz})
 

@@ -7,22 +7,22 @@ L_sub, z_y − z_i is L_sub·‖w_y − w_i‖-Lipschitz, which gives the tighte
 min_{i≠y} (z_y − z_i)/(L_sub·‖w_y − w_i‖) (LMT Prop. 2). Both are sound; the larger is recorded.
 (With L = L_sub·‖W‖₂, as here, the last-layer form is never the smaller one, since
 ‖w_y − w_i‖ = ‖Wᵀ(e_y − e_i)‖ ≤ √2·‖W‖₂.)
-L and L_sub come from :class:`certbench.lipschitz.LipschitzBound` in its rigorous exact mode,
+L and L_sub come from :class:`certbench.bounds.lipschitz.LipschitzBound` in its rigorous exact mode,
 computed once per set of weights and cached; ``extra`` records them as ``lipschitz_bound`` and
 ``lipschitz_bound_sub``, with ``bound_seconds``.
 
 Float rounding: the radius is :func:`certbench.certificates.proven_radius` with the slopes √2·L and
 L_sub·‖w_y − w_i‖ (the smaller per class): the exact margin at x is bounded below in float64 and
 the float error of any forward pass in the box around x is bounded above
-(:mod:`certbench.rounding`), so the prediction is constant on the ball both in exact arithmetic
+(:mod:`certbench.bounds.rounding`), so the prediction is constant on the ball both in exact arithmetic
 and for the float pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-import hashlib
 import weakref
 from collections.abc import Sequence
 
@@ -30,9 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from certbench.certificates import (Certificate, CertificateResult, eval_mode, proven_radius,
-                                    register_certificate, statuses_from_radius)
-from certbench.lipschitz import LipschitzBound, LipschitzEstimate, UnsupportedLayerError, check_supported
+from certbench.bounds.lipschitz import LipschitzBound, LipschitzEstimate, UnsupportedLayerError, check_supported
+from certbench.certificates import (
+    Certificate,
+    CertificateResult,
+    eval_mode,
+    proven_radius,
+    register_certificate,
+    statuses_from_radius,
+)
 
 _Key = tuple[tuple[int, ...], str]
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, LipschitzEstimate, float]] = weakref.WeakKeyDictionary()
@@ -122,7 +128,7 @@ class LipschitzL2(Certificate):
             logits = torch.cat([model(x[start:start + self.batch_size])
                                 for start in range(0, len(x), self.batch_size)])
             k = slopes(y, estimate, logits.shape[1])
-            radius = proven_radius(model, x, y, k, self.batch_size).cpu().numpy()
+            radius = proven_radius(model, x, y, k, "l2", self.batch_size).cpu().numpy()
         is_correct = (logits.argmax(1) == y).cpu().numpy()
         radius = np.where(is_correct, radius, 0.0)
         # keys as the other certificates' (the Lipschitz-vs-accuracy figure reads "lipschitz_bound")

@@ -2,9 +2,9 @@
 
 For an MLP with global ℓ2 Lipschitz bound L of its logit map, no perturbation with ‖δ‖₂ < r of
 ``r = margin / (√2·L)`` can change the prediction (Tsuzuku et al. 2018, Prop. 1: each difference of
-two logits is √2·L-Lipschitz). L is the float64-verified LipSDP bound from :func:`certbench.lipsdp.lipsdp`
+two logits is √2·L-Lipschitz). L is the float64-verified LipSDP bound from :func:`certbench.bounds.lipsdp.lipsdp`
 in pixel units (the Normalize layer and an input average pooling folded in, see
-:class:`certbench.lipsdp.MLPStructure`); if no bound is verified, every sample is "error".
+:class:`certbench.bounds.lipsdp.MLPStructure`); if no bound is verified, every sample is "error".
 Float rounding is covered as in ``lipschitz-l2``: the radius is
 :func:`certbench.certificates.proven_radius` with the slope √2·L for every class.
 """
@@ -18,9 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from certbench.certificates import (ERROR, Certificate, CertificateResult, eval_mode, proven_radius,
-                                    register_certificate, statuses_from_radius)
-from certbench.lipsdp import SOLVERS, NotAnMLPError, lipsdp, mlp_structure, mlp_weights
+from certbench.bounds.lipsdp import SOLVERS, NotAnMLPError, lipsdp, mlp_structure, mlp_weights
+from certbench.certificates import (
+    ERROR,
+    Certificate,
+    CertificateResult,
+    eval_mode,
+    proven_radius,
+    register_certificate,
+    statuses_from_radius,
+)
 
 
 @register_certificate("lipsdp-l2")
@@ -56,7 +63,7 @@ class LipSDPL2(Certificate):
         with torch.no_grad(), eval_mode(model):
             logits = model(x)
             slopes = torch.full(logits.shape, math.sqrt(2.0) * result.bound, dtype=torch.float64)
-            radius = proven_radius(model, x, y, slopes).cpu().numpy()
+            radius = proven_radius(model, x, y, slopes, "l2").cpu().numpy()
         correct = (logits.argmax(1) == y).cpu().numpy()
         radius = np.where(correct, radius, 0.0)
         return CertificateResult(radius=radius, status=statuses_from_radius(radius, correct, eps),

@@ -7,7 +7,7 @@ is retried sample by sample; a sample that still fails gets status ``error``.
 
 Rounding. auto_LiRPA rounds to nearest with no outward rounding, so its bounds are computed on a
 float64 copy of the model and lowered by ``LIRPA_SLACK·(depth + 2)`` times the float64 forward error
-bound of the margin on the box (:func:`certbench.rounding.margin_bounds` of the float64 copy). That
+bound of the margin on the box (:func:`certbench.bounds.rounding.margin_bounds` of the float64 copy). That
 first-order bound is of the same form as the rounding of each back-substitution product
 Λ_{k+1}·D_k·W_k, whose entries are bounded by those of |W_L|⋯|W_k| (relaxation slopes in [0, 1],
 intercepts bounded by the layer's interval magnitudes; Higham Thm. 3.5 per product), one product
@@ -19,6 +19,7 @@ float32 error bound of its margin on the box, so the float32 pass of the model a
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Sequence
 from typing import ClassVar
@@ -27,9 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from certbench.bounds.lirpa import Bounder, BoundMethod, unsupported_reason
+from certbench.bounds.rounding import input_region, layers, margin_bounds
 from certbench.certificates import CERTIFIED, ERROR, NOT_CERTIFIED, Certificate, CertificateResult, register_certificate
-from certbench.lirpa import BoundMethod, Bounder, unsupported_reason
-from certbench.rounding import input_region, layers, margin_bounds
+from certbench.progress import Progress
+
+log = logging.getLogger(__name__)
 
 #: Safety factor on the first-order float64 error bound of auto_LiRPA's margin bounds (module docstring).
 LIRPA_SLACK = 1024.0
@@ -91,20 +95,24 @@ class LiRPACertificate(Certificate):
         model64 = copy.deepcopy(model).double().eval()
         depth = sum(1 for _ in layers(model))
         status: dict[float, np.ndarray] = {}
-        for e in eps:
-            status[float(e)] = np.full(len(x), NOT_CERTIFIED, dtype=f"<U{len(NOT_CERTIFIED)}")
-            for start in range(0, len(candidates), batch):
-                index = candidates[start:start + batch]
-                try:
-                    status[float(e)][index] = self._certified(bounder, model, model64, depth, x, y, index, e)
-                except Exception:
-                    for i in index:  # retry one by one; a fresh BoundedModule is built after a failure
-                        try:
-                            one = np.array([i])
-                            status[float(e)][i] = self._certified(bounder, model, model64, depth, x, y, one, e)[0]
-                        except Exception as error:
-                            status[float(e)][i] = ERROR
-                            errors.append(f"sample {i}, eps {e}: {type(error).__name__}: {error}")
+        batches = -(-len(candidates) // batch)
+        # a log line at most every 30 s (and one at the end) in a log file; a bar on a terminal
+        with Progress(total=len(eps) * batches, desc=self.name, unit="batch", log=log, every_seconds=30.0) as progress:
+            for e in eps:
+                status[float(e)] = np.full(len(x), NOT_CERTIFIED, dtype=f"<U{len(NOT_CERTIFIED)}")
+                for start in range(0, len(candidates), batch):
+                    index = candidates[start:start + batch]
+                    try:
+                        status[float(e)][index] = self._certified(bounder, model, model64, depth, x, y, index, e)
+                    except Exception:
+                        for i in index:  # retry one by one; a fresh BoundedModule is built after a failure
+                            try:
+                                one = np.array([i])
+                                status[float(e)][i] = self._certified(bounder, model, model64, depth, x, y, one, e)[0]
+                            except Exception as error:
+                                status[float(e)][i] = ERROR
+                                errors.append(f"sample {i}, eps {e}: {type(error).__name__}: {error}")
+                    progress.update(eps=float(e))
         return status, errors
 
     def _certified(self, bounder: Bounder, model: nn.Module, model64: nn.Module, depth: int, x: torch.Tensor,

@@ -3,7 +3,7 @@
 Both keep the data set's ``Normalize(mean, std)`` as first layer, like every model here. The
 division by ``std`` scales ℓ∞ distances by ``1/std``: the logit map is ``1/min(std)``-Lipschitz
 in pixel units at ``p = ∞``, which the ``linf-dist`` certificate (through
-:func:`certbench.nn.linf_dist.lipschitz_linf`) and the training losses (ε in normalised units,
+:func:`certbench.bounds.linf_dist.lipschitz_linf`) and the training losses (ε in normalised units,
 as in the paper) account for.
 """
 

@@ -3,7 +3,7 @@
 Pre-activation blocks BN → ReLU → conv3×3 → BN → ReLU → dropout → conv3×3 with a 1×1 conv
 shortcut where the width or stride changes; as in the reference implementation that shortcut
 reads the block's pre-activated input. Everything is ``nn.Sequential`` and
-:class:`~certbench.nn.Residual`, so :mod:`certbench.lipschitz` can bound it.
+:class:`~certbench.nn.Residual`, so :mod:`certbench.bounds.lipschitz` can bound it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""ℓ∞-dist neurons (Zhang et al., ICML 2021; v2 ICLR 2022) and the bounds that certify them.
+"""ℓ∞-dist neurons (Zhang et al., ICML 2021; v2 ICLR 2022): the layers.
 
 A layer computes ``y_j = ‖x − w_j‖_p (+ b_j)`` (paper eq. (1)); at ``p = ∞`` every unit is
 1-Lipschitz in ℓ∞, so an ℓ∞-dist net with logits ``−y`` certifies ``‖δ‖∞ < margin / 2``
 (paper Prop. 3.1 / Thm. 3.2). Training starts at ``p = 8`` and raises ``p`` to ∞; for finite
-``p`` a unit is ``n_in^{1/p}``-Lipschitz in ℓ∞ (Hölder), which :func:`lipschitz_linf` accounts for.
+``p`` a unit is ``n_in^{1/p}``-Lipschitz in ℓ∞ (Hölder), which
+:func:`certbench.bounds.linf_dist.lipschitz_linf` accounts for.
 
 The distance is an autograd function that never builds the ``B × out × in`` difference
 tensor: a compiled CPU kernel (``linf_dist_kernel.cpp``, built on first use with the system C++
@@ -12,8 +13,9 @@ backward pass. Finite ``p`` is evaluated as ``m·(Σ(|d|/m)^p)^{1/p}`` with ``m 
 float32 neither overflows nor underflows at large ``p``; ``p = ∞`` back-propagates through the
 argmax alone (a sparse scatter).
 
-Interval bounds through every module of these networks are exact per layer (the box maximiser
-and minimiser of ``|x_i − w_ji|`` are independent per coordinate), see :func:`interval_bounds`.
+Each layer's ``interval`` is exact (the box maximiser and minimiser of ``|x_i − w_ji|`` are
+independent per coordinate, :func:`lp_distance_bounds`); the whole-network bounds built on them
+are in :mod:`certbench.bounds.linf_dist`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import platform
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
@@ -34,21 +36,15 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from certbench.nn.layers import Normalize
-
 __all__ = [
     "LinfDist",
     "MeanShift",
     "Negate",
     "identity_init_",
-    "interval_bounds",
     "kernel_available",
-    "lipschitz_linf",
     "lp_distance",
     "lp_distance_bounds",
-    "margin_lower_bound",
     "set_p",
-    "split_trunk",
 ]
 
 _KERNEL_SOURCE = Path(__file__).with_name("linf_dist_kernel.cpp")
@@ -403,83 +399,8 @@ class Negate(nn.Module):
         return -upper, -lower
 
 
-# --------------------------------------------------------------------------------------------
-# whole-network bounds
-# --------------------------------------------------------------------------------------------
-
-_TRUNK_TYPES = (LinfDist, MeanShift)
-
-
-def _modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
-    return list(model) if type(model) is nn.Sequential or isinstance(model, (list, tuple)) else [model]
-
-
 def set_p(model: nn.Module, p: float) -> None:
     """Set ``p`` on every :class:`LinfDist` layer of ``model``."""
     for m in model.modules():
         if isinstance(m, LinfDist):
             m.p = p
-
-
-def split_trunk(model: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
-    """``(trunk, head)``: the trunk ends with the last ℓ∞-dist or mean-shift module."""
-    last = max(i for i, m in enumerate(model) if type(m) in _TRUNK_TYPES)
-    return model[: last + 1], model[last + 1:]
-
-
-def lipschitz_linf(model: nn.Module | Sequence[nn.Module]) -> float:
-    """ℓ∞→ℓ∞ Lipschitz bound of a chain of Normalize / Flatten / LinfDist / MeanShift / Negate.
-
-    ``Normalize`` contributes ``1 / min(std)`` of its buffer as it is now (ValueError unless finite
-    and positive); a ℓ∞-dist layer ``n_in^{1/p}``. Layers are matched by exact type: any other
-    module, a subclass included, raises ``TypeError`` (a bound for it would need its own argument).
-    """
-    bound = 1.0
-    for m in _modules(model):
-        kind = type(m)
-        if kind is Normalize:
-            problem = m.buffer_problem()
-            if problem is not None:
-                raise ValueError(f"Normalize: {problem}")
-            bound /= float(m.std.min())
-        elif kind is LinfDist:
-            bound *= m.lipschitz_linf()
-        elif kind not in (MeanShift, Negate, nn.Flatten, nn.Identity):
-            raise TypeError(f"no ℓ∞ Lipschitz bound for {kind.__name__} (exact types only)")
-    return bound
-
-
-def interval_bounds(model: nn.Module | Sequence[nn.Module], lower: Tensor, upper: Tensor
-                    ) -> tuple[Tensor, Tensor]:
-    """Propagate the box ``[lower, upper]`` through a chain of modules (interval arithmetic).
-
-    Exact per layer for Normalize, Flatten, LinfDist, MeanShift, Negate and monotone activations;
-    ``Linear`` uses the centre/radius form ``W c + b ± |W| r``. Differentiable except through
-    LinfDist. Layers are matched by exact type; other modules (subclasses included) raise
-    ``TypeError``, a Normalize with a non-finite or non-positive std ``ValueError``.
-    """
-    for m in _modules(model):
-        kind = type(m)
-        if kind is nn.Linear:
-            centre, radius = (upper + lower) / 2, (upper - lower) / 2
-            centre, radius = m(centre), radius @ m.weight.abs().t()
-            lower, upper = centre - radius, centre + radius
-        elif kind in (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Flatten, nn.Identity, Normalize):
-            if kind is Normalize and m.buffer_problem() is not None:
-                raise ValueError(f"Normalize: {m.buffer_problem()}")
-            lower, upper = m(lower), m(upper)  # monotone non-decreasing (Normalize: std > 0)
-        elif kind in (LinfDist, MeanShift, Negate):
-            lower, upper = m.interval(lower, upper)
-        else:
-            raise TypeError(f"no interval bound for {kind.__name__} (exact types only)")
-    return lower, upper
-
-
-def margin_lower_bound(final: nn.Linear, lower: Tensor, upper: Tensor, y: Tensor) -> Tensor:
-    """Lower bounds of ``z_y − z_j`` over the box ``[lower, upper]`` of the input of the last
-    ``Linear`` (rows ``e_y − e_j`` folded into the layer, as in IBP with an elided last layer).
-    Shape (B, K) with 0 at ``j = y``; the point is certified when every entry ``j ≠ y`` is > 0."""
-    centre, radius = (upper + lower) / 2, (upper - lower) / 2
-    diff = final.weight[y][:, None, :] - final.weight[None]  # (B, K, H)
-    bias = 0.0 if final.bias is None else final.bias[y][:, None] - final.bias[None]
-    return (diff @ centre[:, :, None]).squeeze(-1) - (diff.abs() @ radius[:, :, None]).squeeze(-1) + bias

@@ -16,8 +16,10 @@ _PER_RUN = {  # per-run file: the per-run files made from it
 
 
 def derived_files():
-    reports = [*rules.tables.output, *rules.figures.output]
-    collected = [*rules.collect.output, *rules.audit.output, *rules.audit_check.output, *reports]
+    # the report's first page (front_page) is made from summary.csv and audit.csv
+    reports = [*rules.tables.output, *rules.figures.output, *rules.front_page.output]
+    collected = [*rules.collect.output, *rules.audit.output, *rules.audit_check.output, *rules.history.output,
+                 *reports]
     graph = {}
     for run in RUNS:
         base = f"{RESULTS}/{run.path}/"
@@ -25,6 +27,10 @@ def derived_files():
             graph[base + name] = [base + other for other in made_from_it] + collected
     for made in (*rules.collect.output, *rules.audit.output, *rules.published.output):
         graph[made] = [*rules.audit_check.output, *reports]
+    for made in rules.history.output:  # history.csv: the training curves are drawn from it
+        graph[made] = list(rules.figures.output)
+    for made in rules.front_page.output:  # the report's first page: made from nothing else that is checked
+        graph[made] = []
     return graph
 
 

@@ -131,7 +131,7 @@ rule figures:
     params:
         out_dir=FIGURES,
     shell:
-        "{PYTHON:q} -m certbench.figures --summary {input.summary:q} --radii {input.radii:q} "
+        "{PYTHON:q} -m certbench.cli figures --summary {input.summary:q} --radii {input.radii:q} "
         "--history {input.history:q} --published {input.published:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
 

@@ -81,12 +81,28 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 @dataclass
+class Ball:
+    """An ℓ2 description of the region, kept until the first affine layer: every exact activation
+    a(x') of the region lies within ℓ2 distance ``radius`` (per sample) of a(x), and a(x) within
+    ``slack`` (elementwise) of ``centre`` (float64)."""
+
+    centre: Tensor
+    slack: Tensor
+    radius: Tensor
+
+    def map(self, module: nn.Module) -> Ball:
+        return Ball(module(self.centre), module(self.slack), self.radius)
+
+
+@dataclass
 class Region:
-    """Float64 enclosure ``[lo, hi]`` of the exact activations and the float error bound ``err``."""
+    """Float64 enclosure ``[lo, hi]`` of the exact activations and the float error bound ``err``;
+    ``ball`` where the region is an ℓ2 ball (until the first affine layer)."""
 
     lo: Tensor
     hi: Tensor
     err: Tensor
+    ball: Ball | None = None
 
     def magnitude(self) -> Tensor:
         """max(|lo|, |hi|): bounds |a| of the exact activation on the region."""
@@ -97,15 +113,19 @@ class Region:
         return Region(module(self.lo), module(self.hi), module(self.err))
 
 
-def input_region(x: Tensor, radius: Tensor | float = 0.0) -> Region:
+def input_region(x: Tensor, radius: Tensor | float = 0.0, l2: bool = False) -> Region:
     """The box ``[x − r, x + r] ∩ [0, 1]`` in float64 (per-sample ``radius`` of shape (B,) allowed),
-    widened by the float64 rounding of ``x ± r``; the input is exact (error 0)."""
+    widened by the float64 rounding of ``x ± r``; the input is exact (error 0). With ``l2`` the
+    region is the ℓ2 ball of radius r in that box, which the first affine layer bounds row by row
+    (|w_j·δ| ≤ ‖w_j‖₂·‖δ‖₂, Cauchy–Schwarz) before interval arithmetic takes over."""
     x = x.detach().double()
     r = torch.as_tensor(radius, dtype=torch.float64, device=x.device)
+    per_sample = r.expand(len(x)) if r.dim() == 0 else r
     r = r.view(-1, *([1] * (x.dim() - 1))) if r.dim() == 1 else r
     slack = 2 * U64 * (x.abs() + r)
     lo, hi = (x - r - slack).clamp(0.0, 1.0), (x + r + slack).clamp(0.0, 1.0)
-    return Region(torch.minimum(lo, x), torch.maximum(hi, x), torch.zeros_like(x))
+    ball = Ball(x, torch.zeros_like(x), per_sample * (1 + 4 * U64)) if l2 else None
+    return Region(torch.minimum(lo, x), torch.maximum(hi, x), torch.zeros_like(x), ball)
 
 
 def _up(t: Tensor, terms: int) -> Tensor:
@@ -114,8 +134,9 @@ def _up(t: Tensor, terms: int) -> Tensor:
 
 
 def _affine(region: Region, apply: object, apply_abs: object, bias: Tensor | None, terms: int,
-            u: float) -> Region:
-    """An affine layer ``x ↦ A x + b`` with ``apply = A·``, ``apply_abs = |A|·`` (float64, no bias)."""
+            u: float, row_norms: Tensor | None = None) -> Region:
+    """An affine layer ``x ↦ A x + b`` with ``apply = A·``, ``apply_abs = |A|·`` (float64, no bias);
+    ``row_norms`` (the ℓ2 norm of each output's row of A, broadcastable) tighten an ℓ2-ball region."""
     c = (region.lo + region.hi) / 2
     r = (region.hi - region.lo) / 2 + U64 * (region.lo.abs() + region.hi.abs())
     magnitude = region.magnitude() + region.err
@@ -129,12 +150,21 @@ def _affine(region: Region, apply: object, apply_abs: object, bias: Tensor | Non
     mid = mid + b
     slack = gamma(terms + 4, U64) * (mag + b.abs())
     err = _up(err_in + gamma(terms + 1, u) * (mag_float + b.abs()), terms)
-    return Region(mid - rad - slack, mid + rad + slack, err)
+    lo, hi = mid - rad - slack, mid + rad + slack
+    if region.ball is not None and row_norms is not None:
+        ball = region.ball
+        centre = apply(ball.centre) + b  # type: ignore[operator]
+        spread = _up(apply_abs(torch.cat([ball.slack, ball.centre.abs()])), terms)  # type: ignore[operator]
+        centre_slack = spread[:batch] + gamma(terms + 4, U64) * (spread[batch:] + b.abs())
+        deviation = _up(row_norms * ball.radius.view(-1, *([1] * (mid.dim() - 1))), 2) + centre_slack
+        lo, hi = torch.maximum(lo, centre - deviation), torch.minimum(hi, centre + deviation)
+    return Region(lo, hi, err)
 
 
 def _linear(m: nn.Linear, region: Region, u: float) -> Region:
     w = m.weight.detach().double()
-    return _affine(region, lambda t: F.linear(t, w), lambda t: F.linear(t, w.abs()), m.bias, m.in_features, u)
+    return _affine(region, lambda t: F.linear(t, w), lambda t: F.linear(t, w.abs()), m.bias, m.in_features, u,
+                   w.norm(dim=1) if region.ball is not None else None)
 
 
 def _conv(m: nn.Conv2d, region: Region, u: float) -> Region:
@@ -144,7 +174,8 @@ def _conv(m: nn.Conv2d, region: Region, u: float) -> Region:
         return F.conv2d(t, weight, None, m.stride, m.padding, m.dilation, m.groups)
 
     terms = (m.in_channels // m.groups) * math.prod(m.kernel_size)
-    return _affine(region, lambda t: conv(t, w), lambda t: conv(t, w.abs()), m.bias, terms, u)
+    rows = w.flatten(1).norm(dim=1).view(1, -1, 1, 1) if region.ball is not None else None
+    return _affine(region, lambda t: conv(t, w), lambda t: conv(t, w.abs()), m.bias, terms, u, rows)
 
 
 def _scale_shift(region: Region, scale: Tensor, shift: Tensor, magnitude_terms: Tensor, ops64: int,
@@ -178,7 +209,13 @@ def _batchnorm(m: nn.modules.batchnorm._BatchNorm, region: Region, u: float) -> 
 def _normalize(m: Normalize, region: Region, u: float) -> Region:
     """(x − μ)/σ: two correctly rounded operations."""
     std, mean = m.std.detach().double(), m.mean.detach().double()
-    return _scale_shift(region, 1.0 / std, -mean / std, (mean / std).abs(), 4, 2, u)
+    out = _scale_shift(region, 1.0 / std, -mean / std, (mean / std).abs(), 4, 2, u)
+    if region.ball is not None:  # δ ↦ δ/σ shrinks ℓ2 norms by at least min σ
+        ball = region.ball
+        centre = (ball.centre - mean) / std
+        slack = _up(ball.slack / std + gamma(4, U64) * (ball.centre.abs() + mean.abs()) / std, 2)
+        out.ball = Ball(centre, slack, _up(ball.radius / std.min(), 2))
+    return out
 
 
 def _pool(m: nn.Module, region: Region, u: float) -> Region:
@@ -286,7 +323,10 @@ def walk(model: nn.Module, region: Region, u: float) -> Region:
         elif kind in (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
             region = _pool(m, region, u)
         elif kind in _PASS_THROUGH:
-            region = region.map(nn.Identity() if kind.__name__.startswith(("Dropout", "Alpha")) else m)
+            shape = nn.Identity() if kind.__name__.startswith(("Dropout", "Alpha")) else m
+            ball = region.ball.map(shape) if region.ball is not None else None
+            region = region.map(shape)
+            region.ball = ball
         elif kind is Negate:
             region = Region(-region.hi, -region.lo, region.err)
         elif kind is LinfDist:
