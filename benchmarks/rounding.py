@@ -80,6 +80,7 @@ def main() -> None:
     worst = {"accuracy": 0.0, "radius": 0.0, "time": 1.0}
     print(f"{'run':42s} {'certificate':13s} {'certified % (exact → proven)':38s} {'median radius':24s} "
           "seconds (rounding) time×")
+    jobs: dict[str, tuple[float, float]] = {}
     for path in runs:
         config = read_json(path)
         model = load_model(config, path.parent, torch.device("cpu"))
@@ -106,7 +107,13 @@ def main() -> None:
             accuracy = ", ".join(f"{exact[0][e]:.1f}→{proven[0][e]:.1f}" for e in eps)
             radius = "—" if exact[1] is None else f"{exact[1]:.4f}→{proven[1]:.4f}"
             run = "/".join(path.parent.parts[-4:-1])
+            total, rounding_share = jobs.get(run, (0.0, 0.0))
+            jobs[run] = (total + seconds, rounding_share + walks[0])
             print(f"{run:42s} {name:13s} {accuracy:38s} {radius:24s} {seconds:6.2f} ({walks[0]:5.2f}) {ratio:.2f}")
+    print("\nper run, all listed certificates together (a certify job; add crown to --certificates to "
+          "include its cost, which the walks do not change):")
+    for run, (total, share) in jobs.items():
+        print(f"  {run:42s} {total:6.2f} s, rounding walks {share:5.2f} s: {total / max(total - share, 1e-9):.2f}×")
     print(f"\nworst certified-accuracy drop {worst['accuracy']:.2f} points (goal < {GOAL_ACCURACY_POINTS}); "
           f"worst median-radius loss {100 * worst['radius']:.2f} % (goal < {100 * GOAL_RADIUS:.0f} %); "
           f"worst time ratio {worst['time']:.2f}× (goal ≤ {GOAL_TIME}×)")
