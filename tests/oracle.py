@@ -54,8 +54,8 @@ MILP_OPTIONS = {"mip_rel_gap": 0.0, "time_limit": 30.0, "primal_feasibility_tole
 # --- the network as ops ---------------------------------------------------------------------
 
 @dataclass
-class Affine:
-    """``v ↦ W v + b``."""
+class _Rows:
+    """Rows ``w_j`` and biases ``b_j`` held exactly (fractions) and in float64."""
 
     weight: list[list[Fraction]]
     bias: list[Fraction]
@@ -65,6 +65,11 @@ class Affine:
     def __post_init__(self) -> None:
         self.w64 = np.array([[float(w) for w in row] for row in self.weight], dtype=np.float64)
         self.b64 = np.array([float(b) for b in self.bias], dtype=np.float64)
+
+
+@dataclass
+class Affine(_Rows):
+    """``v ↦ W v + b``."""
 
 
 @dataclass
@@ -73,17 +78,8 @@ class ReLU:
 
 
 @dataclass
-class LinfDistOp:
+class LinfDistOp(_Rows):
     """``v ↦ (max_i |v_i − w_ji| + b_j)_j`` (a ℓ∞-dist layer at p = ∞)."""
-
-    weight: list[list[Fraction]]
-    bias: list[Fraction]
-    w64: np.ndarray = field(init=False)
-    b64: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.w64 = np.array([[float(w) for w in row] for row in self.weight], dtype=np.float64)
-        self.b64 = np.array([float(b) for b in self.bias], dtype=np.float64)
 
 
 Op = Affine | ReLU | LinfDistOp

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from certbench.bounds.rounding import layers as flat_layers
 from certbench.nn import Normalize, Residual
 
 #: Relative margin on every float64 norm of the exact mode. The computed σ_max errs by a relative
@@ -486,20 +487,11 @@ class _Pool(_Node):
         return self.value
 
 
-def _flatten_sequential(module: nn.Module) -> Iterator[nn.Module]:
-    """Leaves and residual blocks of nested ``nn.Sequential`` containers, in order."""
-    if type(module) is nn.Sequential:
-        for child in module:
-            yield from _flatten_sequential(child)
-    else:
-        yield module
-
-
 def _leaf(module: nn.Module) -> _Node:
     """The node of one layer; raises :class:`UnsupportedLayerError` for anything without a rule."""
     kind = type(module)
     if kind is nn.Sequential:
-        return _Chain([_leaf(m) for m in _flatten_sequential(module)])
+        return _Chain([_leaf(m) for m in flat_layers(module)])
     if kind is Residual:
         return _Sum(module, _leaf(module.body), _leaf(module.shortcut))
     if kind is nn.Linear:
@@ -568,7 +560,7 @@ class LipschitzBound:
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         self.model = model
-        layers = list(_flatten_sequential(model))
+        layers = list(flat_layers(model))
         children = [_leaf(m) for m in layers]
         self._last: _LinearOp | None = None
         self._below: list[_Node] = children
