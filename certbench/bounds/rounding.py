@@ -57,7 +57,10 @@ U64 = 2.0**-53
 #: Elementwise kernels of smooth activations: error ≤ SMOOTH_ULPS·u·(|f(x)| + 1) (see the module docstring).
 SMOOTH_ULPS = 16
 
-_PASS_THROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # the identity at evaluation
+_PASS_THROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, *_DROPOUTS)
+#: Layers after the last Linear that change nothing, so the Linear can be folded into the margins.
+_TRAILING_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _CLAMPS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 _SMOOTH = {nn.Tanh: 1.0, nn.Sigmoid: 0.25, nn.Softplus: 1.0}
 
@@ -323,7 +326,7 @@ def walk(model: nn.Module, region: Region, u: float) -> Region:
         elif kind in (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
             region = _pool(m, region, u)
         elif kind in _PASS_THROUGH:
-            shape = nn.Identity() if kind.__name__.startswith(("Dropout", "Alpha")) else m
+            shape = nn.Identity() if kind in _DROPOUTS else m
             ball = region.ball.map(shape) if region.ball is not None else None
             region = region.map(shape)
             region.ball = ball
@@ -405,11 +408,9 @@ class MarginBounds:
 def _last_linear(model: nn.Module) -> tuple[list[nn.Module], nn.Linear | None]:
     chain = list(layers(model))
     tail = len(chain)
-    while tail > 0 and type(chain[tail - 1]) in _PASS_THROUGH:
+    while tail > 0 and type(chain[tail - 1]) in _TRAILING_IDENTITIES:
         tail -= 1
-    if tail > 0 and type(chain[tail - 1]) is nn.Linear and all(type(m) is nn.Identity or
-                                                              type(m).__name__.startswith("Dropout")
-                                                              for m in chain[tail:]):
+    if tail > 0 and type(chain[tail - 1]) is nn.Linear:
         return chain[:tail - 1], chain[tail - 1]
     return chain, None
 

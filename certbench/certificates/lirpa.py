@@ -7,7 +7,10 @@ is retried sample by sample; a sample that still fails gets status ``error``.
 
 Rounding. auto_LiRPA rounds to nearest with no outward rounding, so its bounds are computed on a
 float64 copy of the model and lowered by ``LIRPA_SLACK·(depth + 2)`` times the float64 forward error
-bound of the margin on the box (:func:`certbench.bounds.rounding.margin_bounds` of the float64 copy). That
+bound of the margin on the box. That bound is read off the model's own error bound
+(:func:`certbench.bounds.rounding.margin_bounds`) scaled by u₆₄/u: every term of the error
+recursion is non-decreasing in the unit roundoff u and γ_k(u₆₄)/γ_k(u) ≤ u₆₄/u, so by induction over
+the layers the error bound at u₆₄ is at most u₆₄/u times the one at u (one walk serves both). That
 first-order bound is of the same form as the rounding of each back-substitution product
 Λ_{k+1}·D_k·W_k, whose entries are bounded by those of |W_L|⋯|W_k| (relaxation slopes in [0, 1],
 intercepts bounded by the layer's interval magnitudes; Higham Thm. 3.5 per product), one product
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from certbench.bounds.lirpa import Bounder, BoundMethod, unsupported_reason
-from certbench.bounds.rounding import input_region, layers, margin_bounds
+from certbench.bounds.rounding import U64, input_region, layers, margin_bounds, model_roundoff
 from certbench.certificates import CERTIFIED, ERROR, NOT_CERTIFIED, Certificate, CertificateResult, register_certificate
 from certbench.progress import Progress
 
@@ -123,9 +126,8 @@ class LiRPACertificate(Certificate):
         xb, yb = x[picked], y[picked]
         with torch.no_grad():
             lower = bounder.margin_lower_bounds(model64, xb.double(), yb, eps, [self.method])[self.method]
-            region = input_region(xb, eps)
-            slack = LIRPA_SLACK * (depth + 2) * margin_bounds(model64, region, yb).error
-            error = margin_bounds(model, region, yb).error
+            error = margin_bounds(model, input_region(xb, eps), yb).error
+            slack = LIRPA_SLACK * (depth + 2) * (U64 / model_roundoff(model)) * error
         if not torch.isfinite(lower).all():
             raise FloatingPointError("non-finite margin bound")
         others = torch.ones_like(error, dtype=torch.bool).scatter_(1, yb[:, None], False)
