@@ -23,5 +23,9 @@ dry-run: install
 report: install
 	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(GPUS) --report $(REPORT)
 
+# Lint and format checks first (seconds), then the tests.
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow
 	$(BIN)/python -m pytest -q -n 2

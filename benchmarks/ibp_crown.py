@@ -31,7 +31,8 @@ from torch import nn
 
 from certbench.certificates import CERTIFICATES, CERTIFIED
 from certbench.config import validate_against
-from certbench.data.loaders import DatasetNotFoundError, load_fashion_mnist_split
+from certbench.data.fashion_mnist import load as load_fashion_mnist_split
+from certbench.data.loaders import DatasetNotFoundError
 from certbench.data.specs import DATASETS
 from certbench.method import Method, RunContext, get_method
 

@@ -20,12 +20,23 @@ page-granular. It is reported in MB and in units of
 4× ``nn.Linear``'s time, p = 8 at most 10×, peak memory O(B·out + out·in) (≤ 8 units here).
 The naive form is skipped when it would need more than half of the available memory.
 
+On CUDA, at the paper's CIFAR-10 width (Zhang et al. 2021: 5120 units, batch 512, 5120 → 5120),
+one forward + backward pass of the Triton kernels (``triton``, the default dispatch on CUDA), the
+chunked PyTorch reference (``chunked``) and ``nn.Linear`` with TF32 off, at p = ∞, 8 and 8.5 (a
+non-integer p, as most of the p schedule): the median of ``--repeats`` timed calls (CUDA events)
+after one warm-up call (which compiles the kernels), and the peak of allocated GPU memory over the
+call. Goals (issue 16): Triton at most 4× ``nn.Linear`` at p = ∞ (10× at p = 8) and at least 10×
+faster than the chunked path. Without CUDA that part says so and is skipped; ``--cuda-only``
+skips the CPU part (a minute or two on a GPU, compilation included).
+
     .venv/bin/python benchmarks/linf_dist_layer.py [--repeats 5] [--threads N] [--torch-only] [--skip-naive]
+                                                   [--cuda-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,26 +44,30 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SHAPES = [(512, 784, 1024), (512, 1024, 1024)]
 GOALS = {math.inf: 4.0, 8.0: 10.0}
 MEMORY_GOAL_UNITS = 8.0
+CUDA_SHAPE = (512, 5120, 5120)
+CUDA_PS = (math.inf, 8.0, 8.5)
+CUDA_SPEEDUP_GOAL = 10.0
 
 
-def make_step(impl: str, b: int, n_in: int, n_out: int, p: float):  # noqa: ANN201
+def make_step(impl: str, b: int, n_in: int, n_out: int, p: float, device: str = "cpu"):  # noqa: ANN201
     """One forward + backward of ``impl`` on fresh random tensors."""
     import torch
 
     from certbench.nn.linf_dist import lp_distance
 
-    x = torch.randn(b, n_in, requires_grad=True)
-    g = torch.randn(b, n_out)
+    x = torch.randn(b, n_in, device=device, requires_grad=True)
+    g = torch.randn(b, n_out, device=device)
     if impl == "linear":
-        forward = torch.nn.Linear(n_in, n_out)
+        forward = torch.nn.Linear(n_in, n_out, device=device)
     else:
-        w = torch.randn(n_out, n_in, requires_grad=True)
-        if impl == "ours":
+        w = torch.randn(n_out, n_in, device=device, requires_grad=True)
+        if impl in ("ours", "triton", "chunked"):
             forward = lambda v: lp_distance(v, w, p)  # noqa: E731
         elif impl == "cdist":
             forward = lambda v: torch.cdist(v, w, p=p)  # noqa: E731
@@ -108,17 +123,98 @@ def run(impl: str, shape: tuple[int, int, int], p: float, args: argparse.Namespa
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@contextlib.contextmanager
+def dispatch(impl: str) -> Iterator[None]:
+    """``chunked``: send CUDA tensors to the chunked PyTorch reference, as when triton is missing."""
+    from certbench.nn import linf_dist
+
+    triton_for = linf_dist._triton_for
+    if impl == "chunked":
+        linf_dist._triton_for = lambda *tensors: None
+    try:
+        yield
+    finally:
+        linf_dist._triton_for = triton_for
+
+
+def measure_cuda(impl: str, p: float, repeats: int) -> dict[str, float]:
+    """Median seconds (CUDA events) and peak allocated bytes of one forward + backward at CUDA_SHAPE."""
+    import torch
+
+    with dispatch(impl):
+        step = make_step(impl, *CUDA_SHAPE, p, device="cuda")
+        step()  # warm-up: compiles the Triton kernels (and runs their self-check) on first use
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return {"seconds": times[len(times) // 2], "peak_bytes": float(peak)}
+
+
+def cuda_part(repeats: int) -> None:
+    """Triton against the chunked reference and ``nn.Linear`` (TF32 off) at the paper's width."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("CUDA: not available, skipping the Triton vs chunked PyTorch comparison")
+        return
+    from certbench.nn.linf_dist import _triton_for
+
+    torch.set_float32_matmul_precision("highest")  # no TF32 for nn.Linear
+    torch.manual_seed(0)
+    b, n_in, n_out = CUDA_SHAPE
+    unit = 4.0 * (b * n_out + n_out * n_in)
+    available = _triton_for(torch.ones(1, device="cuda")) is not None
+    print(f"\nCUDA {torch.cuda.get_device_name()}: {b}×{n_in}→{n_out}, forward + backward, "
+          f"median of {repeats}; Triton kernels "
+          f"{'in use' if available else 'UNAVAILABLE (the triton rows are the chunked path)'}")
+    header = (f"{'p':>4} {'impl':>8} {'f+b s':>9} {'× Linear':>9} {'goal':>5} {'chunked ×':>10} {'goal':>5} "
+              f"{'peak MB':>9} {'units':>6} {'ok':>3}")
+    print(header)
+    print("-" * len(header))
+    linear = measure_cuda("linear", 0.0, repeats)
+    print(f"{'':>4} {'linear':>8} {linear['seconds']:9.5f} {1:9.2f} {'':>5} {'':>10} {'':>5} "
+          f"{linear['peak_bytes'] / 2**20:9.1f} {linear['peak_bytes'] / unit:6.2f}")
+    for p in CUDA_PS:
+        results = {impl: measure_cuda(impl, p, repeats) for impl in ("triton", "chunked")}
+        for impl, r in results.items():
+            ratio, units = r["seconds"] / linear["seconds"], r["peak_bytes"] / unit
+            speedup = results["chunked"]["seconds"] / r["seconds"]
+            goal = GOALS.get(p)
+            ok = "" if impl == "chunked" else (
+                "yes" if speedup >= CUDA_SPEEDUP_GOAL and (goal is None or ratio <= goal) else "no")
+            print(f"{p:>4g} {impl:>8} {r['seconds']:9.5f} {ratio:9.2f} {goal or '':>5} {speedup:10.1f} "
+                  f"{CUDA_SPEEDUP_GOAL if impl == 'triton' else '':>5} {r['peak_bytes'] / 2**20:9.1f} "
+                  f"{units:6.2f} {ok:>3}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--torch-only", action="store_true", help="disable the compiled kernel")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA part (Triton vs chunked)")
     parser.add_argument("--one", nargs=5, metavar=("IMPL", "B", "IN", "OUT", "P"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         impl, b, n_in, n_out, p = args.one
         print(json.dumps(measure(impl, int(b), int(n_in), int(n_out), float(p), args.repeats, args.threads)))
+        return
+
+    if args.cuda_only:
+        cuda_part(args.repeats)
         return
 
     import torch
@@ -150,6 +246,7 @@ def main() -> None:
                 ok = "yes" if ratio <= GOALS[p] and units <= MEMORY_GOAL_UNITS else "no"
                 print(f"{label:>15} {p:>4g} {impl:>7} {r['seconds']:8.4f} {ratio:9.2f} {GOALS[p]:6g} "
                       f"{r['peak_bytes'] / 2**20:9.1f} {units:7.2f} {ok:>3}")
+    cuda_part(args.repeats)
 
 
 if __name__ == "__main__":

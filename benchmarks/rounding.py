@@ -1,11 +1,12 @@
 """What the proven rounding allowance costs: certified accuracy, median radius and time.
 
-For every trained run of a results directory (``make run`` leaves one in ``results/``), each
+For every trained run and seed of a results directory (``make run`` leaves one in ``results/``), each
 applicable certificate is run twice on the run's test points: as shipped, and with the rounding
 terms of :mod:`certbench.bounds.rounding` set to zero (γ = 0, no ulps, no slack: the exact-arithmetic
 answer the allowance can only lower, and an upper limit for the heuristic allowance it replaced).
-Goals (issue: certificates sound under floating point): certified accuracy within 0.5 points and
-median radius within 1 % of the exact-arithmetic answer; certification time ≤ 1.2× without the
+Goals (issue: certificates sound under floating point): certified accuracy within 0.5 points of the
+exact-arithmetic answer in every table cell (the mean over seeds, as the tables report it; the worst
+single seed is printed beside it) and median radius within 1 %; certification time ≤ 1.2× without the
 rounding walks (their share of the time is measured directly; each timed call starts without a cached
 Lipschitz bound, as a certify job does).
 
@@ -59,7 +60,11 @@ def timed_walks(total: list[float]) -> Iterator[None]:
         yield
 
 
-def summary(result: object, eps: list[float]) -> tuple[dict[float, float], float | None]:
+#: Certified accuracy (%) per ε and the median radius (None for certificates without radii).
+Summary = tuple[dict[float, float], float | None]
+
+
+def summary(result: object, eps: list[float]) -> Summary:
     accuracy = {e: 100 * float(np.mean(result.status[e] == CERTIFIED)) for e in eps}  # type: ignore[attr-defined]
     radius = result.radius  # type: ignore[attr-defined]
     return accuracy, (float(np.median(radius)) if radius is not None else None)
@@ -73,19 +78,19 @@ def main() -> None:
                         help="comma-separated certificate names")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    runs = [path for path in sorted(Path(args.results).glob("*/*/*/seed0/run.json"))
+    runs = [path for path in sorted(Path(args.results).glob("*/*/*/seed*/run.json"))
             if (path.parent / "certify.json").exists()]  # trained and evaluated
     if not runs:
         raise SystemExit(f"no runs under {args.results}/: run the DAG first (make run)")
-    worst = {"accuracy": 0.0, "radius": 0.0, "time": 1.0}
-    print(f"{'run':42s} {'certificate':13s} {'certified % (exact → proven)':38s} {'median radius':24s} "
-          "seconds (rounding) time×")
-    jobs: dict[str, tuple[float, float]] = {}
+    rows: dict[tuple[str, str], list[tuple[Summary, Summary]]] = {}
+    jobs: dict[str, list[float]] = {}
     for path in runs:
         config = read_json(path)
         model = load_model(config, path.parent, torch.device("cpu"))
         _, x, y = test_points(config)
         x, y = x[:args.samples], y[:args.samples]
+        run = "/".join(path.parent.parts[-4:-1])
+        job = jobs.setdefault(str(path.parent), [0.0, 0.0])
         for name in args.certificates.split(","):
             certificate = CERTIFICATES.get(name)(**config["evaluation"]["certificate_params"].get(name, {}))
             if not certificate.applies(model):
@@ -99,24 +104,34 @@ def main() -> None:
             with timed_walks(walks):
                 proven = summary(certificate.certify(model, x, y, eps), eps)
             seconds = time.perf_counter() - started
-            ratio = seconds / max(seconds - walks[0], 1e-9)
-            drop = max(exact[0][e] - proven[0][e] for e in eps)
-            radius_loss = 0.0 if exact[1] in (None, 0.0) else 1 - proven[1] / exact[1]
-            worst = {"accuracy": max(worst["accuracy"], drop), "radius": max(worst["radius"], radius_loss),
-                     "time": max(worst["time"], ratio)}
-            accuracy = ", ".join(f"{exact[0][e]:.1f}→{proven[0][e]:.1f}" for e in eps)
-            radius = "—" if exact[1] is None else f"{exact[1]:.4f}→{proven[1]:.4f}"
-            run = "/".join(path.parent.parts[-4:-1])
-            total, rounding_share = jobs.get(run, (0.0, 0.0))
-            jobs[run] = (total + seconds, rounding_share + walks[0])
-            print(f"{run:42s} {name:13s} {accuracy:38s} {radius:24s} {seconds:6.2f} ({walks[0]:5.2f}) {ratio:.2f}")
-    print("\nper run, all listed certificates together (a certify job; add crown to --certificates to "
-          "include its cost, which the walks do not change):")
+            job[0] += seconds
+            job[1] += walks[0]
+            rows.setdefault((run, name), []).append((exact, proven))
+    print(f"{'run (mean over seeds, as the tables)':42s} {'certificate':13s} {'certified % (exact → proven)':38s} "
+          f"{'median radius':24s} worst seed drop")
+    worst = {"accuracy": 0.0, "seed": 0.0, "radius": 0.0}
+    for (run, name), pairs in rows.items():
+        eps = list(pairs[0][0][0])
+        exact = {e: float(np.mean([p[0][0][e] for p in pairs])) for e in eps}
+        proven = {e: float(np.mean([p[1][0][e] for p in pairs])) for e in eps}
+        seed_drop = max(p[0][0][e] - p[1][0][e] for p in pairs for e in eps)
+        radii = [(p[0][1], p[1][1]) for p in pairs if p[0][1]]
+        loss = max((1 - proven_r / exact_r for exact_r, proven_r in radii), default=0.0)
+        worst = {"accuracy": max(worst["accuracy"], max(exact[e] - proven[e] for e in eps)),
+                 "seed": max(worst["seed"], seed_drop), "radius": max(worst["radius"], loss)}
+        accuracy = ", ".join(f"{exact[e]:.1f}→{proven[e]:.1f}" for e in eps)
+        radius = "—" if not radii else f"{np.mean([r[0] for r in radii]):.4f}→{np.mean([r[1] for r in radii]):.4f}"
+        print(f"{run:42s} {name:13s} {accuracy:38s} {radius:24s} {seed_drop:.1f}")
+    print("\ncertify jobs (one run and seed, every listed certificate; add crown to --certificates to include "
+          "its cost, which the walks do not change):")
+    ratios = []
     for run, (total, share) in jobs.items():
-        print(f"  {run:42s} {total:6.2f} s, rounding walks {share:5.2f} s: {total / max(total - share, 1e-9):.2f}×")
-    print(f"\nworst certified-accuracy drop {worst['accuracy']:.2f} points (goal < {GOAL_ACCURACY_POINTS}); "
-          f"worst median-radius loss {100 * worst['radius']:.2f} % (goal < {100 * GOAL_RADIUS:.0f} %); "
-          f"worst time ratio {worst['time']:.2f}× (goal ≤ {GOAL_TIME}×)")
+        ratios.append(total / max(total - share, 1e-9))
+        print(f"  {run:60s} {total:6.2f} s, rounding walks {share:5.2f} s: {ratios[-1]:.2f}×")
+    print(f"\nworst certified-accuracy drop in a table cell {worst['accuracy']:.2f} points (goal < "
+          f"{GOAL_ACCURACY_POINTS}; one seed alone: {worst['seed']:.2f}); worst median-radius loss "
+          f"{100 * worst['radius']:.2f} % (goal < {100 * GOAL_RADIUS:.0f} %); worst certification time ratio "
+          f"{max(ratios):.2f}× (goal ≤ {GOAL_TIME}×)")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,14 @@
 """Registry-aware configuration checks, run in a subprocess by :func:`certbench.config.validate`.
 
 ``python -m certbench.catalogue check-config`` reads a schema-valid config as JSON on
-stdin, checks every name against the registries, validates each method's parameters
-against its ``params_schema`` (filling defaults) and runs each method's own
+stdin, checks every name against the registries, checks the parameters of every plug-in
+against its ``params_schema`` (filling the methods' defaults) and runs each method's own
 ``check()``; it prints the filled config on stdout, or one line on stderr and exits 2.
 ``python -m certbench.catalogue list`` prints what is registered.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from collections.abc import Mapping
@@ -22,57 +21,51 @@ from certbench.attacks import ATTACKS
 from certbench.certificates import CERTIFICATES
 from certbench.config import ConfigError
 from certbench.data.specs import DATASETS
-from certbench.method import METHODS, get_method, import_methods, run_context
+from certbench.method import METHODS, get_method, run_context
 from certbench.models import ARCHITECTURES
+from certbench.registry import PluginImportError, Registry, UnknownNameError
 
 
 def params_schema(method: str) -> dict[str, Any]:
+    """The JSON schema of ``method``'s parameters as one object (:func:`certbench.config.validate_against`)."""
     return {"type": "object", "additionalProperties": False,
             "properties": get_method(method).params_schema}
 
 
-def _check_names(kind: str, names: list[str], known: list[str], key: str) -> None:
-    for index, name in enumerate(names):
-        if name not in known and not (kind == "certificate" and name == "all"):
-            raise ConfigError(f"{key}[{index}]: unknown {kind} '{name}'; allowed: {', '.join(known)}")
-
-
-def _check_params(key: str, function: Any, params: Mapping[str, Any]) -> None:
-    accepted = [p.name for p in inspect.signature(function).parameters.values()
-                if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "spec"))]
-    for name in params:
-        if name not in accepted:
-            raise ConfigError(f"{key}.{name}: unknown parameter; allowed: {', '.join(accepted) or 'none'}")
+def _known(registry: Registry[Any], name: str, key: str) -> Any:
+    """The plug-in ``name`` of ``registry``, or a one-line ConfigError at ``key``."""
+    try:
+        return registry.get(name)
+    except (UnknownNameError, PluginImportError) as error:
+        raise ConfigError(f"{key}: {error}".replace("; known: ", "; allowed: ")) from None
 
 
 def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Registry checks on a schema-valid config; returns it with method defaults filled."""
+    """Registry checks on a schema-valid config; returns it with method defaults filled.
+
+    Every plug-in's parameters are checked against its ``params_schema`` here
+    (:func:`certbench.config.check_params`); only the methods' filled parameters are kept in the
+    config (they are part of the run's hash), the others are filled again where they are used.
+    """
     checked = cfg.validate_schema(config)
     for index, entry in enumerate(checked["experiments"]):
         key = f"experiments[{index}]"
-        get_method(entry["method"])
-        entry["params"] = cfg.validate_against(params_schema(entry["method"]), entry["params"], f"{key}.params.")
-        if entry["arch"] not in ARCHITECTURES:
-            raise ConfigError(f"{key}.arch: unknown architecture '{entry['arch']}'; "
-                              f"allowed: {', '.join(ARCHITECTURES.names())}")
-        _check_params(f"{key}.arch_params", ARCHITECTURES.get(entry["arch"]), entry["arch_params"])
+        entry["params"] = cfg.check_params(get_method(entry["method"]).params_schema, entry["params"],
+                                           f"{key}.params.")
+        architecture = _known(ARCHITECTURES, entry["arch"], f"{key}.arch")
+        cfg.check_params(architecture.params_schema, entry["arch_params"], f"{key}.arch_params.")
     evaluation = checked["evaluation"]
-    _check_names("certificate", evaluation["certificates"], CERTIFICATES.names(), "evaluation.certificates")
-    _check_names("attack", evaluation["attacks"], ATTACKS.names(), "evaluation.attacks")
+    for index, name in enumerate(evaluation["certificates"]):
+        if name != "all":
+            _known(CERTIFICATES, name, f"evaluation.certificates[{index}]")
+    for index, name in enumerate(evaluation["attacks"]):
+        _known(ATTACKS, name, f"evaluation.attacks[{index}]")
     for name, params in evaluation["certificate_params"].items():
-        _check_names("certificate", [name], CERTIFICATES.names(), "evaluation.certificate_params")
-        _check_params(f"evaluation.certificate_params.{name}", CERTIFICATES.get(name).__init__, params)
+        certificate = _known(CERTIFICATES, name, f"evaluation.certificate_params.{name}")
+        cfg.check_params(certificate.params_schema, params, f"evaluation.certificate_params.{name}.")
     for name, params in evaluation["attack_params"].items():
-        _check_names("attack", [name], ATTACKS.names(), "evaluation.attack_params")
-        settings = ATTACKS.get(name).settings
-        for setting, value in params.items():
-            if setting not in settings:
-                raise ConfigError(f"evaluation.attack_params.{name}.{setting}: unknown setting; "
-                                  f"allowed: {', '.join(settings)}")
-            try:
-                settings[setting].validate(name, setting, value)
-            except ValueError as error:
-                raise ConfigError(f"evaluation.attack_params.{name}.{setting}: {error}") from None
+        attack = _known(ATTACKS, name, f"evaluation.attack_params.{name}")
+        cfg.check_params(attack.params_schema, params, f"evaluation.attack_params.{name}.")
     for run in cfg.runs(checked):
         if run.seed != checked["seeds"][0]:
             continue  # the seed changes nothing that can be checked here
@@ -93,17 +86,18 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def listing() -> dict[str, Any]:
-    """Everything registered, with the import failures of method modules."""
-    failures = import_methods()
+    """Everything registered, with the declaration of every plug-in's parameters."""
     return {
         "datasets": DATASETS.names(),
-        "architectures": ARCHITECTURES.names(),
+        "architectures": {name: {"params": ARCHITECTURES.get(name).params_schema}
+                          for name in ARCHITECTURES.names()},
         "methods": {name: {"default_certificate": METHODS.get(name).default_certificate,
                            "params": METHODS.get(name).params_schema} for name in METHODS.names()},
-        "certificates": {name: CERTIFICATES.get(name).norm for name in CERTIFICATES.names()},
-        "attacks": {name: {"norm": ATTACKS.get(name).norm, "kind": ATTACKS.get(name).kind}
-                    for name in ATTACKS.names()},
-        "method_import_errors": failures,
+        "certificates": {name: {"norm": CERTIFICATES.get(name).norm,
+                                "params": CERTIFICATES.get(name).params_schema}
+                         for name in CERTIFICATES.names()},
+        "attacks": {name: {"norm": ATTACKS.get(name).norm, "kind": ATTACKS.get(name).kind,
+                           "params": ATTACKS.get(name).params_schema} for name in ATTACKS.names()},
     }
 
 
@@ -116,7 +110,11 @@ def main(argv: list[str]) -> int:
             return 2
         return 0
     if argv == ["list"]:
-        print(json.dumps(listing(), indent=2))
+        try:
+            print(json.dumps(listing(), indent=2))
+        except PluginImportError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return 0
     print("usage: python -m certbench.catalogue check-config|list", file=sys.stderr)
     return 2

@@ -11,6 +11,18 @@
     certbench check-config CONFIG.yaml [--config KEY=VALUE ...]
     certbench run [SNAKEMAKE OPTIONS ...]
 
+and the DAG's bookkeeping steps, one library call each:
+
+    certbench run-config      --resolved JSON --out run.json
+    certbench record          --run-config run.json --train train.json --certify certify.json
+                              --attack attack.json --out record.json --samples samples.csv
+    certbench audit-check     --audit results/audit.csv --out results/audit.ok
+    certbench config-snapshot --config JSON --out results/config.yaml
+    certbench published       --experiments JSON --out results/published.csv
+    certbench history         --out results/history.csv RECORD...
+    certbench front-page      --overview workflow.rst --summary results/summary.csv --audit results/audit.csv
+                              --out results/report/front_page.rst
+
 Errors are one line on stderr, starting with "certbench: "; the exit status is 2 for a bad
 argument, file or config and 1 when the work itself failed.
 """
@@ -18,6 +30,7 @@ argument, file or config and 1 when the work itself failed.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -70,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--run-config", type=Path, required=True, metavar="RUN.JSON",
                          help="the run's resolved config (run.json, written by the DAG's run_config rule)")
         sub.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
+        sub.add_argument("--gpus", type=int, metavar="N",
+                         help="GPUs the job requested (the rule's resources.gpu): takes N free ones and "
+                              "sets CUDA_VISIBLE_DEVICES; 0 hides every GPU (default: leaves it as it is)")
         if name == "train":
             sub.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
                              help="run directory for model.pt, train.json and the checkpoint")
@@ -105,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     figures.add_argument("--published", type=Path, metavar="CSV",
                          help="published figures (published.csv) for the ours-vs-published figure")
     figures.add_argument("--out-dir", type=Path, required=True, metavar="DIR", help="where to write the figures")
+    _add_workflow_steps(commands)
     text = "validate a config file (schema and registries) as the DAG would"
     check = commands.add_parser("check-config", help=text, description=text)
     check.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the config file to check")
@@ -114,6 +131,61 @@ def _parser() -> argparse.ArgumentParser:
                         description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                         usage="certbench run [SNAKEMAKE OPTIONS ...]")
     return parser
+
+
+def _json_value(text: str) -> object:
+    """A JSON argument (the DAG passes values of its validated config this way)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+
+
+def _add_workflow_steps(commands: argparse._SubParsersAction) -> None:
+    """The subcommands of the DAG's bookkeeping rules: each reads its inputs and writes its outputs."""
+    text = "write a run's resolved config (run.json, with its hash)"
+    run_config = commands.add_parser("run-config", help=text, description=text)
+    run_config.add_argument("--resolved", type=_json_value, required=True, metavar="JSON",
+                            help="the run's resolved config as a JSON object")
+    run_config.add_argument("--out", type=Path, required=True, metavar="JSON", help="where to write run.json")
+    text = "join a run's config, training, certificates and attacks into its record and per-sample table"
+    record = commands.add_parser("record", help=text, description=text)
+    for option, name in (("--run-config", "run"), ("--train", "train"), ("--certify", "certify"),
+                         ("--attack", "attack")):
+        record.add_argument(option, type=Path, required=True, metavar="JSON", help=f"the run's {name}.json")
+    record.add_argument("--out", type=Path, required=True, metavar="JSON", help="where to write record.json")
+    record.add_argument("--samples", type=Path, required=True, metavar="CSV",
+                        help="where to write samples.csv")
+    text = "fail (exit status 1, the verdict on stdout) when the audit found a beaten certificate"
+    check = commands.add_parser("audit-check", help=text, description=text)
+    check.add_argument("--audit", type=Path, required=True, metavar="CSV",
+                       help="the audit table from `audit`")
+    check.add_argument("--out", type=Path, required=True, metavar="FILE",
+                       help="written (\"no violations\") only when the audit found none")
+    text = "write the validated config, every default filled in, as YAML"
+    snapshot = commands.add_parser("config-snapshot", help=text, description=text)
+    snapshot.add_argument("--config", type=_json_value, required=True, metavar="JSON",
+                          help="the validated config as a JSON object")
+    snapshot.add_argument("--out", type=Path, required=True, metavar="YAML", help="where to write it")
+    text = "write the published figures of the config's experiments, for the paper tables"
+    published = commands.add_parser("published", help=text, description=text)
+    published.add_argument("--experiments", type=_json_value, required=True, metavar="JSON",
+                           help="the validated config's experiments as a JSON list")
+    published.add_argument("--out", type=Path, required=True, metavar="CSV",
+                           help="where to write published.csv")
+    text = "join the runs' per-epoch training logs, for the training curves"
+    history = commands.add_parser("history", help=text, description=text)
+    history.add_argument("--out", type=Path, required=True, metavar="CSV", help="where to write history.csv")
+    history.add_argument("records", type=Path, nargs="+", metavar="RECORD",
+                         help="record.json files of the runs")
+    text = "write the report's first page: the overview, the audit verdict per certificate, the runs' status"
+    front = commands.add_parser("front-page", help=text, description=text)
+    front.add_argument("--overview", type=Path, required=True, metavar="RST", help="the workflow's overview")
+    front.add_argument("--summary", type=Path, required=True, metavar="CSV",
+                       help="the summary from `collect`")
+    front.add_argument("--audit", type=Path, required=True, metavar="CSV",
+                       help="the audit table from `audit`")
+    front.add_argument("--out", type=Path, required=True, metavar="RST", help="where to write the front page")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from certbench.gpu_slots import GpuRequestError
     from certbench.storage import CorruptFileError
 
     try:
@@ -138,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"certbench: config error: {error}", file=sys.stderr)
         return 2
-    except UsageError as error:
+    except (UsageError, GpuRequestError) as error:
         print(f"certbench: {error}", file=sys.stderr)
         return 2
     except CorruptFileError as error:
@@ -174,9 +247,18 @@ def _check_paths(args: argparse.Namespace) -> None:
         args.records = [path / "record.json" if path.is_dir() else path for path in args.records]
         for path in args.records:
             need_file("record", path)
-    elif args.command == "collect":
+    elif args.command in ("collect", "history"):
         for path in args.records:
             need_file("record", path)
+    elif args.command == "record":
+        for option in ("run_config", "train", "certify", "attack"):
+            need_file(f"--{option.replace('_', '-')}", getattr(args, option))
+    elif args.command == "audit-check":
+        need_file("--audit", args.audit)
+    elif args.command == "front-page":
+        need_file("--overview", args.overview)
+        need_file("--summary", args.summary)
+        need_file("--audit", args.audit)
     elif args.command == "tables":
         need_file("--summary", args.summary)
         need_file("--audit", args.audit)
@@ -192,6 +274,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from certbench.storage import read_json
 
     if args.command in ("train", "certify", "attack"):
+        from certbench.gpu_slots import claim_gpus
+        claim_gpus(args.gpus)  # before torch starts CUDA, which reads CUDA_VISIBLE_DEVICES once
         _threads(args.threads)
         run_config = read_json(args.run_config)
         if args.command == "train":
@@ -225,10 +309,74 @@ def _dispatch(args: argparse.Namespace) -> int:
         from certbench.figures import write_figures
         write_figures(args.summary, args.radii, args.out_dir, args.history, args.published)
         return 0
+    if args.command in WORKFLOW_STEPS:
+        return WORKFLOW_STEPS[args.command](args)
     from certbench import config as cfg
     cfg.validate(cfg.merge(cfg.read_config_file(args.config), cfg.parse_overrides(args.overrides)))
     print(f"{args.config}: valid")
     return 0
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from certbench.storage import write_json
+
+    write_json(args.out, args.resolved)
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    from certbench.collect import assemble
+
+    assemble(args.run_config, args.train, args.certify, args.attack, args.out, args.samples)
+    return 0
+
+
+def _audit_check(args: argparse.Namespace) -> int:
+    """The verdict goes to stdout, which Snakemake shows, so a failed DAG names what failed."""
+    from certbench.audit import verdict
+
+    message = verdict(args.audit)
+    if message:
+        print(message)
+        return 1
+    args.out.write_text("no violations\n")
+    return 0
+
+
+def _config_snapshot(args: argparse.Namespace) -> int:
+    import yaml
+
+    from certbench.storage import atomic_write_bytes
+
+    atomic_write_bytes(args.out, yaml.safe_dump(args.config, sort_keys=False).encode())
+    return 0
+
+
+def _published(args: argparse.Namespace) -> int:
+    from certbench.storage import atomic_write_bytes
+    from certbench.tables import published_table
+
+    atomic_write_bytes(args.out, published_table(args.experiments).to_csv(index=False).encode())
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from certbench.collect import history
+
+    history(args.records, args.out)
+    return 0
+
+
+def _front_page(args: argparse.Namespace) -> int:
+    from certbench.frontpage import write_front_page
+
+    write_front_page(args.overview, args.summary, args.audit, args.out)
+    return 0
+
+
+WORKFLOW_STEPS = {"run-config": _run_config, "record": _record, "audit-check": _audit_check,
+                  "config-snapshot": _config_snapshot, "published": _published, "history": _history,
+                  "front-page": _front_page}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
 import subprocess
@@ -24,6 +26,7 @@ import jsonschema
 import yaml
 
 from certbench.data.specs import DATASETS
+from certbench.registry import PluginImportError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -97,10 +100,69 @@ def validate_against(schema: Mapping[str, Any], instance: Any, prefix: str = "")
     raise ConfigError(f"{_key(prefix, path)}: {message}")
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numbers of other types (numpy scalars) as Python ``int`` or ``float``."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _non_finite(value: Any, path: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], float] | None:
+    """The path and value of the first NaN or ±inf number in ``value`` (nested lists and mappings)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    if isinstance(value, Mapping):
+        items = value.items()
+    else:
+        items = enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _as_declared(value: Any, declared: Mapping[str, Any]) -> Any:
+    """An integral number where the declaration says ``integer`` (``50.0`` → 50), else ``value``."""
+    if declared.get("type") == "integer" and isinstance(value, float):
+        return int(value)
+    return value
+
+
+def check_params(schema: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any],
+                 key: str) -> dict[str, Any]:
+    """The parameters of one plug-in, checked against its declaration and with its defaults filled.
+
+    ``schema`` is the plug-in's ``params_schema``: JSON-schema ``properties``, each with a ``type``
+    and a ``default``. Every kind of plug-in (method, architecture, certificate, attack) declares
+    its parameters this way and is checked here, before any job starts: unknown keys, wrong types
+    and values out of range are refused with one line that names the key, and so are NaN and ±inf,
+    which JSON schema's ``number`` would let through.
+    """
+    params = _plain(dict(params))
+    found = _non_finite(params)
+    if found is not None:
+        raise ConfigError(f"{_key(key, iter(found[0]))}: must be a finite number, got {found[1]}")
+    filled = validate_against({"type": "object", "additionalProperties": False, "properties": dict(schema)},
+                              params, key)
+    return {name: _as_declared(value, schema.get(name, {})) for name, value in filled.items()}
+
+
 def validate_schema(config: Mapping[str, Any]) -> dict[str, Any]:
     """Schema checks and the torch-free name checks (data sets, unique experiment names)."""
     filled = validate_against(load_schema(), dict(config))
-    known = DATASETS.names()
+    try:
+        known = DATASETS.names()
+    except PluginImportError as error:
+        raise ConfigError(f"datasets: {error}") from None
     for name in filled["datasets"]:
         if name not in known:
             raise ConfigError(f"datasets.{name}: unknown data set; allowed: {', '.join(known)}")
@@ -295,6 +357,11 @@ def resolve_run(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
         "training": training,
         "evaluation": dict(config["evaluation"]),
     }
+
+
+def eps_by_norm(run_config: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The ε a resolved run evaluates, per norm: ``{"linf": [...], "l2": [...]}``."""
+    return {"linf": list(run_config["dataset"]["eps_linf"]), "l2": list(run_config["dataset"]["eps_l2"])}
 
 
 def format_eps(eps: float) -> str:

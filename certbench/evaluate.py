@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from certbench.certificates import CERTIFICATES, ERROR, margins
-from certbench.config import format_eps
+from certbench.config import eps_by_norm, format_eps
 from certbench.data.loaders import load_split
 from certbench.method import get_method, run_context
 from certbench.precision import strict_float32, strict_precision
@@ -115,7 +115,7 @@ def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | 
     if trained is not None:
         model, indices, x, y = trained
         evaluation = run_config["evaluation"]
-        eps = {"linf": run_config["dataset"]["eps_linf"], "l2": run_config["dataset"]["eps_l2"]}
+        eps = eps_by_norm(run_config)
         names = CERTIFICATES.names() if "all" in evaluation["certificates"] else evaluation["certificates"]
         with strict_float32(x.device) as precision:
             prediction, margin = predict_all(model, x, y, evaluation["batch_size"])
@@ -138,8 +138,9 @@ def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | 
 
 
 def attack(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
-    """Attack the run's model with every configured attack; write the per-sample table to ``out_path``."""
-    from certbench.attacks import Attack, attack_table
+    """Attack the run's model with every configured attack; write ``out_path`` (JSON) with, per attack
+    and ε (``None`` for a minimum-norm attack), its per-sample fields (:data:`certbench.attacks.FIELDS`)."""
+    from certbench.attacks import FIELDS, Attack, attack_table, column
 
     status, trained = trained_run(run_config, run_dir)
     result: dict[str, Any] = {"status": status}
@@ -147,16 +148,18 @@ def attack(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | P
         model, _, x, y = trained
         evaluation = run_config["evaluation"]
         attacks = [Attack(name, **evaluation["attack_params"].get(name, {})) for name in evaluation["attacks"]]
+        eps = eps_by_norm(run_config)
         started = time.perf_counter()
-        table = attack_table(model, x, y, attacks,
-                             eps={"linf": run_config["dataset"]["eps_linf"], "l2": run_config["dataset"]["eps_l2"]},
-                             batch_size=evaluation["batch_size"], seed=run_config["run"]["seed"])
+        table = attack_table(model, x, y, attacks, eps=eps, batch_size=evaluation["batch_size"],
+                             seed=run_config["run"]["seed"])
         result.update(seconds=time.perf_counter() - started,
                       attacks={a.name: {"norm": a.norm, "kind": a.kind, "settings": a.settings} for a in attacks},
                       # the attacks search with the user's settings; success is decided by forward
                       # passes inside strict_float32 (certbench.attacks.base.Attack.run)
                       precision={**strict_precision(x.device), "model_dtypes": _dtypes(model),
                                  "scope": "final verification forward passes"},
-                      table=table)
+                      evaluations=[{"attack": a.name, "norm": a.norm, "eps": e,
+                                    **{field: table[column(field, a.name, e)] for field in FIELDS}}
+                                   for a in attacks for e in (eps[a.norm] if a.kind == "eps" else [None])])
     write_json(out_path, result)
     return result

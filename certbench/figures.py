@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from certbench.collect import SUMMARY_COLUMNS, SUMMARY_DTYPES
 from certbench.plotting.bounds import bounds_figure
 from certbench.plotting.common import placeholder
 from certbench.plotting.comparison import (
@@ -37,11 +40,11 @@ from certbench.plotting.comparison import (
 from certbench.plotting.training import training_figure
 
 
-def _read(path: Path | None) -> pd.DataFrame:
+def _read(path: Path | None, dtype: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """A CSV as a frame; an absent or empty file (no rows, no header) as an empty frame."""
     if path is None or not path.exists() or path.stat().st_size <= 1:
         return pd.DataFrame()
-    return pd.read_csv(path)
+    return pd.read_csv(path, dtype=dtype)
 
 
 def write_figures(summary_path: Path, radii_path: Path, out_dir: Path, history_path: Path | None = None,
@@ -51,7 +54,9 @@ def write_figures(summary_path: Path, radii_path: Path, out_dir: Path, history_p
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
-    summary = _read(summary_path)
+    summary = _read(summary_path, SUMMARY_DTYPES)
+    if summary.empty:
+        summary = pd.DataFrame(columns=SUMMARY_COLUMNS)
     radii = _read(radii_path)
     if "radius_bound" not in radii and not radii.empty:  # radii.csv from before the column existed
         radii["radius_bound"] = radii["certified_radius"]

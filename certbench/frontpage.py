@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from certbench.collect import runs
 from certbench.labels import certificate_label
 from certbench.storage import atomic_write_bytes
 
@@ -71,9 +72,11 @@ def audit_section(audit: pd.DataFrame) -> str:
 
 
 def runs_section(summary: pd.DataFrame) -> str:
-    """How many runs finished, and every run that did not, with its message."""
+    """How many runs finished, and every run that did not, with its message (``summary``: tidy, one row
+    per run and metric)."""
     if summary.empty:
         return "**Runs:** none.\n"
+    summary = runs(summary)
     counts = summary["status"].value_counts()
     text = f"**Runs:** {len(summary)} — " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".\n"
     failed = summary[summary["status"] != "ok"]

@@ -11,9 +11,10 @@ oranges; ℓ∞-dist nets: greens; LipSDP training: purples), and one marker per
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from certbench.config import format_eps
 
 NORMS = {"l2": "ℓ2", "linf": "ℓ∞"}
 
@@ -51,10 +52,6 @@ SPARE_MARKERS = ["X", "*", "h", "<", ">", "p", "d"]
 CERTIFICATES = {"lipschitz-l2": "Lipschitz margin (ℓ2)", "lipsdp-l2": "LipSDP (ℓ2)", "ibp": "IBP (ℓ∞)",
                 "crown": "CROWN (ℓ∞)", "crown-ibp": "CROWN-IBP (ℓ∞)", "linf-dist": "ℓ∞-dist margin (ℓ∞)",
                 "linf-dist-l2": "ℓ∞-dist margin read in ℓ2"}
-CERTIFICATE_NORMS = {"lipschitz-l2": "l2", "lipsdp-l2": "l2", "ibp": "linf", "crown": "linf",
-                     "crown-ibp": "linf", "linf-dist": "linf", "linf-dist-l2": "l2"}
-ATTACKS = {"deepfool-l2": "DeepFool (ℓ2)", "cw-l2": "C&W (ℓ2)", "ddn-l2": "DDN (ℓ2)", "fmn-linf": "FMN (ℓ∞)",
-           "pgd-linf": "PGD (ℓ∞)", "pgd-l2": "PGD (ℓ2)"}
 DATASETS = {"digits": "digits (8×8)", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 
 # Fixed table columns: header, and whether the values are fractions shown in percent.
@@ -81,10 +78,6 @@ def certificate_label(name: str) -> str:
     return CERTIFICATES.get(name, name)
 
 
-def attack_label(name: str) -> str:
-    return ATTACKS.get(name, name)
-
-
 def dataset_label(name: str) -> str:
     return DATASETS.get(name, name)
 
@@ -102,41 +95,35 @@ def experiment_label(name: str, arch: str) -> str:
     return f"{method_label(name)} · {arch_label(arch)}"
 
 
-def _eps(text: str) -> str:
-    return f"ε = {text}"
+def accuracy_label(what: str, norm: str, eps: float) -> str:
+    """``certified accuracy (%) at ℓ∞ ε = 0.1``: a column of accuracies at one ε."""
+    return f"{what} (%) at {norm_label(norm)} ε = {format_eps(eps)}"
 
 
-def column_label(key: str) -> str:
-    """The header of a table column from its key (``median_radius_norm:lipschitz-l2`` →
-    ``median normalised ℓ2 radius (lipschitz-l2)``); unknown keys are returned unchanged."""
-    if key in COLUMNS:
-        return COLUMNS[key]
-    if match := re.fullmatch(r"paper:(.+)", key):
-        return f"published {column_label(match[1])}"
-    if match := re.fullmatch(r"Δ (.+)", key):
-        inner = column_label(match[1])
-        unit = "points, " if "(%)" in inner else ""
-        return f"Δ {inner.replace(' (%)', '')} ({unit}ours − published)"
-    if match := re.fullmatch(r"(mean|median)_radius(_norm)?:(.+)", key):
-        stat, normalised, certificate = match.groups()
-        norm = norm_label(CERTIFICATE_NORMS.get(certificate, ""))
-        words = [stat, "normalised" if normalised else "", norm, "radius"]
-        return f"{' '.join(w for w in words if w)} ({certificate})"
-    if match := re.fullmatch(r"(pgd|certified)@(.+)", key):
-        what = "PGD accuracy" if match[1] == "pgd" else "certified accuracy"
-        return f"{what} (%) at ℓ∞ {_eps(match[2])}"
-    if match := re.fullmatch(r"cert:(.+)@(.+)", key):
-        certificate = match[1]
-        norm = norm_label(CERTIFICATE_NORMS.get(certificate, ""))
-        return f"certified by {certificate} (%) at {norm} {_eps(match[2])}".replace("  ", " ")
-    if match := re.fullmatch(r"cert_errors:(.+)", key):
-        return f"{match[1]} errors"
-    if match := re.fullmatch(r"(certified|empirical):(l2|linf)@(.+)", key):
-        what = "certified accuracy" if match[1] == "certified" else "accuracy under all attacks"
-        return f"{what} (%) at {norm_label(match[2])} {_eps(match[3])}"
-    if match := re.fullmatch(r"robust:(.+)@(.+)", key):
-        return f"accuracy under {attack_label(match[1])} (%) at {_eps(match[2])}"
-    return key
+def certified_by_label(certificate: str, norm: str, eps: float) -> str:
+    """``certified by crown (%) at ℓ∞ ε = 0.1``: one certificate's certified accuracy at one ε."""
+    return f"certified by {certificate} (%) at {norm_label(norm)} ε = {format_eps(eps)}"
+
+
+def radius_label(statistic: str, certificate: str, norm: str, normalised: bool) -> str:
+    """``median normalised ℓ2 radius (lipschitz-l2)``: a statistic of one certificate's radii."""
+    words = [statistic, "normalised" if normalised else "", norm_label(norm), "radius"]
+    return f"{' '.join(w for w in words if w)} ({certificate})"
+
+
+def errors_label(name: str) -> str:
+    """``ibp errors``: the samples on which a certificate (or attack) failed."""
+    return f"{name} errors"
+
+
+def published_label(label: str) -> str:
+    return f"published {label}"
+
+
+def difference_label(label: str) -> str:
+    """``Δ clean accuracy (points, ours − published)``: ours minus the published figure of ``label``."""
+    unit = "points, " if "(%)" in label else ""
+    return f"Δ {label.replace(' (%)', '')} ({unit}ours − published)"
 
 
 @dataclass(frozen=True)

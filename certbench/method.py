@@ -1,16 +1,15 @@
 """The method plug-in protocol.
 
 A method is one module ``methods/<name>.py`` holding one :class:`Method` subclass
-decorated with ``@register_method("<name>")``. The framework owns the training loop
+decorated with ``@register_method("<name>")``; the registry imports every module of ``methods``
+whose name does not start with ``_`` on the first lookup. The framework owns the training loop
 (optimiser, schedule, epochs, checkpoints); a method contributes the model, the loss,
 an optional hook after each optimiser step, and its default certificate.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,7 +20,7 @@ from torch import nn
 from certbench import models
 from certbench.config import ConfigError
 from certbench.data.specs import DATASETS, DatasetSpec
-from certbench.registry import Registry
+from certbench.registry import PluginImportError, Registry, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,8 @@ class Method:
     module, never in a sibling method's module."""
 
     name: ClassVar[str]
-    #: JSON-schema ``properties`` of the method's parameters, each with a ``default``.
+    #: JSON-schema ``properties`` of the method's parameters, each with a ``default``
+    #: (:func:`certbench.config.check_params`, as for every kind of plug-in).
     params_schema: ClassVar[dict[str, dict[str, Any]]] = {}
     #: The certificate that the paper of this method reports.
     default_certificate: ClassVar[str] = "lipschitz-l2"
@@ -116,43 +116,14 @@ class Method:
         """Restore what :meth:`state_dict` returned."""
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", "methods")
 register_method = METHODS.register
 
 
-def module_name(method: str) -> str:
-    """Method ``lipschitz-reg`` lives in module ``methods.lipschitz_reg``."""
-    return "methods." + method.replace("-", "_").replace("+", "_plus")
-
-
-def import_methods() -> dict[str, str]:
-    """Import every module of the ``methods`` package; return {module: error} for those that fail."""
-    import methods
-
-    failures: dict[str, str] = {}
-    for info in pkgutil.iter_modules(methods.__path__):
-        name = f"methods.{info.name}"
-        try:
-            importlib.import_module(name)
-        except Exception as error:  # a broken plug-in is reported by name, never hidden
-            failures[name] = f"{type(error).__name__}: {error}"
-    return failures
-
-
 def get_method(name: str) -> type[Method]:
-    """The registered class of ``name``, importing its module; import errors are reported as such."""
-    if name not in METHODS:
-        try:
-            importlib.import_module(module_name(name))
-        except ModuleNotFoundError as error:
-            if error.name != module_name(name):
-                raise ConfigError(f"method '{name}': module {module_name(name)} failed to import: "
-                                  f"{type(error).__name__}: {error}") from None
-            import_methods()
-        except Exception as error:
-            raise ConfigError(f"method '{name}': module {module_name(name)} failed to import: "
-                              f"{type(error).__name__}: {error}") from None
+    """The registered class of ``name``; an unknown name or a method module that fails to import
+    is a one-line :class:`ConfigError`."""
     try:
         return METHODS.get(name)
-    except KeyError as error:
+    except (UnknownNameError, PluginImportError) as error:
         raise ConfigError(f"method: {error}") from None

@@ -4,21 +4,32 @@
 The spread is the sample standard deviation (``ddof=1``), as in the figures; a cell with a single
 finished seed shows the value alone. Runs that did not finish (``status`` other than ``ok``,
 e.g. ``diverged``) stay in every table as rows marked with their status instead of being dropped.
-The CSV keeps the column keys of ``summary.csv`` (``median_radius_norm:lipschitz-l2``) for
-programs; Markdown, LaTeX and HTML show human headers (:func:`certbench.labels.column_label`).
+Each table selects its rows of the tidy ``summary.csv`` (:func:`certbench.collect.select`) and
+gives each a column; the CSV keeps those column keys (``median_radius_norm:lipschitz-l2``,
+``cert:ibp@0.1``) for programs; Markdown, LaTeX and HTML show the human headers each table
+builds from the same rows (:mod:`certbench.labels`).
 """
 
 from __future__ import annotations
 
 import html
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from certbench.labels import column_label
+from certbench.collect import ANY, read_summary, runs, select
+from certbench.config import format_eps
+from certbench.labels import (
+    COLUMNS,
+    accuracy_label,
+    certified_by_label,
+    difference_label,
+    errors_label,
+    published_label,
+    radius_label,
+)
 from certbench.storage import atomic_write_bytes
 
 KEYS = ["dataset", "name", "arch"]
@@ -59,8 +70,28 @@ def aggregate(summary: pd.DataFrame, columns: Sequence[str], percent: Sequence[s
     return pd.DataFrame(rows)
 
 
-def _columns(summary: pd.DataFrame, pattern: str) -> list[str]:
-    return sorted(c for c in summary.columns if re.fullmatch(pattern, c))
+def _evaluated(summary: pd.DataFrame, metric: str, **equal: object) -> list[tuple[str, str, float]]:
+    """The (evaluation, norm, ε) with a row of ``metric`` where each column of ``equal`` has its value,
+    sorted by evaluation and ε."""
+    chosen = summary["metric"] == metric
+    for column, value in equal.items():
+        chosen &= summary[column] == value
+    found = summary.loc[chosen, ["evaluation", "norm", "eps"]].drop_duplicates(["evaluation", "eps"])
+    return sorted(found.itertuples(index=False, name=None), key=lambda e: (e[0], e[2]))
+
+
+def _labelled(table: pd.DataFrame, labels: Mapping[str, str]) -> pd.DataFrame:
+    """``table`` with the human headers of its columns (``attrs["labels"]``, read by :func:`human`)."""
+    table.attrs["labels"] = dict(labels)
+    return table
+
+
+def _by_run(summary: pd.DataFrame, columns: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per run with a column per entry of ``columns`` (each a :func:`~certbench.collect.select`)."""
+    frame = runs(summary)
+    for key, selected in columns.items():
+        frame[key] = selected["value"].to_numpy()
+    return frame
 
 
 def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -69,17 +100,21 @@ def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> 
     ``certified`` counts a point certified by any certificate (ℓ2 radii converted); with a paper
     config, the published figures of each row stand in adjacent columns with our difference.
     """
-    rename = {"clean_accuracy": "clean"}
-    for column in _columns(summary, r"robust:pgd-linf@.*"):
-        rename[column] = "pgd@" + column.split("@")[1]
-    for column in _columns(summary, r"certified:linf@.*"):
-        rename[column] = "certified@" + column.split("@")[1]
-    table = aggregate(summary, list(rename), percent=list(rename)).rename(columns=rename)
+    columns = {"clean": select(summary, "clean_accuracy")}
+    labels = {"clean": COLUMNS["clean"]}
+    for _, _, eps in _evaluated(summary, "robust_accuracy", evaluation="pgd-linf"):
+        columns[f"pgd@{format_eps(eps)}"] = select(summary, "robust_accuracy", evaluation="pgd-linf", eps=eps)
+        labels[f"pgd@{format_eps(eps)}"] = accuracy_label("PGD accuracy", "linf", eps)
+    for _, _, eps in _evaluated(summary, "certified_accuracy", evaluation=ANY, norm="linf"):
+        columns[f"certified@{format_eps(eps)}"] = select(summary, "certified_accuracy", evaluation=ANY,
+                                                         norm="linf", eps=eps)
+        labels[f"certified@{format_eps(eps)}"] = accuracy_label("certified accuracy", "linf", eps)
+    table = aggregate(_by_run(summary, columns), list(columns), percent=list(columns))
     if published is None or published.empty:
-        return table
+        return _labelled(table, labels)
     table = table.merge(published, on=KEYS, how="left")
     order = [c for c in table.columns if not c.startswith("paper:")]
-    for ours in rename.values():
+    for ours in columns:
         paper = f"paper:{ours}"
         if paper not in table:
             continue
@@ -88,19 +123,27 @@ def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> 
         at = order.index(ours) + 1
         order[at:at] = [paper, f"Δ {ours}"]
         table[paper] = pd.to_numeric(table[paper], errors="coerce").map(lambda v: f"{v:.2f}" if np.isfinite(v) else "–")
-    return table[order]
+        labels.update({paper: published_label(labels[ours]), f"Δ {ours}": difference_label(labels[ours])})
+    return _labelled(table[order], labels)
 
 
 def lmt_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
     """The LMT paper's table: clean accuracy, mean and median normalised ℓ2 radius per certificate."""
-    columns = ["clean_accuracy"] + _columns(summary, r"(mean|median)_radius_norm:.*")
-    return aggregate(summary, columns, percent=["clean_accuracy"])
+    radii, labels = {}, {"clean_accuracy": COLUMNS["clean_accuracy"]}
+    for statistic in ("mean", "median"):
+        metric = f"{statistic}_radius_norm"
+        for name, norm, _ in _evaluated(summary, metric):
+            radii[f"{metric}:{name}"] = select(summary, metric, evaluation=name)
+            labels[f"{metric}:{name}"] = radius_label(statistic, name, norm, normalised=True)
+    columns = {"clean_accuracy": select(summary, "clean_accuracy"), **radii}
+    return _labelled(aggregate(_by_run(summary, columns), list(columns), percent=["clean_accuracy"]), labels)
 
 
 def cost_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
     """The ℓ∞-dist paper's Table 4 layout: seconds per epoch, peak memory, ratio to ``standard``."""
-    table = aggregate(summary, ["seconds_per_epoch", "peak_memory_mb", "parameters", "epochs"])
-    mean = summary[summary["status"] == "ok"].groupby(KEYS)["seconds_per_epoch"].mean()
+    every_run = runs(summary)
+    table = aggregate(every_run, ["seconds_per_epoch", "peak_memory_mb", "parameters", "epochs"])
+    mean = every_run[every_run["status"] == "ok"].groupby(KEYS)["seconds_per_epoch"].mean()
     ratios = []
     for row in table.itertuples():
         base = mean.get((row.dataset, "standard", row.arch), np.nan)
@@ -112,18 +155,26 @@ def cost_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> 
 
 def cross_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
     """Certified accuracy (%) of every method's models under every certificate at each ε."""
-    errors = _columns(summary, r"cert_errors:.*")
-    table = aggregate(summary, _columns(summary, r"cert:.*") + errors, percent=_columns(summary, r"cert:.*"),
-                      counts=errors)
-    applicable = _columns(summary, r"applicable:.*")
-    for column in applicable:
-        name = column.split(":", 1)[1]
-        never = summary.groupby(KEYS)[column].apply(lambda v: not v.fillna(False).astype(bool).any())
+    evaluated = [(name, norm, eps) for name, norm, eps in _evaluated(summary, "certified_accuracy",
+                                                                     kind="certificate") if name != ANY]
+    certified = {f"cert:{name}@{format_eps(eps)}": select(summary, "certified_accuracy", evaluation=name, eps=eps)
+                 for name, _, eps in evaluated}
+    with_errors_column = [name for name, _, _ in _evaluated(summary, "errors", kind="certificate")]
+    errors = {f"cert_errors:{name}": select(summary, "errors", kind="certificate", evaluation=name)
+              for name in with_errors_column}
+    labels = {**{f"cert:{name}@{format_eps(eps)}": certified_by_label(name, norm, eps)
+                 for name, norm, eps in evaluated},
+              **{f"cert_errors:{name}": errors_label(name) for name in with_errors_column}}
+    table = aggregate(_by_run(summary, {**certified, **errors}), [*certified, *errors],
+                      percent=list(certified), counts=list(errors))
+    for name, _, _ in _evaluated(summary, "applicable"):
+        applicable = select(summary, "applicable", evaluation=name)
+        never = applicable.groupby(KEYS)["value"].apply(lambda v: not (v.fillna(0) > 0).any())
         for index, row in table.iterrows():
             if never.get((row["dataset"], row["name"], row["arch"]), True):
-                for target in [c for c in table.columns if c.startswith(f"cert:{name}@")]:
+                for target in [f"cert:{name}@{format_eps(eps)}" for at, _, eps in evaluated if at == name]:
                     table.at[index, target] = "n/a"
-    return table
+    return _labelled(table, labels)
 
 
 def audit_table(audit: pd.DataFrame) -> pd.DataFrame:
@@ -169,8 +220,10 @@ tr:hover td{background:#fafafa}"""
 
 
 def human(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with human column headers (keys kept where there is no better name)."""
-    return table.rename(columns={c: column_label(str(c)) for c in table.columns})
+    """``table`` with human column headers: those its builder gave (``attrs["labels"]``), else the fixed
+    ones of :data:`certbench.labels.COLUMNS`; keys kept where there is no better name."""
+    labels = {**COLUMNS, **table.attrs.get("labels", {})}
+    return table.rename(columns={c: labels.get(str(c), c) for c in table.columns})
 
 
 def _numeric(column: pd.Series) -> bool:
@@ -206,7 +259,7 @@ def write_table(table: pd.DataFrame, out_dir: Path, name: str) -> None:
 
 def write_tables(summary_path: Path, audit_path: Path, out_dir: Path, published_path: Path | None = None) -> None:
     """Every table of :data:`certbench.outputs.TABLE_NAMES` (Snakemake checks that all are made)."""
-    summary = pd.read_csv(summary_path)
+    summary = read_summary(summary_path)
     published = pd.read_csv(published_path) if published_path is not None else None
     for name, build in TABLES.items():
         write_table(build(summary, published), out_dir, name)

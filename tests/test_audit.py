@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from certbench.audit import audit_run, verdict
+from certbench.collect import SAMPLE_DTYPES
 
 TOL = 1e-4
 
@@ -19,13 +20,33 @@ def record(certificates: dict) -> dict:
             "certify": {"certificates": certificates}}
 
 
-def table(radius: list[float], adv_l2: list[float], **extra) -> pd.DataFrame:
+def points(n: int, prediction: int = 0) -> pd.DataFrame:
+    return pd.DataFrame({"index": np.arange(10, 10 + n), "label": np.zeros(n, int),
+                         "prediction": np.full(n, prediction), "margin": np.ones(n)})
+
+
+def rows(kind: str, evaluation: str, norm: str, eps: float | None, n: int, prediction: int = 0,
+         **fields) -> pd.DataFrame:
+    """The tidy per-sample rows of one certificate or attack at ε (``None``: without ε)."""
+    return points(n, prediction).assign(kind=kind, evaluation=evaluation, norm=norm,
+                                        eps=np.nan if eps is None else eps, **fields)
+
+
+def tidy(*parts: pd.DataFrame, n: int, prediction: int = 0) -> pd.DataFrame:
+    """A per-sample table as ``sample_table`` writes it: the clean rows, then ``parts``."""
+    table = pd.concat([points(n, prediction).assign(kind="clean"), *parts], ignore_index=True)
+    return table.reindex(columns=list(SAMPLE_DTYPES)).astype(SAMPLE_DTYPES)
+
+
+def table(radius: list[float], adv_l2: list[float], prediction: int = 0,
+          status: str | None = None) -> pd.DataFrame:
+    """An ℓ2 radius certificate ``lip`` (status at ε = 0.5) and a minimum-norm ℓ2 attack ``df``."""
     n = len(radius)
-    return pd.DataFrame({"index": np.arange(10, 10 + n), "label": np.zeros(n, int), "prediction": np.zeros(n, int),
-                         "radius:lip": radius, "status:lip@0.5": ["certified" if r > 0.5 else "not_certified"
-                                                                 for r in radius],
-                         "success:df": np.isfinite(adv_l2), "error:df": np.zeros(n, bool),
-                         "adv_l2:df": adv_l2, "adv_linf:df": np.asarray(adv_l2) / 4, **extra})
+    statuses = [status or ("certified" if r > 0.5 else "not_certified") for r in radius]
+    return tidy(rows("certificate", "lip", "l2", None, n, prediction, radius=radius),
+                rows("certificate", "lip", "l2", 0.5, n, prediction, status=statuses),
+                rows("attack", "df", "l2", None, n, prediction, success=np.isfinite(adv_l2), error=False,
+                     adv_l2=adv_l2, adv_linf=np.asarray(adv_l2) / 4), n=n, prediction=prediction)
 
 
 LIP = {"lip": {"norm": "l2", "applicable": True}}
@@ -38,11 +59,10 @@ def test_sound_certificate_passes() -> None:
 
 
 def test_inflated_certificate_is_caught_naming_the_samples() -> None:
-    samples = table([0.3, 0.8, 1.0], [0.31, 0.9, np.inf])
-    samples["radius:lip"] *= 10  # a certificate inflated tenfold
-    samples["status:lip@0.5"] = "certified"
-    rows = audit_run(record(LIP), samples)
-    assert rows[0]["violations"] == 2 and rows[0]["samples"] == "10 11"
+    inflated = table([3.0, 8.0, 10.0], [0.31, 0.9, np.inf], status="certified")  # tenfold
+    found = audit_run(record(LIP), inflated)
+    assert found[0]["violations"] == 2 and found[0]["samples"] == "10 11"
+    assert found[0]["attacks"] == "df; df vs ε=0.5"
 
 
 def test_tolerance_is_tiny_and_favours_the_certificate() -> None:
@@ -53,19 +73,25 @@ def test_tolerance_is_tiny_and_favours_the_certificate() -> None:
 
 def test_certified_at_eps_but_broken_by_an_eps_attack() -> None:
     certificates = {"ibp": {"norm": "linf", "applicable": True}}
-    samples = pd.DataFrame({"index": [0, 1], "label": [1, 1], "prediction": [1, 1],
-                            "status:ibp@0.1": ["certified", "not_certified"],
-                            "success:pgd@0.1": [True, True], "error:pgd@0.1": [False, False],
-                            "adv_l2:pgd@0.1": [0.5, 0.5], "adv_linf:pgd@0.1": [0.1, 0.1]})
-    rows = audit_run(record(certificates), samples)
-    assert rows[0]["violations"] == 1 and rows[0]["samples"] == "0"
-    samples["error:pgd@0.1"] = True  # an attack error is not an adversarial example
-    assert audit_run(record(certificates), samples)[0]["violations"] == 0
+    def samples(error: bool) -> pd.DataFrame:
+        return tidy(rows("certificate", "ibp", "linf", 0.1, 2, status=["certified", "not_certified"]),
+                    rows("attack", "pgd", "linf", 0.1, 2, success=True, error=error, adv_l2=0.5,
+                         adv_linf=0.1),
+                    rows("attack", "pgd", "linf", 0.2, 2, success=True, error=False, adv_l2=0.9,
+                         adv_linf=0.2), n=2)
+
+    found = audit_run(record(certificates), samples(error=False))
+    assert found[0]["violations"] == 1 and found[0]["samples"] == "10"
+    assert found[0]["attacks"] == "pgd@0.1 vs ε=0.1"  # the attack at ε = 0.2 is outside the certified ball
+    smaller = samples(error=False).replace({"eps": {0.2: 0.05}})  # an attack inside the certified ball
+    smaller.loc[smaller["eps"] == 0.05, "adv_linf"] = 0.05
+    assert audit_run(record(certificates), smaller)[0]["attacks"] == "pgd@0.05 vs ε=0.1; pgd@0.1 vs ε=0.1"
+    # an attack error is not an adversarial example
+    assert audit_run(record(certificates), samples(error=True))[0]["violations"] == 0
 
 
 def test_misclassified_points_and_inapplicable_certificates_are_not_violations() -> None:
-    samples = table([0.0, 0.0], [0.0, 0.0])
-    samples["prediction"] = 1
+    samples = table([0.0, 0.0], [0.0, 0.0], prediction=1)
     certificates = {**LIP, "other": {"norm": "l2", "applicable": False}}
     rows = audit_run(record(certificates), samples)
     assert [r["certificate"] for r in rows] == ["lip"] and rows[0]["violations"] == 0
@@ -81,3 +107,18 @@ def test_verdict_names_method_certificate_and_samples(tmp_path: Path) -> None:
     assert "digits/m/mlp/seed0: certificate lip (m) beaten on 2 sample(s) [10 11] by df" in message
     pd.DataFrame(audit_run(record(LIP), table([0.1], [0.2]))).to_csv(path, index=False)
     assert verdict(path) is None
+
+
+def test_attacks_of_the_other_norm_are_measured_in_the_certificate_norm() -> None:
+    """An ℓ∞ attack's example is checked against an ℓ2 certificate by its ℓ2 size (an ℓ∞ ε is no ℓ2 ε)."""
+    def samples(adv_l2: float) -> pd.DataFrame:
+        return tidy(rows("certificate", "lip", "l2", None, 1, radius=1.0),
+                    rows("certificate", "lip", "l2", 0.5, 1, status="certified"),
+                    rows("attack", "pgd", "linf", 0.5, 1, success=True, error=False, adv_l2=adv_l2,
+                         adv_linf=0.5),
+                    n=1)
+
+    inside = audit_run(record(LIP), samples(adv_l2=0.4))[0]
+    assert (inside["violations"], inside["attacks"]) == (1, "pgd@0.5; pgd@0.5 vs ε=0.5")
+    outside = audit_run(record(LIP), samples(adv_l2=1.2))[0]  # outside both ℓ2 balls (ε = 0.5, radius 1)
+    assert (outside["checks"], outside["violations"]) == (2, 0)

@@ -38,7 +38,8 @@ def test_python_dash_m_and_version() -> None:
     assert result.stdout.strip() == f"certbench {metadata.version('certbench')}"
     helped = certbench_command("--help")
     assert helped.returncode == 0
-    for command in ("train", "certify", "attack", "audit", "collect", "tables", "figures", "check-config", "run"):
+    for command in ("train", "certify", "attack", "audit", "collect", "tables", "figures", "check-config",
+                    "run", *cli.WORKFLOW_STEPS):
         assert command in helped.stdout
 
 
@@ -182,3 +183,95 @@ def test_figures_takes_the_history_and_the_published_figures(tmp_path: Path, cap
     code = cli.main(["figures", *inputs, "--published", str(tmp_path / "nope.csv"), *out])
     assert one_line_error(capsys, code) == f"certbench: --published {tmp_path / 'nope.csv'}: no such file"
     assert len(calls) == 2
+
+
+def test_run_config_writes_the_resolved_config_with_its_hash(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from certbench.storage import read_json
+
+    resolved = {"run": {"dataset": "digits", "seed": 0}, "training": {"lr": 0.001}, "note": "it's"}
+    out = ["--out", str(tmp_path / "run.json")]
+    assert cli.main(["run-config", "--resolved", json.dumps(resolved), *out]) == 0
+    assert read_json(tmp_path / "run.json") == resolved
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run-config", "--resolved", "{'run': 0}", "--out", str(tmp_path / "bad.json")])
+    assert exited.value.code == 2 and "--resolved: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_config_snapshot_is_the_validated_config_in_its_order(tmp_path: Path) -> None:
+    import yaml
+
+    from certbench import config as cfg
+
+    config = cfg.validate(cfg.read_config_file(REPO / "config" / "smoke.yaml"))
+    out = ["--out", str(tmp_path / "config.yaml")]
+    assert cli.main(["config-snapshot", "--config", json.dumps(config), *out]) == 0
+    snapshot = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert snapshot == config and list(snapshot) == list(config)
+
+
+def test_published_writes_the_published_table(tmp_path: Path) -> None:
+    from certbench.tables import published_table
+
+    experiments = [{"name": "lmt", "arch": "mlp",
+                    "published": {"digits": {"clean": 90.0, "certified:l2@0.5": 41.5}}},
+                   {"name": "standard", "arch": "mlp"}]
+    out = tmp_path / "published.csv"
+    assert cli.main(["published", "--experiments", json.dumps(experiments), "--out", str(out)]) == 0
+    assert out.read_text() == published_table(experiments).to_csv(index=False)
+
+
+@pytest.mark.parametrize("message", [None, "certificate soundness audit FAILED:\ndigits/lmt/mlp/seed0: …"])
+def test_audit_check_writes_its_file_only_when_the_audit_found_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        message: str | None) -> None:
+    """A verdict (the audit's message) fails the step with exit status 1 and goes to stdout, which
+    Snakemake shows, so a failed DAG names what failed; no verdict writes the file the DAG waits for."""
+    import certbench.audit
+
+    calls = []
+    monkeypatch.setattr(certbench.audit, "verdict", lambda path: calls.append(path) or message)
+    audit, ok = tmp_path / "audit.csv", tmp_path / "audit.ok"
+    audit.write_text("dataset\n")
+    code = cli.main(["audit-check", "--audit", str(audit), "--out", str(ok)])
+    assert calls == [audit]
+    if message is None:
+        assert code == 0 and ok.read_text() == "no violations\n"
+    else:
+        assert code == 1 and capsys.readouterr().out == message + "\n" and not ok.exists()
+    code = cli.main(["audit-check", "--audit", str(tmp_path / "nope.csv"), "--out", str(ok)])
+    assert one_line_error(capsys, code) == f"certbench: --audit {tmp_path / 'nope.csv'}: no such file"
+
+
+@pytest.mark.parametrize(("command", "module", "function", "argv", "inputs", "call"), [
+    ("record", "certbench.collect", "assemble",
+     ["--run-config", "run.json", "--train", "train.json", "--certify", "certify.json",
+      "--attack", "attack.json", "--out", "record.json", "--samples", "samples.csv"],
+     ["run.json", "train.json", "certify.json", "attack.json"],
+     ("run.json", "train.json", "certify.json", "attack.json", "record.json", "samples.csv")),
+    ("history", "certbench.collect", "history",
+     ["--out", "history.csv", "a.json", "b.json"], ["a.json", "b.json"],
+     (["a.json", "b.json"], "history.csv")),
+    ("front-page", "certbench.frontpage", "write_front_page",
+     ["--overview", "workflow.rst", "--summary", "summary.csv", "--audit", "audit.csv", "--out", "front.rst"],
+     ["workflow.rst", "summary.csv", "audit.csv"], ("workflow.rst", "summary.csv", "audit.csv", "front.rst")),
+])
+def test_workflow_steps_make_one_library_call(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch, command: str, module: str,
+                                              function: str, argv: list[str], inputs: list[str],
+                                              call: tuple) -> None:
+    """The subcommands of the DAG's bookkeeping rules pass their paths on, in order, to one library
+    function, and name a missing input in one line before calling it."""
+    import importlib
+
+    calls = []
+    monkeypatch.setattr(importlib.import_module(module), function, lambda *args: calls.append(args))
+    monkeypatch.chdir(tmp_path)
+    for name in inputs:
+        Path(name).write_text("{}")
+    assert cli.main([command, *argv]) == 0
+    assert calls == [tuple([Path(n) for n in arg] if isinstance(arg, list) else Path(arg) for arg in call)]
+    Path(inputs[0]).unlink()
+    assert one_line_error(capsys, cli.main([command, *argv])).endswith(f"{inputs[0]}: no such file")
+    assert len(calls) == 1

@@ -80,7 +80,8 @@ def test_registry_check_names_unknown_method_arch_and_parameters(smoke_config: d
     for change, pattern in [
         (lambda e: e.update(method="nope"), r"method: unknown method 'nope'; known: .*standard"),
         (lambda e: e.update(arch="nope"), r"experiments\[0\]\.arch: unknown architecture 'nope'; allowed: .*mlp"),
-        (lambda e: e.update(arch_params={"depth": 3}), r"experiments\[0\]\.arch_params\.depth: unknown parameter"),
+        (lambda e: e.update(arch_params={"depth": 3}), r"experiments\[0\]\.arch_params\.depth: unknown key; "
+                                                        r"allowed: widths, activation, input_pool"),
         (lambda e: e.update(params={"c": 1}), r"experiments\[0\]\.params\.c: unknown key; allowed: none"),
     ]:
         config = json.loads(json.dumps(smoke_config))
@@ -93,6 +94,48 @@ def test_registry_check_names_unknown_method_arch_and_parameters(smoke_config: d
     assert result.returncode == 2
     assert re.fullmatch(r"config error: evaluation\.attacks\[0\]: unknown attack 'nope'; allowed: .*",
                         result.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(("where", "key"), [
+    (lambda c, v: c["experiments"][0].update(params={"weight_decay": v}, method="weight-decay"),
+     r"experiments\[0\]\.params\.weight_decay"),
+    (lambda c, v: c["experiments"][0].update(arch_params={"widths": [8, v]}),
+     r"experiments\[0\]\.arch_params\.widths\[1\]"),
+    (lambda c, v: c["evaluation"].update(certificate_params={"lipsdp-l2": {"time_limit": v}}),
+     r"evaluation\.certificate_params\.lipsdp-l2\.time_limit"),
+    (lambda c, v: c["evaluation"].update(attack_params={"cw-l2": {"stepsize": v}}),
+     r"evaluation\.attack_params\.cw-l2\.stepsize"),
+])
+def test_non_finite_parameters_refused_for_every_kind(smoke_config: dict, where, key: str,
+                                                       value: float) -> None:
+    """NaN and ±inf are refused in one place (:func:`certbench.config.check_params`) for every kind."""
+    from certbench.catalogue import check_config
+
+    config = json.loads(json.dumps(smoke_config))
+    where(config, value)
+    with pytest.raises(ConfigError, match=rf"^{key}: must be a finite number, got {value}$"):
+        check_config(config)
+
+
+def test_parameters_of_every_kind_are_checked_with_one_line(smoke_config: dict) -> None:
+    from certbench.catalogue import check_config
+
+    for change, pattern in [
+        (lambda c: c["evaluation"].update(certificate_params={"lipschitz-l2": {"batch_size": 0}}),
+         r"evaluation\.certificate_params\.lipschitz-l2\.batch_size: 0 is less than the minimum of 1"),
+        (lambda c: c["evaluation"].update(certificate_params={"ibp": {"steps": 3}}),
+         r"evaluation\.certificate_params\.ibp\.steps: unknown key; allowed: batch_size"),
+        (lambda c: c["evaluation"].update(attack_params={"pgd-l2": {"random_start": 1}}),
+         r"evaluation\.attack_params\.pgd-l2\.random_start: 1 is not of type 'boolean'"),
+        (lambda c: c["experiments"][0].update(arch="wrn-16-4", arch_params={"dropout": 1.0}),
+         r"experiments\[0\]\.arch_params\.dropout: 1\.0 is greater than or equal to the maximum of 1"),
+    ]:
+        config = json.loads(json.dumps(smoke_config))
+        change(config)
+        with pytest.raises(ConfigError, match=pattern) as info:
+            check_config(config)
+        assert "\n" not in str(info.value)
 
 
 def test_method_module_that_fails_to_import_is_named(tmp_path: Path, smoke_config: dict, monkeypatch) -> None:

@@ -12,13 +12,9 @@ import pytest
 import torch
 
 from certbench.data import DATASETS
-from certbench.data.loaders import (
-    DEBIAN_FASHION_MNIST,
-    DatasetNotFoundError,
-    _NumpyOnlyUnpickler,
-    load_split,
-    read_cifar_batch,
-)
+from certbench.data.cifar10 import NumpyOnlyUnpickler, read_cifar_batch
+from certbench.data.fashion_mnist import DEBIAN_FASHION_MNIST
+from certbench.data.loaders import DatasetNotFoundError, load_split
 
 RNG = np.random.default_rng(0)
 
@@ -109,30 +105,37 @@ def test_cifar_loader_refuses_pickles_that_run_code(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({"data": _Exploit(), "labels": []}))
     with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
         read_cifar_batch(path)
-    assert _NumpyOnlyUnpickler.ALLOWED  # the allow-list is explicit
+    assert NumpyOnlyUnpickler.ALLOWED  # the allow-list is explicit
 
 
-def test_svhn_mat_files(tmp_path: Path) -> None:
+def write_svhn(folder: Path) -> None:
     from scipy.io import savemat
 
-    folder = tmp_path / "svhn"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for split, n in (("train", 6), ("test", 2)):
         labels = np.array([[10], [3]] * (n // 2), dtype=np.uint8)
         savemat(folder / f"{split}_32x32.mat", {"X": RNG.integers(0, 256, (32, 32, 3, n)).astype(np.uint8), "y": labels})
+
+
+def test_svhn_mat_files(tmp_path: Path) -> None:
+    write_svhn(tmp_path / "svhn")
     _, split = load_split("svhn", tmp_path)
     check_split("svhn", split, 6, 2)
     assert split[1].tensors[1].tolist() == [0, 3]  # label 10 means digit 0
 
 
-def test_tinyimagenet_imagefolder(tmp_path: Path) -> None:
+def write_tinyimagenet(root: Path) -> None:
     from PIL import Image
 
     for split in ("train", "val"):
         for cls in ("n01", "n02"):
-            folder = tmp_path / "tiny-imagenet-200" / split / cls
+            folder = root / split / cls
             folder.mkdir(parents=True)
             Image.fromarray(RNG.integers(0, 256, (64, 64, 3)).astype(np.uint8)).save(folder / "a.JPEG")
+
+
+def test_tinyimagenet_imagefolder(tmp_path: Path) -> None:
+    write_tinyimagenet(tmp_path / "tiny-imagenet-200")
     _, (train, test) = load_split("tinyimagenet", tmp_path)
     assert len(train) == len(test) == 2
     x, y = train[0]
@@ -152,8 +155,63 @@ def test_missing_data_set_says_what_where_and_how(tmp_path: Path, name: str, exp
 
 
 def test_missing_fashion_mnist_names_the_debian_package(tmp_path: Path, monkeypatch) -> None:
-    import certbench.data.loaders as loaders
+    import certbench.data.fashion_mnist as fashion_mnist
 
-    monkeypatch.setattr(loaders, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(DatasetNotFoundError, match="install the Debian package dataset-fashion-mnist"):
         load_split("fashion-mnist", tmp_path)
+
+
+#: Small files in each file-based data set's real on-disk format, written under a data.dir; data
+#: sets that are generated or bundled with a package need none.
+SMALL_FILES = {
+    "mnist": lambda root: write_mnist_like(root / "mnist", 6, 4),
+    "fashion-mnist": lambda root: write_mnist_like(root / "fashion-mnist", 6, 4),
+    "cifar10": lambda root: write_cifar(root / "cifar-10-batches-py", 2),
+    "svhn": lambda root: write_svhn(root / "svhn"),
+    "tinyimagenet": lambda root: write_tinyimagenet(root / "tiny-imagenet-200"),
+}
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_loader_returns_data_matching_its_spec(tmp_path: Path, name: str) -> None:
+    """Every registered data set (spec and loader are one registration) loads data of its spec's
+    shape, in [0, 1], with labels among its classes."""
+    SMALL_FILES.get(name, lambda root: None)(tmp_path)
+    try:
+        spec, split = load_split(name, tmp_path)
+    except DatasetNotFoundError as error:
+        pytest.fail(f"{error} — add a writer of small files in its format to SMALL_FILES")
+    assert spec is DATASETS.get(name) and spec.loader is not None
+    for dataset in split:
+        assert len(dataset) > 0
+        for index in sorted({0, len(dataset) - 1}):
+            x, y = dataset[index]
+            assert tuple(x.shape) == spec.shape and x.dtype == torch.float32
+            assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+            assert 0 <= int(y) < spec.num_classes
+
+
+def test_every_data_set_module_registers_one_data_set() -> None:
+    """A data set is one module of certbench/data named after it (``-`` → ``_``)."""
+    import pkgutil
+
+    import certbench.data
+
+    shared = {"loaders", "specs"}
+    modules = {info.name for info in pkgutil.iter_modules(certbench.data.__path__)} - shared
+    assert modules == {name.replace("-", "_") for name in DATASETS.names()}
+    for name in DATASETS.names():
+        assert DATASETS.get(name).loader.__module__ == f"certbench.data.{name.replace('-', '_')}"
+
+
+def test_data_set_names_are_known_without_torch() -> None:
+    """The DAG checks data set names: looking into the registry imports every data set module, never torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from certbench.data import DATASETS; names = DATASETS.names(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print(len(names))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == len(DATASETS.names())

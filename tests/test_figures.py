@@ -9,7 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from certbench.collect import best_certified_radius, radius_certificate_radius, status_certified_radius
+from certbench.collect import (
+    ANY,
+    SAMPLE_DTYPES,
+    SUMMARY_COLUMNS,
+    best_certified_radius,
+    radius_certificate_radius,
+    status_certified_radius,
+)
 from certbench.figures import write_figures
 from certbench.labels import experiment_label, styles
 from certbench.outputs import FIGURE_NAMES
@@ -26,10 +33,18 @@ def synthetic(tmp_path: Path) -> dict[str, Path]:
     summary, radii, history = [], [], []
     for name, method, arch in EXPERIMENTS:
         for seed in (0, 1):
-            summary.append({"dataset": "digits", "name": name, "method": method, "arch": arch, "seed": seed,
-                            "status": "ok", "clean_accuracy": 0.9 - 0.1 * seed, "seconds_per_epoch": 1.0 + seed,
-                            "certified:l2@0.5": 0.3, "certified:linf@0.1": 0.4, "empirical:l2@0.5": 0.6,
-                            "empirical:linf@0.1": 0.7, "lipschitz_bound:lipschitz-l2": 3.0 + seed})
+            run = {"dataset": "digits", "name": name, "method": method, "arch": arch, "seed": seed,
+                   "status": "ok", "seconds_per_epoch": 1.0 + seed}
+            summary += [{**run, "metric": "clean_accuracy", "kind": "clean", "value": 0.9 - 0.1 * seed},
+                        {**run, "metric": "lipschitz_bound", "kind": "certificate",
+                         "evaluation": "lipschitz-l2", "norm": "l2", "value": 3.0 + seed}]
+            summary += [{**run, "metric": metric, "kind": kind, "evaluation": ANY, "norm": norm, "eps": eps,
+                         "value": value}
+                        for metric, kind, norm, eps, value in [
+                            ("certified_accuracy", "certificate", "l2", 0.5, 0.3),
+                            ("certified_accuracy", "certificate", "linf", 0.1, 0.4),
+                            ("robust_accuracy", "attack", "l2", 0.5, 0.6),
+                            ("robust_accuracy", "attack", "linf", 0.1, 0.7)]]
             for norm in ("l2", "linf"):
                 radius = rng.uniform(0, 1, 20)
                 radii.append(pd.DataFrame({
@@ -41,7 +56,7 @@ def synthetic(tmp_path: Path) -> dict[str, Path]:
                          "status": "ok", "epoch": e, "loss": 2.0 / e, "train_accuracy": 0.5 + 0.1 * e, "lr": 0.01}
                         for e in range(1, 4)]
     paths = {key: tmp_path / f"{key}.csv" for key in ("summary", "radii", "history", "published")}
-    pd.DataFrame(summary).to_csv(paths["summary"], index=False)
+    pd.DataFrame(summary, columns=SUMMARY_COLUMNS).to_csv(paths["summary"], index=False)
     pd.concat(radii).to_csv(paths["radii"], index=False)
     pd.DataFrame(history).to_csv(paths["history"], index=False)
     pd.DataFrame([{"dataset": "digits", "name": "lmt", "arch": "cnn-small", "paper:clean": 95.0,
@@ -79,26 +94,31 @@ def test_fixed_eps_certificates_draw_no_curve() -> None:
     assert run_curves(part, np.linspace(0, 1, 5))["certified"].isna().all()
 
 
-def samples_and_certificates() -> tuple[pd.DataFrame, dict]:
-    samples = pd.DataFrame({"index": [0, 1, 2], "label": [0, 1, 2], "prediction": [0, 1, 0],
-                            "radius:lipschitz-l2": [0.8, 0.05, 0.9],
-                            "status:linf-dist@0.1": ["certified", "certified", "certified"],
-                            "status:linf-dist@0.3": ["not_certified", "certified", "not_certified"]})
-    certificates = {"lipschitz-l2": {"applicable": True, "norm": "l2"},
-                    "linf-dist": {"applicable": True, "norm": "linf"},
-                    "ibp": {"applicable": False, "norm": "linf"}}
-    return samples, certificates
+def samples() -> pd.DataFrame:
+    """A tidy per-sample table: an ℓ2 radius certificate and an ℓ∞ fixed-ε one at ε = 0.1 and 0.3;
+    the third sample is misclassified."""
+    points = pd.DataFrame({"index": [0, 1, 2], "label": [0, 1, 2], "prediction": [0, 1, 0], "margin": 1.0})
+    return pd.concat([points.assign(kind="clean"),
+                      points.assign(kind="certificate", evaluation="lipschitz-l2", norm="l2",
+                                    radius=[0.8, 0.05, 0.9]),
+                      points.assign(kind="certificate", evaluation="lipschitz-l2", norm="l2", eps=0.5,
+                                    status=["certified", "not_certified", "certified"]),
+                      points.assign(kind="certificate", evaluation="linf-dist", norm="linf", eps=0.1,
+                                    status="certified"),
+                      points.assign(kind="certificate", evaluation="linf-dist", norm="linf", eps=0.3,
+                                    status=["not_certified", "certified", "not_certified"])],
+                     ignore_index=True).reindex(columns=list(SAMPLE_DTYPES)).astype(SAMPLE_DTYPES)
 
 
 def test_linf_guarantees_count_as_l2_radii_and_l2_radii_as_linf_over_sqrt_n() -> None:
-    samples, certificates = samples_and_certificates()
+    table = samples()
     # the ℓ∞ ball of radius ε holds the ℓ2 ball of radius ε: ℓ∞ statuses give ℓ2 radii
-    assert status_certified_radius(samples, certificates, "l2", 64).tolist() == [0.1, 0.3, 0.0]
-    assert best_certified_radius(samples, certificates, "l2", 64).tolist() == [0.8, 0.3, 0.0]
+    assert status_certified_radius(table, "l2", 64).tolist() == [0.1, 0.3, 0.0]
+    assert best_certified_radius(table, "l2", 64).tolist() == [0.8, 0.3, 0.0]
     # an ℓ2 radius r certifies the ℓ∞ radius r/√n
-    assert radius_certificate_radius(samples, certificates, "linf", 64).tolist() == pytest.approx([0.1, 0.05 / 8, 0])
-    no_radius = {"linf-dist": certificates["linf-dist"]}
-    assert np.isnan(radius_certificate_radius(samples, no_radius, "l2", 64)).all()
+    assert radius_certificate_radius(table, "linf", 64).tolist() == pytest.approx([0.1, 0.05 / 8, 0])
+    no_radius = table[table["evaluation"] != "lipschitz-l2"]
+    assert np.isnan(radius_certificate_radius(no_radius, "l2", 64)).all()
 
 
 def test_every_experiment_gets_its_own_colour_or_marker() -> None:

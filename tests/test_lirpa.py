@@ -456,7 +456,7 @@ def test_bad_parameters_raise_config_error(params: dict[str, float]) -> None:
 @pytest.mark.parametrize("cls,arch,fusion", [(IBP, "cnn-small", False), (CROWNIBP, "mlp", False),
                                              (CROWNIBP, "cnn-small", True)])
 def test_training_steps_lower_the_robust_loss(cls: type[IBP], arch: str, fusion: bool) -> None:
-    from certbench.data.loaders import load_digits_split
+    from certbench.data.digits import load as load_digits_split
 
     torch.manual_seed(0)
     train, _ = load_digits_split(Path("."), False)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from certbench.certificates import CERTIFICATES, margins
-from certbench.certificates.lipschitz import exact_bound, slopes
+from certbench.bounds.lipschitz import margin_slopes
+from certbench.certificates.lipschitz import exact_bound
 from certbench.config import ConfigError
 from certbench.data.loaders import load_split
 from certbench.data.specs import DATASETS
@@ -149,9 +150,9 @@ def test_radius_forms_on_a_hand_example() -> None:
     weight = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     one = torch.tensor(1.0, dtype=torch.float64)
     estimate = LipschitzEstimate(one, one, weight)
-    assert float(slopes(torch.tensor([0]), estimate, 2)[0, 1]) == pytest.approx(math.sqrt(2))
+    assert float(margin_slopes(torch.tensor([0]), estimate, 2)[0, 1]) == pytest.approx(math.sqrt(2))
     estimate = LipschitzEstimate(one, one / 2, weight)
-    assert float(slopes(torch.tensor([0]), estimate, 2)[0, 1]) == pytest.approx(1.0)
+    assert float(margin_slopes(torch.tensor([0]), estimate, 2)[0, 1]) == pytest.approx(1.0)
 
 
 # ---- LMT loss ------------------------------------------------------------------------------

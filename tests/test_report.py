@@ -97,9 +97,14 @@ def test_front_page_says_what_the_audit_found(tmp_path: Path) -> None:
     assert "VIOLATION" in audit_section(audit_rows(2, 7)) and "lipschitz-l2 on lmt / mlp seed 0" in \
         audit_section(audit_rows(2, 7))
     assert "nothing was checked" in audit_section(audit_rows(0, 0))
-    summary = pd.DataFrame([{"dataset": "digits", "name": "ibp", "arch": "mlp", "seed": 1, "status": "diverged",
-                             "message": "loss is {nan}"}])
-    assert "diverged — loss is (nan)" in runs_section(summary)
+    finished = {"dataset": "digits", "name": "lmt", "arch": "mlp", "seed": 0, "status": "ok", "message": ""}
+    summary = pd.DataFrame([{**finished, "metric": "clean_accuracy", "kind": "clean", "value": 0.9},
+                            {**finished, "metric": "certified_accuracy", "kind": "certificate",
+                             "evaluation": "any", "norm": "l2", "eps": 0.5, "value": 0.4},
+                            {"dataset": "digits", "name": "ibp", "arch": "mlp", "seed": 1,
+                             "status": "diverged", "message": "loss is {nan}"}])
+    runs = runs_section(summary)  # a tidy summary: a run counts once, whatever its number of metric rows
+    assert "**Runs:** 2 — 1 ok, 1 diverged." in runs and "diverged — loss is (nan)" in runs
     overview = tmp_path / "overview.rst"
     overview.write_text("title\n=====\n\nintro\n")
     audit_rows(0, 3).to_csv(tmp_path / "audit.csv", index=False)

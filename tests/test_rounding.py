@@ -11,13 +11,21 @@ smooth activations.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from certbench.bounds.rounding import RoundingUnsupported, check, input_region, margin_bounds
+from certbench.bounds.rounding import (
+    RoundingUnsupported,
+    _linf_distance_box,
+    check,
+    input_region,
+    margin_bounds,
+)
 from certbench.nn import Normalize, Residual
+from certbench.nn.linf_dist import lp_distance_bounds
 
 
 def _conv_net() -> nn.Module:
@@ -100,3 +108,21 @@ def test_error_bound_covers_cancellation() -> None:
 def test_layers_without_a_rule_are_refused(module: nn.Module) -> None:
     with pytest.raises(RoundingUnsupported):
         check(nn.Sequential(module))
+
+
+@pytest.mark.parametrize(("uniform", "tight"), [(True, True), (False, True), (False, False)])
+def test_linf_distance_box_contains_the_coordinatewise_bounds(uniform: bool, tight: bool) -> None:
+    """Both enclosures of an ℓ∞-dist layer (one distance, for a box of one half-width or where only
+    the error is needed; four for any box) contain the exact coordinate-wise bounds; the tight ones
+    equal them up to float64 rounding, the loose one on an uneven box does not."""
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.rand(37, 29, generator=generator, dtype=torch.float64) * 4 - 2
+    half = torch.full_like(centre, 0.3) if uniform else torch.rand(37, 29, generator=generator,
+                                                                 dtype=torch.float64)
+    weight = torch.randn(23, 29, generator=generator, dtype=torch.float64) * 3
+    lo, hi = centre - half, centre + half
+    exact_lo, exact_hi = lp_distance_bounds(lo, hi, weight, math.inf)
+    lower, upper, rounding = _linf_distance_box(lo, hi, weight, tight)
+    assert bool((lower - rounding <= exact_lo).all()) and bool((upper + rounding >= exact_hi).all())
+    tight_enough = torch.allclose(lower, exact_lo, atol=1e-12) and torch.allclose(upper, exact_hi, atol=1e-12)
+    assert tight_enough == (uniform or tight)

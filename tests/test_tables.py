@@ -6,27 +6,42 @@ from pathlib import Path
 
 import pandas as pd
 
+from certbench.collect import ANY, SUMMARY_COLUMNS, select
 from certbench.tables import (
     audit_table,
     cost_table,
     cross_table,
+    human,
     linf_table,
+    lmt_table,
     published_table,
     write_table,
 )
 
 
 def summary() -> pd.DataFrame:
+    """A tidy summary of five runs (two diverged: no metric rows), as ``certbench collect`` writes it."""
     rows = []
-    for name, status, clean, cert in [("standard", "ok", 0.9, 0.1), ("standard", "ok", 0.8, 0.3),
-                                      ("lmt", "ok", 0.85, 0.5), ("lmt", "diverged", None, None),
-                                      ("ibp", "diverged", None, None)]:
-        rows.append({"dataset": "digits", "name": name, "method": name, "arch": "mlp", "seed": len(rows),
-                     "status": status, "clean_accuracy": clean, "certified:linf@0.1": cert,
-                     "robust:pgd-linf@0.1": cert, "cert:ibp@0.1": cert, "cert_errors:ibp": 1 if cert else None,
-                     "applicable:ibp": True, "seconds_per_epoch": 1.0 if name == "standard" else 2.0,
-                     "peak_memory_mb": 100.0, "parameters": 10, "epochs": 5})
-    return pd.DataFrame(rows)
+    runs = [("standard", "ok", 0.9, 0.1), ("standard", "ok", 0.8, 0.3), ("lmt", "ok", 0.85, 0.5),
+            ("lmt", "diverged", None, None), ("ibp", "diverged", None, None)]
+    for seed, (name, status, clean, cert) in enumerate(runs):
+        run = {"dataset": "digits", "name": name, "method": name, "arch": "mlp", "seed": seed, "status": status,
+               "seconds_per_epoch": 1.0 if name == "standard" else 2.0, "peak_memory_mb": 100.0,
+               "parameters": 10, "epochs": 5}
+        if status != "ok":
+            rows.append(run)
+            continue
+        ibp = {"kind": "certificate", "evaluation": "ibp", "norm": "linf"}
+        rows += [{**run, **metric} for metric in [
+            {"metric": "clean_accuracy", "kind": "clean", "value": clean},
+            {"metric": "applicable", **ibp, "value": 1.0},
+            {"metric": "certified_accuracy", **ibp, "eps": 0.1, "value": cert},
+            {"metric": "errors", **ibp, "value": 1},
+            {"metric": "certified_accuracy", "kind": "certificate", "evaluation": ANY, "norm": "linf",
+             "eps": 0.1, "value": cert},
+            {"metric": "robust_accuracy", "kind": "attack", "evaluation": "pgd-linf", "norm": "linf",
+             "eps": 0.1, "value": cert}]]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
 def test_mean_and_sample_std_over_ok_seeds_and_failed_runs_kept() -> None:
@@ -55,6 +70,15 @@ def test_cost_ratio_to_standard_and_error_counts() -> None:
     assert cost.loc["lmt", "time_vs_standard"] == "2.00×" and cost.loc["standard", "time_vs_standard"] == "1.00×"
     cross = cross_table(summary()).set_index("name")
     assert cross.loc["standard", "cert_errors:ibp"] == 2
+    assert cross.loc["standard", "cert:ibp@0.1"] == "20.00 ± 14.14"
+    assert cross.loc["ibp", "cert:ibp@0.1"] == "n/a"  # never applicable (never ran)
+
+
+def test_select_gives_every_run_the_value_of_its_row() -> None:
+    certified = select(summary(), "certified_accuracy", evaluation=ANY, norm="linf", eps=0.1)
+    assert certified["seed"].tolist() == [0, 1, 2, 3, 4]
+    assert certified["value"].tolist()[:3] == [0.1, 0.3, 0.5] and certified["value"].iloc[3:].isna().all()
+    assert select(summary(), "certified_accuracy", evaluation=ANY, norm="l2", eps=0.1)["value"].isna().all()
 
 
 def test_audit_summary_and_three_formats(tmp_path: Path) -> None:
@@ -70,24 +94,30 @@ def test_audit_summary_and_three_formats(tmp_path: Path) -> None:
 
 def test_csv_keeps_keys_and_the_other_formats_show_human_headers(tmp_path: Path) -> None:
     table = linf_table(summary())
-    table["median_radius_norm:lipschitz-l2"] = "0.1"
+    table["extra"] = "0.1"  # a column its builder gave no label keeps its key
     write_table(table, tmp_path, "linf")
-    assert "median_radius_norm:lipschitz-l2" in pd.read_csv(tmp_path / "linf.csv").columns
+    assert {"certified@0.1", "extra"} <= set(pd.read_csv(tmp_path / "linf.csv").columns)
     for suffix in ("md", "html", "tex"):
         text = (tmp_path / f"linf.{suffix}").read_text()
-        assert "median_radius_norm" not in text and "certified@0.1" not in text
-    assert "median normalised ℓ2 radius (lipschitz-l2)" in (tmp_path / "linf.md").read_text()
+        assert "certified@0.1" not in text and "extra" in text
+    assert "PGD accuracy (%) at ℓ∞ ε = 0.1" in (tmp_path / "linf.md").read_text()
     page = (tmp_path / "linf.html").read_text()
     assert "<table" in page and "Table 1 of Zhang et al. (2021)" in page and "ddof = 1" in page
     assert "certified accuracy (%) at ℓ∞ ε = 0.1" in page and "20.00 ± 14.14" in page
     assert r"(\%)" in (tmp_path / "linf.tex").read_text()  # LaTeX-escaped, not a comment
 
 
-def test_column_labels() -> None:
-    from certbench.labels import column_label
-
-    assert column_label("median_radius_norm:lipschitz-l2") == "median normalised ℓ2 radius (lipschitz-l2)"
-    assert column_label("mean_radius:linf-dist") == "mean ℓ∞ radius (linf-dist)"
-    assert column_label("Δ pgd@0.3") == "Δ PGD accuracy at ℓ∞ ε = 0.3 (points, ours − published)"
-    assert column_label("cert:crown@0.1") == "certified by crown (%) at ℓ∞ ε = 0.1"
-    assert column_label("something_new") == "something_new"
+def test_headers_come_from_the_rows_each_column_selects() -> None:
+    rows = summary()
+    radius = {"metric": "median_radius_norm", "kind": "certificate", "evaluation": "lipschitz-l2", "norm": "l2",
+              "value": 0.2}
+    rows = pd.concat([rows, pd.DataFrame([{**rows.iloc[0].to_dict(), **radius}])], ignore_index=True)
+    assert list(human(lmt_table(rows)).columns)[-2:] == ["clean accuracy (%)",
+                                                         "median normalised ℓ2 radius (lipschitz-l2)"]
+    assert "certified by ibp (%) at ℓ∞ ε = 0.1" in human(cross_table(rows)).columns
+    assert "ibp errors" in human(cross_table(rows)).columns
+    published = published_table([{"name": "lmt", "arch": "mlp", "published": {"digits": {"pgd@0.1": 30.0}}}])
+    headers = list(human(linf_table(rows, published)).columns)
+    assert "published PGD accuracy (%) at ℓ∞ ε = 0.1" in headers
+    assert "Δ PGD accuracy at ℓ∞ ε = 0.1 (points, ours − published)" in headers
+    assert human(audit_table(pd.DataFrame())).columns[0] == "data set"  # the fixed headers

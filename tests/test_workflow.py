@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,10 +20,46 @@ def snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def test_building_the_dag_does_not_import_torch() -> None:
-    """The modules the Snakefile and its run: blocks import stay free of torch (fast dry runs)."""
+    """The modules the Snakefile imports, and those of the CLI's bookkeeping steps (record, audit,
+    collect, tables, …), stay free of torch: fast dry runs and fast local jobs."""
     code = ("import sys; import certbench.config, certbench.storage, certbench.outputs, certbench.collect, "
-            "certbench.audit, certbench.tables; assert 'torch' not in sys.modules, 'torch was imported'")
+            "certbench.audit, certbench.tables, certbench.frontpage, certbench.cli; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# The one lint the workflow does not follow, on purpose: every job runs in the project's one
+# environment (scripts/install.sh or environment.yml, then auto-LiRPA installed with --no-deps,
+# which a per-rule conda environment cannot express), not in a per-rule conda env or container.
+ONE_ENVIRONMENT = "Specify a conda environment or container for each rule."
+
+
+def test_snakemake_lint_finds_nothing_else(tmp_path: Path) -> None:
+    """`snakemake --lint` (a parse, no jobs) on the default config: no finding about a Snakefile
+    (paths, '+'), and none about a rule but the per-rule environment. Snakemake 9.27 prints the
+    findings as text whatever --lint's format argument, one `    * <title>:` line each."""
+    result = snakemake("--lint", "--config", f"results_dir={tmp_path}/results",
+                       f"figures_dir={tmp_path}/figures")
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "Error" not in output, output[-2000:]
+    assert "Lints for snakefile" not in output, output[-3000:]
+    titles = re.findall(r"^    \* (.+):$", output, flags=re.MULTILINE)
+    assert set(titles) <= {ONE_ENVIRONMENT}, output[-3000:]
+    assert len(titles) == output.count("Lints for rule ")  # every finding was read
+    assert result.returncode == (1 if titles else 0)
+
+
+def test_every_rule_runs_a_certbench_command_and_logs_its_stderr() -> None:
+    """No `run:` block: each job is a `certbench` subcommand a person can run by hand, its stderr in
+    the rule's log."""
+    files = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    rules = "\n".join(path.read_text() for path in files)
+    assert not re.search(r"^\s+run:", rules, flags=re.MULTILINE)
+    commands = re.findall(r"^\s+shell:\n((?:\s+\".*\"\n)+)", rules, flags=re.MULTILINE)
+    assert len(commands) == len(re.findall(r"^rule \w+:", rules, flags=re.MULTILINE)) - 1  # all: runs nothing
+    for command in commands:
+        text = "".join(line.strip().strip('"') for line in command.splitlines())
+        assert text.startswith("python -m certbench ") and text.endswith(" 2> {log:q}"), text
 
 
 def test_default_dag_plans_with_gpu_resources(tmp_path: Path) -> None:
@@ -64,9 +100,11 @@ def test_smoke_dag_end_to_end(tmp_path: Path) -> None:
     result = snakemake(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = tmp_path / "results"
-    summary = pd.read_csv(results / "summary.csv")
-    assert len(summary) == 1 and summary["status"].tolist() == ["ok"]
-    assert 0 <= summary["clean_accuracy"].iloc[0] <= 1
+    from certbench.collect import read_samples, read_summary, select
+
+    summary = read_summary(results / "summary.csv")  # tidy: one row per run and metric
+    clean = select(summary, "clean_accuracy")
+    assert clean["status"].tolist() == ["ok"] and 0 <= clean["value"].iloc[0] <= 1
     from certbench.outputs import FIGURE_NAMES, TABLE_NAMES
 
     for table in TABLE_NAMES:
@@ -76,9 +114,11 @@ def test_smoke_dag_end_to_end(tmp_path: Path) -> None:
         assert (tmp_path / "figures" / f"{figure}.png").stat().st_size > 1000
     assert (results / "audit.ok").exists()
     run = results / "digits/standard/mlp/seed0"
-    samples = pd.read_csv(run / "samples.csv")
-    assert len(samples) == 48 and {"index", "label", "prediction", "margin"} <= set(samples.columns)
-    assert any(c.startswith("adv_l2:deepfool-l2") for c in samples.columns)
+    samples = read_samples(run / "samples.csv")  # tidy: one row per test point, evaluation and ε
+    assert (samples["kind"] == "clean").sum() == 48
+    assert {"index", "label", "prediction", "margin", "kind", "evaluation", "norm", "eps"} <= set(samples)
+    deepfool = samples[(samples["evaluation"] == "deepfool-l2") & (samples["norm"] == "l2")]
+    assert len(deepfool) == 48 and deepfool["eps"].isna().all()  # a minimum-norm attack: no ε
     again = snakemake(*args, cwd=tmp_path)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
     report = snakemake(*args, "--report", str(tmp_path / "report.html"), cwd=tmp_path)

@@ -9,19 +9,22 @@ Registered attacks (``ATTACKS.names()``), defaults from METHODS.md "Attacks used
 - ``fmn-linf`` (linf, minimal): steps 100, max_stepsize 1, gamma 0.05, binary_search_steps 10.
 - ``pgd-linf`` / ``pgd-l2`` (eps): steps 50, rel_stepsize 0.25 (step ε/4), random_start.
 
+An attack is a runner function in a module of this package, decorated with
+``@register_attack("<name>", norm=…, kind=…, params_schema={…})``; the modules are imported on the
+first registry lookup.
+
 ``kind == "minimal"``: run once per model, gives the smallest perturbation found per sample.
 ``kind == "eps"``: run once per ε. Usage::
 
-    attack = Attack("pgd-linf", steps=100)          # settings validated here (ValueError)
+    attack = Attack("pgd-linf", steps=100)          # settings checked here (ConfigError, a ValueError)
     result = attack.run(model, x, y, eps=0.1)        # one batch; AttackResult with our own checks
     table = attack_table(model, x, y, ["deepfool-l2", "pgd-linf"], eps={"linf": [0.1, 0.3]})
 """
 
 from __future__ import annotations
 
-from certbench.attacks import foolbox_attacks  # noqa: F401  (registers the attacks)
-from certbench.attacks.base import ATTACKS, Attack, AttackResult, AttackSpec, Kind, Norm, Setting, register_attack
+from certbench.attacks.base import ATTACKS, Attack, AttackResult, AttackSpec, Kind, Norm, register_attack
 from certbench.attacks.table import FIELDS, attack_table, column, format_eps
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "AttackSpec", "FIELDS", "Kind", "Norm", "Setting",
+__all__ = ["ATTACKS", "Attack", "AttackResult", "AttackSpec", "FIELDS", "Kind", "Norm",
            "attack_table", "column", "format_eps", "register_attack"]

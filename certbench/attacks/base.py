@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from certbench.config import check_params
 from certbench.precision import strict_float32
 from certbench.registry import Registry
 
@@ -33,61 +34,49 @@ Kind = Literal["minimal", "eps"]
 Runner = Callable[[nn.Module, torch.Tensor, torch.Tensor, "float | None", Mapping[str, Any]], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One keyword setting of an attack: its default and the range a valid value lies in."""
-
-    default: int | float | bool
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive: bool = False  # True: the bounds themselves are excluded
-
-    def validate(self, attack: str, name: str, value: Any) -> int | float | bool:
-        kind = type(self.default)
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError(f"{attack}: {name} must be true or false, got {value!r}")
-            return value
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if not real or (kind is int and not float(value).is_integer()):
-            raise ValueError(f"{attack}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-        number = kind(value)
-        too_low = self.minimum is not None and (number <= self.minimum if self.exclusive else number < self.minimum)
-        too_high = self.maximum is not None and (number >= self.maximum if self.exclusive else number > self.maximum)
-        if not math.isfinite(number) or too_low or too_high:
-            low = "(-inf" if self.minimum is None else f"{'(' if self.exclusive else '['}{self.minimum:g}"
-            high = "inf)" if self.maximum is None else f"{self.maximum:g}{')' if self.exclusive else ']'}"
-            raise ValueError(f"{attack}: {name} must lie in {low}, {high}, got {value!r}")
-        return number
+def steps(default: int) -> dict[str, Any]:
+    """The declaration of an iteration count: an integer ≥ 1."""
+    return {"type": "integer", "minimum": 1, "default": default}
 
 
-def steps(default: int) -> Setting:
-    """An iteration count: an integer ≥ 1."""
-    return Setting(default, minimum=1)
+def non_negative(default: float) -> dict[str, Any]:
+    """The declaration of a number ≥ 0."""
+    return {"type": "number", "minimum": 0, "default": default}
+
+
+def positive(default: float) -> dict[str, Any]:
+    """The declaration of a number > 0."""
+    return {"type": "number", "exclusiveMinimum": 0, "default": default}
+
+
+def switch(default: bool) -> dict[str, Any]:
+    """The declaration of an on/off setting."""
+    return {"type": "boolean", "default": default}
 
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """A registered attack: its norm, its kind, its settings and the library call that runs it."""
+    """A registered attack: its norm, its kind, the declaration of its settings (JSON-schema
+    ``properties`` with defaults, :func:`certbench.config.check_params`) and the library call that runs it."""
 
     name: str
     norm: Norm
     kind: Kind
-    settings: Mapping[str, Setting]
+    params_schema: Mapping[str, Mapping[str, Any]]
     runner: Runner
     description: str
 
 
-ATTACKS: Registry[AttackSpec] = Registry("attack")
+ATTACKS: Registry[AttackSpec] = Registry("attack", "certbench.attacks")
 
 
 def register_attack(name: str, *, norm: Norm, kind: Kind,
-                    settings: Mapping[str, Setting]) -> Callable[[Runner], Runner]:
+                    params_schema: Mapping[str, Mapping[str, Any]]) -> Callable[[Runner], Runner]:
     """Register ``runner`` as attack ``name``; its docstring's first line describes the attack."""
 
     def decorate(runner: Runner) -> Runner:
         description = (runner.__doc__ or name).strip().splitlines()[0]
-        ATTACKS.register(name)(AttackSpec(name, norm, kind, dict(settings), runner, description))
+        ATTACKS.register(name)(AttackSpec(name, norm, kind, dict(params_schema), runner, description))
         return runner
 
     return decorate
@@ -200,13 +189,8 @@ class Attack:
 
     def __init__(self, name: str, **settings: Any) -> None:
         self.spec = ATTACKS.get(name)
-        unknown = sorted(set(settings) - set(self.spec.settings))
-        if unknown:
-            raise ValueError(f"{name}: unknown setting(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(self.spec.settings))}")
-        self.settings: dict[str, Any] = {
-            key: setting.validate(name, key, settings.get(key, setting.default))
-            for key, setting in self.spec.settings.items()}
+        self.settings: dict[str, Any] = check_params(self.spec.params_schema, settings,
+                                                     f"evaluation.attack_params.{name}.")
 
     @property
     def name(self) -> str:

@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from certbench.attacks.base import Setting, register_attack, steps
+from certbench.attacks.base import non_negative, positive, register_attack, steps, switch
 
 with warnings.catch_warnings():  # foolbox 3.3.4 imports the deprecated scipy.ndimage.filters
     warnings.simplefilter("ignore", DeprecationWarning)
     import foolbox as fb
 
-POSITIVE = {"minimum": 0.0, "exclusive": True}
+#: DDN's and FMN's step-size decay γ, in (0, 1).
+GAMMA = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.05}
 
 
 def _run(attack: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None) -> torch.Tensor:
@@ -30,7 +31,7 @@ def _run(attack: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
 
 
 @register_attack("deepfool-l2", norm="l2", kind="minimal",
-                 settings={"steps": steps(50), "overshoot": Setting(0.02, minimum=0.0)})
+                 params_schema={"steps": steps(50), "overshoot": non_negative(0.02)})
 def deepfool_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
                 s: Mapping[str, Any]) -> torch.Tensor:
     """DeepFool-ℓ2 (Moosavi-Dezfooli et al. 2016, Alg. 2) on logits, every class a candidate."""
@@ -39,9 +40,9 @@ def deepfool_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float |
 
 
 @register_attack("cw-l2", norm="l2", kind="minimal",
-                 settings={"steps": steps(100), "stepsize": Setting(0.01, **POSITIVE),
-                           "confidence": Setting(0.0, minimum=0.0), "initial_const": Setting(1e-3, **POSITIVE),
-                           "binary_search_steps": steps(9), "abort_early": Setting(True)})
+                 params_schema={"steps": steps(100), "stepsize": positive(0.01), "confidence": non_negative(0.0),
+                                "initial_const": positive(1e-3), "binary_search_steps": steps(9),
+                                "abort_early": switch(True)})
 def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
           s: Mapping[str, Any]) -> torch.Tensor:
     """Carlini–Wagner L2 (2017, Eq. 7 in tanh space; Adam, binary search over c)."""
@@ -52,8 +53,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
 
 
 @register_attack("ddn-l2", norm="l2", kind="minimal",
-                 settings={"steps": steps(100), "init_epsilon": Setting(1.0, **POSITIVE),
-                           "gamma": Setting(0.05, minimum=0.0, maximum=1.0, exclusive=True)})
+                 params_schema={"steps": steps(100), "init_epsilon": positive(1.0), "gamma": GAMMA})
 def ddn_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
            s: Mapping[str, Any]) -> torch.Tensor:
     """Decoupled Direction and Norm (Rony et al. 2019, Alg. 1): ℓ2 minimum-norm."""
@@ -62,9 +62,8 @@ def ddn_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None
 
 
 @register_attack("fmn-linf", norm="linf", kind="minimal",
-                 settings={"steps": steps(100), "max_stepsize": Setting(1.0, **POSITIVE),
-                           "gamma": Setting(0.05, minimum=0.0, maximum=1.0, exclusive=True),
-                           "binary_search_steps": steps(10)})
+                 params_schema={"steps": steps(100), "max_stepsize": positive(1.0), "gamma": GAMMA,
+                                "binary_search_steps": steps(10)})
 def fmn_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
              s: Mapping[str, Any]) -> torch.Tensor:
     """Fast Minimum-Norm ℓ∞ (Pintor et al. 2021, Alg. 1), started from the clean input."""
@@ -73,10 +72,10 @@ def fmn_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | No
     return _run(attack, model, x, y, eps)
 
 
-PGD_SETTINGS = {"steps": steps(50), "rel_stepsize": Setting(0.25, **POSITIVE), "random_start": Setting(True)}
+PGD_PARAMS = {"steps": steps(50), "rel_stepsize": positive(0.25), "random_start": switch(True)}
 
 
-@register_attack("pgd-linf", norm="linf", kind="eps", settings=PGD_SETTINGS)
+@register_attack("pgd-linf", norm="linf", kind="eps", params_schema=PGD_PARAMS)
 def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
              s: Mapping[str, Any]) -> torch.Tensor:
     """PGD-ℓ∞ (Madry et al. 2018, Eq. 2): sign steps of rel_stepsize·ε from a uniform random start."""
@@ -84,7 +83,7 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | No
     return _run(attack, model, x, y, eps)
 
 
-@register_attack("pgd-l2", norm="l2", kind="eps", settings=PGD_SETTINGS)
+@register_attack("pgd-l2", norm="l2", kind="eps", params_schema=PGD_PARAMS)
 def pgd_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
            s: Mapping[str, Any]) -> torch.Tensor:
     """PGD-ℓ2 (Madry et al. 2018): normalised-gradient steps of rel_stepsize·ε, projected onto the ε-ball."""

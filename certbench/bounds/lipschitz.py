@@ -641,3 +641,16 @@ class LipschitzBound:
             node = self._operators[name]
             node.vector = vector.detach().clone().to(node.module.weight.device, node.module.weight.dtype)
 
+
+def margin_slopes(y: torch.Tensor, estimate: LipschitzEstimate, classes: int) -> torch.Tensor:
+    """(B, K) Lipschitz constants of z_y − z_i: the smaller of √2·L and L_sub·‖w_y − w_i‖ (LMT Props. 1, 2).
+
+    The pairwise distances are computed in float64 without the Gram-matrix shortcut (whose
+    cancellation could lose digits) and enlarged by 1e-9 (their rounding is ≲ 1e-15).
+    """
+    plain = math.sqrt(2.0) * float(estimate.total)
+    if estimate.sub is None:
+        return torch.full((len(y), classes), plain, dtype=torch.float64)
+    weight = estimate.last_weight.detach().double().cpu()
+    pairwise = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")[y.cpu()] * float(estimate.sub) * (1 + 1e-9)
+    return pairwise.clamp_max(plain)

@@ -51,11 +51,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certbench.nn import Normalize, Residual
-from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lp_distance_bounds
+from certbench.nn.linf_dist import LinfDist, MeanShift, Negate
 
 U64 = 2.0**-53
 #: Elementwise kernels of smooth activations: error ≤ SMOOTH_ULPS·u·(|f(x)| + 1) (see the module docstring).
 SMOOTH_ULPS = 16
+#: Boxes whose half-widths differ by at most this (absolute) take the one-distance enclosure of ℓ∞-dist layers.
+UNIFORM_SPREAD = 2.0**-40
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # the identity at evaluation
 _PASS_THROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, *_DROPOUTS)
@@ -264,16 +266,48 @@ def _activation(m: nn.Module, region: Region, u: float) -> Region:
     return Region(lo, hi, err)
 
 
-def _linf_dist(m: LinfDist, region: Region, u: float) -> Region:
+def _linf_distance_box(lo: Tensor, hi: Tensor, w: Tensor, tight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Float64 bounds of ``d_j(x) = max_i |x_i − w_ji|`` over the box ``lo ≤ x ≤ hi`` and their rounding.
+
+    Coordinate-wise extremes (the box is a product): ``max d_j = max(max_i (hi_i − w_ji), max_i (w_ji − lo_i))``
+    and ``min d_j = max(0, max_i (lo_i − w_ji), max_i (w_ji − hi_i))``. Each one-sided maximum is read
+    off an ℓ∞ distance whose differences all have one sign: with ``M > max|x| + max|w|``,
+    ``max_i (lo_i − w_ji) = ‖(lo + M) − w_j‖∞ − M`` (``torch.cdist`` at p = ∞, no B × out × in
+    temporary). A box whose half-widths agree up to ``UNIFORM_SPREAD`` (a point widened by its
+    rounding) takes one distance instead: the box lies in the ℓ∞ ball of radius ρ = max half-width
+    (plus the float64 rounding of its centre) around its centre, and ``d_j`` is 1-Lipschitz in ℓ∞, so
+    ``d_j`` stays within ρ of ``d_j(centre)``; for such a box this equals the coordinate-wise bounds up
+    to the spread. Without ``tight`` every box takes the one-distance enclosure (valid for any box,
+    looser for uneven ones: enough where only the error bound is used).
+    Each difference is at most three correctly rounded operations on terms of size ≤ 3M, so every
+    bound is off by at most ``8·u₆₄·M`` plus ``u₆₄`` of its size: the third value (to be added to the
+    layer's slack).
+    """
+    offset = float(torch.maximum(lo.abs().amax(), hi.abs().amax()) + w.abs().amax()) + 1.0
+    half = (hi - lo) / 2
+    spread = half.amax(dim=1, keepdim=True) - half.amin(dim=1, keepdim=True)
+    if not tight or bool((spread <= UNIFORM_SPREAD).all()):
+        centre = torch.cdist((lo + hi) / 2, w, p=math.inf)
+        radius = half.amax(dim=1, keepdim=True) + 2 * U64 * (lo.abs() + hi.abs()).amax(dim=1, keepdim=True)
+        upper, lower = centre + radius, (centre - radius).clamp_min(0.0)
+    else:
+        batch = len(lo)
+        plus = torch.cdist(torch.cat([hi, lo]) + offset, w, p=math.inf) - offset
+        minus = torch.cdist(torch.cat([lo, hi]) - offset, w, p=math.inf) - offset
+        upper = torch.maximum(plus[:batch], minus[:batch])
+        lower = torch.maximum(plus[batch:], minus[batch:]).clamp_min(0.0)
+    return lower, upper, 8 * U64 * offset + U64 * upper.abs()
+
+
+def _linf_dist(m: LinfDist, region: Region, u: float, tight: bool) -> Region:
     """p = ∞: y_j = max_i |x_i − w_ji| (+ b_j); each difference is rounded once, max and |·| are exact,
     so |ỹ − y| ≤ max_i e_i + u·|ỹ| (+ the bias addition)."""
-    w = m.weight.detach().double()
-    lo, hi = lp_distance_bounds(region.lo, region.hi, w, math.inf)
+    lo, hi, rounding = _linf_distance_box(region.lo, region.hi, m.weight.detach().double(), tight)
     err_in = region.err.amax(dim=1, keepdim=True)
     b = m.bias.detach().double() if m.bias is not None else torch.zeros((), dtype=torch.float64)
     lo, hi = lo + b, hi + b
     size = torch.maximum(lo.abs(), hi.abs()) + b.abs()
-    slack = 4 * U64 * size
+    slack = 4 * U64 * size + rounding
     err = _up(err_in + 2 * gamma(2, u) * (size + err_in + b.abs()), 2).expand_as(lo).clone()
     return Region(lo - slack, hi + slack, err)
 
@@ -285,10 +319,10 @@ def _mean_shift(m: MeanShift, region: Region, u: float) -> Region:
     return _scale_shift(region, torch.ones_like(mean), -mean, mean.abs(), 2, 1, u)
 
 
-def _residual(m: Residual, region: Region, u: float) -> Region:
+def _residual(m: Residual, region: Region, u: float, tight: bool) -> Region:
     """a·body(x) + b·shortcut(x): two products and a sum, each rounded once."""
     a, b = m.coefficients
-    body, short = walk(m.body, region, u), walk(m.shortcut, region, u)
+    body, short = walk(m.body, region, u, tight), walk(m.shortcut, region, u, tight)
     parts = [(a * body.lo, a * body.hi), (b * short.lo, b * short.hi)]
     lo = sum(torch.minimum(p, q) for p, q in parts)
     hi = sum(torch.maximum(p, q) for p, q in parts)
@@ -308,8 +342,9 @@ def layers(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-def walk(model: nn.Module, region: Region, u: float) -> Region:
-    """Propagate a region through ``model`` (exact module types only, eval-mode semantics)."""
+def walk(model: nn.Module, region: Region, u: float, tight: bool = True) -> Region:
+    """Propagate a region through ``model`` (exact module types only, eval-mode semantics); without
+    ``tight`` the enclosure may be looser where that is cheaper (the error bound stays valid)."""
     for m in layers(model):
         reason = problem(m)
         if reason is not None:
@@ -333,11 +368,11 @@ def walk(model: nn.Module, region: Region, u: float) -> Region:
         elif kind is Negate:
             region = Region(-region.hi, -region.lo, region.err)
         elif kind is LinfDist:
-            region = _linf_dist(m, region, u)
+            region = _linf_dist(m, region, u, tight)
         elif kind is MeanShift:
             region = _mean_shift(m, region, u)
         elif kind is Residual:
-            region = _residual(m, region, u)
+            region = _residual(m, region, u, tight)
         else:
             region = _activation(m, region, u)
     return region
@@ -416,13 +451,14 @@ def _last_linear(model: nn.Module) -> tuple[list[nn.Module], nn.Linear | None]:
 
 
 @torch.no_grad()
-def margin_bounds(model: nn.Module, region: Region, y: Tensor) -> MarginBounds:
+def margin_bounds(model: nn.Module, region: Region, y: Tensor, tight: bool = True) -> MarginBounds:
     """Bounds of every margin over ``region``; a final Linear layer is folded into the margins
     (rows ``w_y − w_j``, as IBP with an elided last layer, Gowal et al. 2018 §3), in float64 with
-    the midpoint–radius widening of the module docstring."""
+    the midpoint–radius widening of the module docstring. Where only ``error`` is used, ``tight=False``
+    lets the walk take cheaper, looser enclosures (``lower`` is then still a bound, only a weaker one)."""
     u = model_roundoff(model)
     body, last = _last_linear(model)
-    hidden = walk(nn.Sequential(*body), region, u)
+    hidden = walk(nn.Sequential(*body), region, u, tight)
     if last is None:
         e = hidden.err.flatten(1)
         lower = hidden.lo.flatten(1).gather(1, y[:, None]) - hidden.hi.flatten(1)

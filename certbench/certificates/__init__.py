@@ -8,18 +8,20 @@ verifier failures are ``error``, never folded into the other two.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from certbench.config import check_params
 from certbench.registry import Registry
+
+if TYPE_CHECKING:
+    from certbench.bounds.lipschitz import LipschitzEstimate
 
 CERTIFIED, NOT_CERTIFIED, ERROR = "certified", "not_certified", "error"
 Norm = Literal["l2", "linf"]
@@ -49,10 +51,14 @@ class Certificate:
 
     name: ClassVar[str]
     norm: ClassVar[Norm]
+    #: JSON-schema ``properties`` of the certificate's parameters, each with a ``default``
+    #: (:func:`certbench.config.check_params`); each becomes an attribute of the instance.
+    params_schema: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, **params: object) -> None:
-        if params:
-            raise TypeError(f"certificate '{self.name}' takes no parameters, got {sorted(params)}")
+    def __init__(self, **params: Any) -> None:
+        filled = check_params(self.params_schema, params, f"evaluation.certificate_params.{self.name}.")
+        for key, value in filled.items():
+            setattr(self, key, value)
 
     def refusal(self, model: nn.Module) -> str | None:
         """None when the certificate applies to ``model``, else a one-line reason."""
@@ -84,12 +90,7 @@ class Certificate:
         raise NotImplementedError
 
 
-def _import_all() -> None:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-
-
-CERTIFICATES: Registry[type[Certificate]] = Registry("certificate", discover=_import_all)
+CERTIFICATES: Registry[type[Certificate]] = Registry("certificate", "certbench.certificates")
 register_certificate = CERTIFICATES.register
 
 
@@ -140,7 +141,27 @@ def proven_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, slopes: to
         k = slopes[start:start + batch_size].double().scatter(1, yb[:, None], 1.0).to(xb.device)
         point = margin_bounds(model, input_region(xb), yb)
         first = ((point.lower - point.error) / k).min(dim=1).values.clamp_min(0) * (1 - 4 * 2.0**-53)
-        region = margin_bounds(model, input_region(xb, first, l2=norm == "l2"), yb)
+        region = margin_bounds(model, input_region(xb, first, l2=norm == "l2"), yb, tight=False)
         final = ((point.lower - region.error) / k).min(dim=1).values.clamp_min(0) * (1 - 4 * 2.0**-53)
         radii.append(torch.minimum(final, first))
     return torch.cat(radii)
+
+
+def lipschitz_margin_result(model: nn.Module, x: torch.Tensor, y: torch.Tensor, estimate: LipschitzEstimate,
+                            eps: Sequence[float], batch_size: int = 256,
+                            extra: dict[str, float] | None = None) -> CertificateResult:
+    """The margin certificate of a Lipschitz bound (LMT's two forms, :func:`margin_slopes`) with the
+    float rounding covered by :func:`proven_radius`: radius 0 for misclassified points."""
+    from certbench.bounds.lipschitz import margin_slopes
+
+    with torch.no_grad(), eval_mode(model):
+        logits = torch.cat([model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
+        slopes = margin_slopes(y, estimate, logits.shape[1])
+        radius = proven_radius(model, x, y, slopes, "l2", batch_size).cpu().numpy()
+    correct = (logits.argmax(1) == y).cpu().numpy()
+    radius = np.where(correct, radius, 0.0)
+    # keys shared by the Lipschitz certificates (the Lipschitz-vs-accuracy figure reads "lipschitz_bound")
+    extra = {**(extra or {}), "lipschitz_bound": float(estimate.total)}
+    if estimate.sub is not None:
+        extra["lipschitz_bound_sub"] = float(estimate.sub)
+    return CertificateResult(radius=radius, status=statuses_from_radius(radius, correct, eps), extra=extra)

@@ -21,23 +21,25 @@ and for the float pass.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 import weakref
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from certbench.bounds.lipschitz import LipschitzBound, LipschitzEstimate, UnsupportedLayerError, check_supported
+from certbench.bounds.lipschitz import (
+    LipschitzBound,
+    LipschitzEstimate,
+    UnsupportedLayerError,
+    check_supported,
+)
 from certbench.certificates import (
     Certificate,
     CertificateResult,
     eval_mode,
-    proven_radius,
+    lipschitz_margin_result,
     register_certificate,
-    statuses_from_radius,
 )
 
 _Key = tuple[tuple[int, ...], str]
@@ -89,29 +91,13 @@ def exact_bound(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Lipschi
     return estimate, seconds
 
 
-def slopes(y: torch.Tensor, estimate: LipschitzEstimate, classes: int) -> torch.Tensor:
-    """(B, K) Lipschitz constants of z_y − z_i: the smaller of √2·L and L_sub·‖w_y − w_i‖ (LMT Props. 1, 2).
-
-    The pairwise distances are computed in float64 and enlarged by 1e-9 (their rounding is ≲ 1e-15).
-    """
-    plain = math.sqrt(2.0) * float(estimate.total)
-    if estimate.sub is None:
-        return torch.full((len(y), classes), plain, dtype=torch.float64)
-    weight = estimate.last_weight.detach().double().cpu()
-    pairwise = torch.cdist(weight, weight)[y.cpu()] * float(estimate.sub) * (1 + 1e-9)
-    return pairwise.clamp_max(plain)
-
-
 @register_certificate("lipschitz-l2")
 class LipschitzL2(Certificate):
     """LMT's margin/Lipschitz radius, the larger of the √2·L and the last-layer forms."""
 
     norm = "l2"
-
-    def __init__(self, batch_size: int = 256) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-        self.batch_size = int(batch_size)
+    params_schema = {"batch_size": {"type": "integer", "minimum": 1, "default": 256}}
+    batch_size: int
 
     def _refusal(self, model: nn.Module) -> str | None:
         try:
@@ -125,14 +111,4 @@ class LipschitzL2(Certificate):
                 eps: Sequence[float]) -> CertificateResult:
         with eval_mode(model):
             estimate, seconds = exact_bound(model, tuple(x.shape[1:]))
-            logits = torch.cat([model(x[start:start + self.batch_size])
-                                for start in range(0, len(x), self.batch_size)])
-            k = slopes(y, estimate, logits.shape[1])
-            radius = proven_radius(model, x, y, k, "l2", self.batch_size).cpu().numpy()
-        is_correct = (logits.argmax(1) == y).cpu().numpy()
-        radius = np.where(is_correct, radius, 0.0)
-        # keys as the other certificates' (the Lipschitz-vs-accuracy figure reads "lipschitz_bound")
-        extra = {"lipschitz_bound": float(estimate.total), "bound_seconds": seconds}
-        if estimate.sub is not None:
-            extra["lipschitz_bound_sub"] = float(estimate.sub)
-        return CertificateResult(radius=radius, status=statuses_from_radius(radius, is_correct, eps), extra=extra)
+        return lipschitz_margin_result(model, x, y, estimate, eps, self.batch_size, {"bound_seconds": seconds})

@@ -67,10 +67,9 @@ class LiRPACertificate(Certificate):
     method: ClassVar[BoundMethod]
     default_batch_size: ClassVar[int | None]
 
-    def __init__(self, batch_size: int | None = None) -> None:
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"certificate '{self.name}': batch_size must be ≥ 1, got {batch_size}")
-        self.batch_size = batch_size
+    #: ``batch_size`` null: the method's default, or as many samples as fit in memory (CROWN).
+    params_schema = {"batch_size": {"type": ["integer", "null"], "minimum": 1, "default": None}}
+    batch_size: int | None
 
     def _refusal(self, model: nn.Module) -> str | None:
         return unsupported_reason(model)

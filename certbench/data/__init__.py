@@ -1,5 +1,5 @@
-"""Data sets: specifications (torch-free) and loaders."""
+"""Data sets: one module per data set (its spec and its loader), found by :data:`DATASETS`."""
 
-from certbench.data.specs import DATASETS, DatasetSpec
+from certbench.data.specs import DATASETS, DatasetSpec, register_dataset
 
-__all__ = ["DATASETS", "DatasetSpec"]
+__all__ = ["DATASETS", "DatasetSpec", "register_dataset"]

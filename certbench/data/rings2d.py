@@ -9,7 +9,16 @@ radii here are our choice.)
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from certbench.data.loaders import tensors
+from certbench.data.specs import DatasetSpec, register_dataset
+
+if TYPE_CHECKING:
+    from certbench.data.specs import Split
 
 CENTRE = (0.5, 0.5)
 RINGS = ((0.0, 0.1), (0.2, 0.3), (0.4, 0.5))
@@ -31,3 +40,14 @@ def make_rings2d(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     angle = rng.uniform(0.0, 2.0 * np.pi, size=n)
     points = np.stack([CENTRE[0] + radius * np.cos(angle), CENTRE[1] + radius * np.sin(angle)], axis=1)
     return np.clip(points, 0.0, 1.0).astype(np.float32), labels.astype(np.int64)
+
+
+@register_dataset(DatasetSpec("rings2d", (1, 1, 2), 3, (0.5,), (0.25,), (0.02, 0.05), (0.02, 0.05),
+                              "generated: the three-ring 2-D toy problem of Pauli et al. 2021"))
+def load(data_dir: Path, download: bool) -> Split:
+    """2,000 training points (seed 0) and 1,000 test points (seed 1), as (N, 1, 1, 2) images."""
+    parts = []
+    for n, seed in ((2000, 0), (1000, 1)):
+        points, labels = make_rings2d(n, seed)
+        parts.append(tensors(points.reshape(-1, 1, 1, 2), labels))
+    return parts[0], parts[1]

@@ -30,9 +30,16 @@ def _trunk(spec: DatasetSpec, layers: int, width: int, identity_value: float | N
     return modules, previous
 
 
-@register_arch("linf-dist-mlp")
-def linf_dist_mlp(spec: DatasetSpec, depth: int = 5, width: int = 5120,
-                  identity_value: float | None = 10.0) -> nn.Sequential:
+#: ``identity_value``: see :class:`certbench.nn.linf_dist.LinfDist` (null: no identity initialisation).
+IDENTITY_VALUE = {"type": ["number", "null"], "default": 10.0}
+
+
+@register_arch("linf-dist-mlp", params_schema={
+    "depth": {"type": "integer", "minimum": 1, "default": 5},
+    "width": {"type": "integer", "minimum": 1, "default": 5120},
+    "identity_value": IDENTITY_VALUE})
+def linf_dist_mlp(spec: DatasetSpec, *, depth: int, width: int,
+                  identity_value: float | None) -> nn.Sequential:
     """``depth`` ℓ∞-dist layers: ``depth − 1`` hidden ones of ``width`` units, each followed by
     MeanShift, then one to the classes with a bias; logits are the negated distances."""
     modules, previous = _trunk(spec, depth - 1, width, identity_value)
@@ -40,9 +47,13 @@ def linf_dist_mlp(spec: DatasetSpec, depth: int = 5, width: int = 5120,
     return nn.Sequential(*modules)
 
 
-@register_arch("linf-dist-mlp+head")
-def linf_dist_mlp_head(spec: DatasetSpec, depth: int = 4, width: int = 5120, hidden: int = 512,
-                       identity_value: float | None = 10.0) -> nn.Sequential:
+@register_arch("linf-dist-mlp+head", params_schema={
+    "depth": {"type": "integer", "minimum": 1, "default": 4},
+    "width": {"type": "integer", "minimum": 1, "default": 5120},
+    "hidden": {"type": "integer", "minimum": 1, "default": 512},
+    "identity_value": IDENTITY_VALUE})
+def linf_dist_mlp_head(spec: DatasetSpec, *, depth: int, width: int, hidden: int,
+                       identity_value: float | None) -> nn.Sequential:
     """"ℓ∞-dist Net+MLP": a trunk of ``depth`` ℓ∞-dist layers (each followed by MeanShift), then
     Linear(width → hidden) → tanh → Linear(hidden → classes), certified by interval bounds."""
     if depth < 1 or hidden < 1:

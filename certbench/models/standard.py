@@ -14,12 +14,6 @@ from certbench.nn import Normalize
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def _activation(name: str) -> type[nn.Module]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation '{name}'; known: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
 def _flat_size(features: nn.Module, spec: DatasetSpec) -> int:
     with torch.no_grad():
         return int(features(torch.zeros(1, *spec.shape)).numel())
@@ -38,14 +32,16 @@ def _conv_net(spec: DatasetSpec, convs: Sequence[tuple[int, int, int, int]], hid
     return nn.Sequential(*layers)
 
 
-@register_arch("mlp")
-def mlp(spec: DatasetSpec, widths: Sequence[int] = (256, 256), activation: str = "relu",
-        input_pool: int = 1) -> nn.Sequential:
+@register_arch("mlp", params_schema={
+    "widths": {"type": "array", "items": {"type": "integer", "minimum": 1}, "default": [256, 256]},
+    "activation": {"enum": sorted(ACTIVATIONS), "default": "relu"},
+    "input_pool": {"type": "integer", "minimum": 1, "default": 1}})
+def mlp(spec: DatasetSpec, *, widths: Sequence[int], activation: str, input_pool: int) -> nn.Sequential:
     """Fully connected: Normalize → [k×k average pooling] → flatten → (Linear → activation)* → Linear.
 
     ``input_pool: 2`` reduces 28×28 images to 196 inputs, as the MLPs of Pauli et al. (2021).
     """
-    act = _activation(activation)
+    act = ACTIVATIONS[activation]
     layers: list[nn.Module] = [Normalize(spec.mean, spec.std)]
     if input_pool > 1:
         layers.append(nn.AvgPool2d(input_pool))

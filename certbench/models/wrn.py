@@ -50,7 +50,8 @@ def wide_resnet(spec: DatasetSpec, depth: int, widen_factor: int, dropout: float
     return nn.Sequential(*layers)
 
 
-@register_arch("wrn-16-4")
-def wrn_16_4(spec: DatasetSpec, dropout: float = 0.0) -> nn.Sequential:
+@register_arch("wrn-16-4", params_schema={
+    "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0}})
+def wrn_16_4(spec: DatasetSpec, *, dropout: float) -> nn.Sequential:
     """WRN-16-4; the LMT paper trains it on SVHN with dropout 0.4."""
     return wide_resnet(spec, 16, 4, dropout)

@@ -8,10 +8,12 @@ A layer computes ``y_j = ‖x − w_j‖_p (+ b_j)`` (paper eq. (1)); at ``p = �
 
 The distance is an autograd function that never builds the ``B × out × in`` difference
 tensor: a compiled CPU kernel (``linf_dist_kernel.cpp``, built on first use with the system C++
-compiler, float32) or chunked PyTorch (any device or dtype) recompute the differences in the
-backward pass. Finite ``p`` is evaluated as ``m·(Σ(|d|/m)^p)^{1/p}`` with ``m = max|d|`` so that
-float32 neither overflows nor underflows at large ``p``; ``p = ∞`` back-propagates through the
-argmax alone (a sparse scatter).
+compiler, float32), Triton kernels on CUDA (``linf_dist_triton.py``, float32, once triton
+imports and the kernels pass a self-check) or chunked PyTorch (any device or dtype: the
+reference, and the fallback) recompute the differences in the backward pass. Finite ``p`` is
+evaluated as ``m·(Σ(|d|/m)^p)^{1/p}`` with ``m = max|d|`` so that float32 neither overflows nor
+underflows at large ``p``; ``p = ∞`` back-propagates through the argmax alone (a sparse scatter,
+the same for every backend).
 
 Each layer's ``interval`` is exact (the box maximiser and minimiser of ``|x_i − w_ji|`` are
 independent per coordinate, :func:`lp_distance_bounds`); the whole-network bounds built on them
@@ -28,9 +30,10 @@ import platform
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterable
-from functools import cache
+from collections.abc import Callable, Iterable
+from functools import cache, partial
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +52,10 @@ __all__ = [
 
 _KERNEL_SOURCE = Path(__file__).with_name("linf_dist_kernel.cpp")
 _MIN_CHUNK_ELEMENTS = 1 << 18
+
+# (x, w, p, with_index) → (y, argmax or None) and (x, w, g, y, p) → (∂x, ∂w): each backend's pair
+Forward = Callable[[Tensor, Tensor, float, bool], tuple[Tensor, Tensor | None]]
+Backward = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,20 +124,30 @@ def _kernel() -> ctypes.CDLL | None:
 
 
 def _self_check(lib: ctypes.CDLL) -> str:
-    """Compare the freshly loaded kernel with the PyTorch path on a small problem in float64
-    (guards against a miscompiling toolchain); return what disagrees, or ''."""
+    """Compare the freshly loaded kernel with the PyTorch path (guards against a miscompiling
+    toolchain); return what disagrees, or ''."""
+    return _disagreement_with_torch(partial(_kernel_forward, lib=lib), partial(_kernel_backward, lib=lib),
+                                    torch.device("cpu"))
+
+
+def _disagreement_with_torch(forward: Forward, backward: Backward, device: torch.device) -> str:
+    """Run a float32 ``forward``/``backward`` pair on ``device`` against the PyTorch path in float64
+    on a small problem; return what disagrees, or ''."""
     gen = torch.Generator().manual_seed(0)
     x, w, g = (torch.randn(*shape, generator=gen) for shape in ((5, 37), (21, 37), (5, 21)))
     x64, w64, g64 = x.double(), w.double(), g.double()
+    x, w, g = x.to(device), w.to(device), g.to(device)
     for p in (math.inf, 1.0, 8.0, 8.5, 300.0):
-        y, idx = _kernel_forward(x, w, p, with_index=True, lib=lib)
+        y, idx = forward(x, w, p, True)
         y_ref, idx_ref = _torch_forward(x64, w64, p, with_index=True)
-        if not torch.allclose(y.double(), y_ref, rtol=1e-5) or (idx is not None and not torch.equal(idx, idx_ref)):
+        if not torch.allclose(y.double().cpu(), y_ref, rtol=1e-5) or (
+                idx is not None and not torch.equal(idx.cpu(), idx_ref)):
             return f"forward at p={p:g}"
         if not math.isinf(p):
-            grads = _kernel_backward(x, w, g, y, p, lib=lib)
+            grads = backward(x, w, g, y, p)
             for ours, ref in zip(grads, _torch_backward(x64, w64, g64, y_ref, p)):
-                if not torch.allclose(ours.double(), ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max())):
+                ours = ours.double().cpu()
+                if not torch.allclose(ours, ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max())):
                     return f"backward at p={p:g}"
     return ""
 
@@ -166,6 +183,35 @@ def _kernel_backward(x: Tensor, w: Tensor, g: Tensor, y: Tensor, p: float,
     lib.linf_dist_backward(x.data_ptr(), w.data_ptr(), g.data_ptr(), y.data_ptr(), b, n_out, n_in, p,
                            gx.data_ptr(), gw.data_ptr(), torch.get_num_threads())
     return gx, gw
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels on CUDA (optional)
+# --------------------------------------------------------------------------------------------
+
+@cache
+def _triton_kernels() -> ModuleType | None:
+    """The Triton kernels (``linf_dist_triton.py``) once they pass the self-check on the current
+    CUDA device, or None (then chunked PyTorch, with a warning)."""
+    try:
+        from certbench.nn import linf_dist_triton
+
+        failure = _disagreement_with_torch(linf_dist_triton.forward, linf_dist_triton.backward,
+                                           torch.device("cuda"))
+    except Exception as err:  # no triton, no C compiler for its launcher, a GPU it does not support
+        failure = f"{type(err).__name__}: {str(err)[:200]}"
+    if failure:
+        warnings.warn(f"ℓ∞-dist Triton kernels unavailable ({failure}); using chunked PyTorch on CUDA",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return linf_dist_triton
+
+
+def _triton_for(*tensors: Tensor) -> ModuleType | None:
+    """The Triton kernels if every tensor is float32 on CUDA and the kernels work, else None
+    (CPU tensors never import triton)."""
+    on_cuda = all(t.device.type == "cuda" and t.dtype == torch.float32 for t in tensors)
+    return _triton_kernels() if on_cuda else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,12 +274,20 @@ def _torch_backward(x: Tensor, w: Tensor, g: Tensor, y: Tensor, p: float) -> tup
     return gx, gw
 
 
+def _backend(*tensors: Tensor) -> tuple[Forward, Backward]:
+    """The compiled kernel for float32 CPU tensors, Triton for float32 CUDA tensors, else PyTorch."""
+    if _use_kernel(*tensors):
+        return _kernel_forward, _kernel_backward
+    kernels = _triton_for(*tensors)
+    return (kernels.forward, kernels.backward) if kernels is not None else (_torch_forward, _torch_backward)
+
+
 class _LpDistance(torch.autograd.Function):
     """``y[b, j] = ‖x_b − w_j‖_p`` without a ``B × out × in`` temporary in either pass."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, p: float, need_grad: bool) -> Tensor:  # type: ignore[override]
-        fwd = _kernel_forward if _use_kernel(x, w) else _torch_forward
+        fwd, _ = _backend(x, w)
         y, idx = fwd(x, w, p, need_grad)
         ctx.p = p
         ctx.save_for_backward(x, w, idx if math.isinf(p) else y)
@@ -250,7 +304,7 @@ class _LpDistance(torch.autograd.Function):
             gx = torch.zeros_like(x).scatter_add_(1, idx, v)
             gw = torch.zeros_like(w).scatter_add_(1, idx.t(), -v.t())
         else:
-            bwd = _kernel_backward if _use_kernel(x, w, g) else _torch_backward
+            _, bwd = _backend(x, w, g)
             gx, gw = bwd(x, w, g.to(x.dtype), saved, ctx.p)
         return gx, gw, None, None
 

@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from certbench.collect import ANY, select
 from certbench.labels import dataset_label, norm_label
 from certbench.plotting.common import (
     SD_NOTE,
@@ -41,10 +42,11 @@ COLUMNS = 4
 
 
 def evaluated_eps(summary: pd.DataFrame, norm: str, dataset: str) -> list[float]:
-    """The ε of ``norm`` evaluated on ``dataset`` (from the ``certified:<norm>@ε`` columns that have values)."""
-    rows = summary[(summary["dataset"] == dataset) & (summary["status"] == "ok")]
-    prefix = f"certified:{norm}@"
-    return sorted(float(c[len(prefix):]) for c in rows.columns if c.startswith(prefix) and rows[c].notna().any())
+    """The ε of ``norm`` evaluated on ``dataset`` (those with a certified accuracy of a finished run)."""
+    rows = summary[(summary["dataset"] == dataset) & (summary["status"] == "ok")
+                   & (summary["metric"] == "certified_accuracy") & (summary["evaluation"] == ANY)
+                   & (summary["norm"] == norm) & summary["value"].notna()]
+    return sorted(set(rows["eps"]))
 
 
 def size_grid(part: pd.DataFrame, eps: list[float]) -> np.ndarray:
@@ -99,7 +101,6 @@ def bounds_figure(summary: pd.DataFrame, radii: pd.DataFrame, norm: str, out_dir
     figure, axes = grid(len(panels), COLUMNS, width=3.3 if len(panels) > 2 else 4.6, height=2.9, sharex=False)
     grids = {dataset: size_grid(part[part["dataset"] == dataset], evaluated_eps(summary, norm, dataset))
              for dataset in part["dataset"].unique()}
-    ok = summary[summary["status"] == "ok"]
     for axis, (dataset, key) in zip(axes, panels):
         style = all_styles[key]
         sizes = grids[dataset]
@@ -109,9 +110,11 @@ def bounds_figure(summary: pd.DataFrame, radii: pd.DataFrame, norm: str, out_dir
             curves[column] = 100 * (1 - curves[column] if error else curves[column])
         _band(axis, sizes, curves, "certified", style.color, "-")
         _band(axis, sizes, curves, "attacked", style.color, "--")
-        rows = ok[(ok["dataset"] == dataset) & (ok["name"] == key[0]) & (ok["arch"] == key[1])]
         for eps in evaluated_eps(summary, norm, dataset):
-            values = pd.to_numeric(rows[f"certified:{norm}@{eps:g}"], errors="coerce").dropna() * 100
+            certified = select(summary, "certified_accuracy", evaluation=ANY, norm=norm, eps=eps)
+            rows = certified[(certified["status"] == "ok") & (certified["dataset"] == dataset)
+                             & (certified["name"] == key[0]) & (certified["arch"] == key[1])]
+            values = pd.to_numeric(rows["value"], errors="coerce").dropna() * 100
             if values.empty:
                 continue
             values = 100 - values if error else values

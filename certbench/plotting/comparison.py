@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
+from certbench.collect import ANY, runs, select
+from certbench.config import format_eps
 from certbench.labels import (
     certificate_label,
     dataset_label,
@@ -48,24 +50,25 @@ def tradeoff_figure(summary: pd.DataFrame, out_dir: Path) -> None:
     accuracy) to the accuracy under all attacks (an upper bound): robust accuracy lies on it.
     """
     name = "tradeoff"
-    ok = _ok(summary)
-    targets = sorted({(norm, float(c.split("@")[1])) for c in ok.columns if c.startswith("certified:")
-                      for norm in [c.split(":")[1].split("@")[0]] if ok[c].notna().any()})
-    if ok.empty or not targets or "clean_accuracy" not in ok:
+    ok = _ok(runs(summary))
+    certified_rows = summary[(summary["metric"] == "certified_accuracy") & (summary["evaluation"] == ANY)
+                             & (summary["status"] == "ok") & summary["value"].notna()]
+    targets = sorted(set(certified_rows[["norm", "eps"]].itertuples(index=False, name=None)))
+    if ok.empty or not targets:
         placeholder(out_dir, name, "no finished runs")
         return
     styles = experiment_styles(ok)
     datasets = sorted(ok["dataset"].unique())
     columns = 2 if len(targets) % 2 == 0 or len(targets) > 3 else len(targets)
     figure, axes = grid(len(targets) * len(datasets), columns, width=3.6, height=3.4)
-    clean = seed_stats(ok, KEY, "clean_accuracy", 100)
+    clean = seed_stats(_ok(select(summary, "clean_accuracy")), KEY, "value", 100)
     for row, dataset in enumerate(datasets):
         for col, (norm, eps) in enumerate(targets):
             axis = axes[row * len(targets) + col]
             axis.plot([0, 100], [0, 100], color="0.7", linestyle=":", linewidth=1)
-            certified = seed_stats(ok, KEY, f"certified:{norm}@{eps:g}", 100)
-            empirical_column = f"empirical:{norm}@{eps:g}"
-            empirical = seed_stats(ok, KEY, empirical_column, 100) if empirical_column in ok else None
+            at = {"evaluation": ANY, "norm": norm, "eps": eps}
+            certified = seed_stats(_ok(select(summary, "certified_accuracy", **at)), KEY, "value", 100)
+            empirical = seed_stats(_ok(select(summary, "robust_accuracy", **at)), KEY, "value", 100)
             for key in _keys(ok[ok["dataset"] == dataset], styles):
                 style = styles[key]
                 where = (clean["dataset"] == dataset) & (clean["name"] == key[0]) & (clean["arch"] == key[1])
@@ -73,11 +76,10 @@ def tradeoff_figure(summary: pd.DataFrame, out_dir: Path) -> None:
                 y = certified[where.to_numpy()].iloc[0]
                 if not np.isfinite(y["mean"]):
                     continue
-                if empirical is not None:
-                    top = empirical[where.to_numpy()].iloc[0]["mean"]
-                    if np.isfinite(top):
-                        axis.plot([x["mean"]] * 2, [y["mean"], top], color=style.color, linewidth=6, alpha=0.25,
-                                  solid_capstyle="butt")
+                top = empirical[where.to_numpy()].iloc[0]["mean"]
+                if np.isfinite(top):
+                    axis.plot([x["mean"]] * 2, [y["mean"], top], color=style.color, linewidth=6, alpha=0.25,
+                              solid_capstyle="butt")
                 axis.errorbar([x["mean"]], [y["mean"]], xerr=[np.nan_to_num(x["sd"])], yerr=[np.nan_to_num(y["sd"])],
                               color=style.color, marker=style.marker, markersize=8, markeredgecolor="white",
                               capsize=2, linestyle="none", zorder=5)
@@ -97,24 +99,30 @@ def tradeoff_figure(summary: pd.DataFrame, out_dir: Path) -> None:
     save(figure, out_dir, name)
 
 
-PUBLISHED_METRICS = {"clean": "clean_accuracy", "pgd": "robust:pgd-linf", "certified": "certified:linf"}
+# A published figure ``<kind>[@<ε>]`` (the config's ``published`` keys) and the summary rows it compares with.
+PUBLISHED_METRICS = {"clean": ("clean_accuracy", {}), "pgd": ("robust_accuracy", {"evaluation": "pgd-linf"}),
+                     "certified": ("certified_accuracy", {"evaluation": ANY, "norm": "linf"})}
 METRIC_LABELS = {"clean": "clean", "pgd": "PGD ℓ∞", "certified": "certified ℓ∞"}
 
 
 def published_long(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
     """One row per (experiment, published metric): ours (mean, sd over ok seeds, %) and the paper's."""
     rows = []
-    ok = _ok(summary)
     for record in published.to_dict("records"):
-        mine = ok[(ok["dataset"] == record["dataset"]) & (ok["name"] == record["name"]) & (ok["arch"] == record["arch"])]
         for column, paper in record.items():
             if not str(column).startswith("paper:") or pd.isna(paper):
                 continue
-            metric = column.split(":", 1)[1]
-            kind, _, eps = metric.partition("@")
-            ours_column = PUBLISHED_METRICS.get(kind, kind) + (f"@{eps}" if eps else "")
-            values = pd.to_numeric(mine[ours_column], errors="coerce").dropna() * 100 if ours_column in mine else \
-                pd.Series(dtype=float)
+            kind, _, eps = column.split(":", 1)[1].partition("@")
+            metric, equal = PUBLISHED_METRICS.get(kind, (kind, {}))
+            chosen = summary[summary["metric"] == metric]
+            for key, value in equal.items():
+                chosen = chosen[chosen[key] == value]
+            # the published ε is text in the config: the evaluated ε that prints the same
+            chosen = chosen[chosen["eps"].map(format_eps) == eps] if eps else chosen[chosen["eps"].isna()]
+            chosen = _ok(chosen)
+            mine = chosen[(chosen["dataset"] == record["dataset"]) & (chosen["name"] == record["name"])
+                          & (chosen["arch"] == record["arch"])]
+            values = pd.to_numeric(mine["value"], errors="coerce").dropna() * 100
             rows.append({"dataset": record["dataset"], "name": record["name"], "arch": record["arch"],
                          "method": mine["method"].iloc[0] if len(mine) else record["name"],
                          "metric": f"{METRIC_LABELS.get(kind, kind)}" + (f" @ ε = {eps}" if eps else ""),
@@ -166,7 +174,7 @@ def published_figure(summary: pd.DataFrame, published: pd.DataFrame | None, out_
 
 def cost_figure(summary: pd.DataFrame, out_dir: Path) -> None:
     """``cost``: seconds per training epoch per experiment (a dot plot: the axis may be logarithmic)."""
-    ok = _ok(summary)
+    ok = _ok(runs(summary))
     if ok.empty:
         placeholder(out_dir, "cost", "no finished runs")
         return
@@ -200,24 +208,31 @@ def cost_figure(summary: pd.DataFrame, out_dir: Path) -> None:
 def lipschitz_figure(summary: pd.DataFrame, out_dir: Path) -> None:
     """``lipschitz_vs_accuracy``: each certificate's Lipschitz bound against clean accuracy, one
     point per run, one panel per certificate."""
-    ok = _ok(summary)
-    columns = [c for c in ok.columns if c.startswith("lipschitz_bound:") and ok[c].notna().any()]
-    if ok.empty or not columns:
+    bounds = summary[(summary["metric"] == "lipschitz_bound") & (summary["status"] == "ok")
+                     & summary["value"].notna()]
+    certificates = list(dict.fromkeys(bounds["evaluation"]))
+    clean = select(summary, "clean_accuracy")
+    ok = _ok(clean)
+    if ok.empty or not certificates:
         placeholder(out_dir, "lipschitz_vs_accuracy", "no Lipschitz bounds were computed")
         return
     styles = experiment_styles(ok)
     datasets = sorted(ok["dataset"].unique())
-    figure, axes = grid(len(columns) * len(datasets), len(columns), width=3.8, height=3.2, sharex=False)
+    figure, axes = grid(len(certificates) * len(datasets), len(certificates), width=3.8, height=3.2,
+                        sharex=False)
     for row, dataset in enumerate(datasets):
-        part = ok[ok["dataset"] == dataset]
-        for col, column in enumerate(columns):
-            axis = axes[row * len(columns) + col]
+        for col, certificate in enumerate(certificates):
+            axis = axes[row * len(certificates) + col]
+            # select() gives every run in the same order: the columns line up
+            bound = select(summary, "lipschitz_bound", evaluation=certificate)["value"]
+            part = _ok(clean.assign(bound=bound))
+            part = part[part["dataset"] == dataset]
             for key in _keys(part, styles):
-                runs = part[(part["name"] == key[0]) & (part["arch"] == key[1])]
-                axis.scatter(pd.to_numeric(runs[column], errors="coerce"), runs["clean_accuracy"] * 100,
+                mine = part[(part["name"] == key[0]) & (part["arch"] == key[1])]
+                axis.scatter(mine["bound"], mine["value"] * 100,
                              color=styles[key].color, marker=styles[key].marker, s=45, edgecolors="white")
             axis.set_xscale("log")
-            axis.set_xlabel(f"Lipschitz bound of the logits ({certificate_label(column.split(':', 1)[1])})",
+            axis.set_xlabel(f"Lipschitz bound of the logits ({certificate_label(certificate)})",
                             fontsize="small")
             axis.set_ylabel("clean accuracy (%)")
             if len(datasets) > 1:

@@ -1,13 +1,17 @@
+import json
+import os
 import shutil
 import sys
 
 from certbench.config import RunId, resolve_run, runs
 
-PYTHON = sys.executable
+# Jobs run the Python that runs Snakemake (`python -m certbench …`): its folder comes first on the
+# PATH they inherit, whether or not its environment is activated.
+os.environ.update(PATH=os.pathsep.join((os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath))))
+
 RESULTS = CONFIG["results_dir"]
 FIGURES = CONFIG["figures_dir"]
-RUN_DIR = RESULTS + "/{dataset}/{name}/{arch}/seed{seed}"
-LOG_DIR = RESULTS + "/logs/{dataset}/{name}/{arch}/seed{seed}"
+RUN_DIR = os.path.join(RESULTS, "{dataset}", "{name}", "{arch}", "seed{seed}")
 RUNS = runs(CONFIG)
 
 # Jobs that run on CUDA request the `gpu` resource, so `--resources gpu=N` caps them.
@@ -21,6 +25,35 @@ wildcard_constraints:
     seed=r"\d+",
 
 
+def result(*parts):
+    """A file under `results_dir`."""
+    return os.path.join(RESULTS, *parts)
+
+
+def run_file(filename):
+    """A file of one run (wildcards dataset, name, arch, seed)."""
+    return os.path.join(RUN_DIR, filename)
+
+
+def run_files(filename):
+    """The file of every run of the config."""
+    return [result(run.path, filename) for run in RUNS]
+
+
+def log_file(rule_name):
+    """The log of a rule's job: stderr of its `certbench` command."""
+    return result("logs", f"{rule_name}.log")
+
+
+def run_log(rule_name):
+    """The log of a per-run rule's job."""
+    return result("logs", "{dataset}", "{name}", "{arch}", "seed{seed}", f"{rule_name}.log")
+
+
+def run_id(wildcards):
+    return RunId(wildcards.dataset, wildcards.name, wildcards.arch, int(wildcards.seed))
+
+
 def job_resources(rule_name):
     """Scheduler requests of a train/certify/attack job (see `resources` in the config schema)."""
     wanted = CONFIG["resources"]
@@ -29,12 +62,3 @@ def job_resources(rule_name):
     if partition:
         requests["slurm_partition"] = partition
     return requests
-
-
-def run_id(wildcards):
-    return RunId(wildcards.dataset, wildcards.name, wildcards.arch, int(wildcards.seed))
-
-
-def run_files(filename):
-    return [f"{RESULTS}/{run.path}/{filename}" for run in RUNS]
-

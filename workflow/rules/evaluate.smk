@@ -6,64 +6,59 @@ localrules:
 rule certify:
     """Every applicable certificate on the run's test points."""
     input:
-        config=RUN_DIR + "/run.json",
-        model=RUN_DIR + "/model.pt",
-        train=RUN_DIR + "/train.json",
+        config=run_file("run.json"),
+        model=run_file("model.pt"),
+        train=run_file("train.json"),
     output:
-        RUN_DIR + "/certify.json",
+        run_file("certify.json"),
     log:
-        LOG_DIR + "/certify.log",
+        run_log("certify"),
     threads: CONFIG["resources"]["threads"]
     resources:
         **job_resources("certify"),
     params:
-        run_dir=RUN_DIR,
+        run_dir=lambda wildcards, input: os.path.dirname(input.model),
     shell:
-        "{PYTHON:q} -m certbench.cli certify --run-config {input.config:q} --run-dir {params.run_dir:q} "
-        "--out {output:q} --threads {threads} 2> {log:q}"
+        "python -m certbench certify --run-config {input.config:q} --run-dir {params.run_dir:q} "
+        "--out {output:q} --threads {threads} --gpus {resources.gpu} 2> {log:q}"
 
 
 rule attack:
     """Every configured attack on the run's test points."""
     input:
-        config=RUN_DIR + "/run.json",
-        model=RUN_DIR + "/model.pt",
-        train=RUN_DIR + "/train.json",
+        config=run_file("run.json"),
+        model=run_file("model.pt"),
+        train=run_file("train.json"),
     output:
-        RUN_DIR + "/attack.json",
+        run_file("attack.json"),
     log:
-        LOG_DIR + "/attack.log",
+        run_log("attack"),
     threads: CONFIG["resources"]["threads"]
     resources:
         **job_resources("attack"),
     params:
-        run_dir=RUN_DIR,
+        run_dir=lambda wildcards, input: os.path.dirname(input.model),
     shell:
-        "{PYTHON:q} -m certbench.cli attack --run-config {input.config:q} --run-dir {params.run_dir:q} "
-        "--out {output:q} --threads {threads} 2> {log:q}"
+        "python -m certbench attack --run-config {input.config:q} --run-dir {params.run_dir:q} "
+        "--out {output:q} --threads {threads} --gpus {resources.gpu} 2> {log:q}"
 
 
 rule record:
     """One record per run: training, certificates and attacks joined, plus its per-sample table."""
     input:
-        config=RUN_DIR + "/run.json",
-        train=RUN_DIR + "/train.json",
-        certify=RUN_DIR + "/certify.json",
-        attack=RUN_DIR + "/attack.json",
+        config=run_file("run.json"),
+        train=run_file("train.json"),
+        certify=run_file("certify.json"),
+        attack=run_file("attack.json"),
     output:
-        record=RUN_DIR + "/record.json",
-        samples=RUN_DIR + "/samples.csv",
+        record=run_file("record.json"),
+        samples=run_file("samples.csv"),
     log:
-        LOG_DIR + "/record.log",
-    run:
-        from pathlib import Path
-
-        from certbench.collect import assemble
-
-        assemble(*(Path(p) for p in (input.config, input.train, input.certify, input.attack,
-                                     output.record, output.samples)))
-        with open(log[0], "w") as handle:
-            print(f"wrote {output.record}", file=handle)
+        run_log("record"),
+    shell:
+        "python -m certbench record --run-config {input.config:q} --train {input.train:q} "
+        "--certify {input.certify:q} --attack {input.attack:q} --out {output.record:q} "
+        "--samples {output.samples:q} 2> {log:q}"
 
 
 rule audit:
@@ -71,28 +66,20 @@ rule audit:
     input:
         run_files("record.json"),
     output:
-        RESULTS + "/audit.csv",
+        result("audit.csv"),
     log:
-        RESULTS + "/logs/audit.log",
+        log_file("audit"),
     shell:
-        "{PYTHON:q} -m certbench.cli audit --out {output:q} {input:q} 2> {log:q}"
+        "python -m certbench audit --out {output:q} {input:q} 2> {log:q}"
 
 
 rule audit_check:
     """Fails the DAG, naming method, certificate and samples, when the audit found a violation."""
     input:
-        RESULTS + "/audit.csv",
+        result("audit.csv"),
     output:
-        RESULTS + "/audit.ok",
+        result("audit.ok"),
     log:
-        RESULTS + "/logs/audit_check.log",
-    run:
-        from certbench.audit import verdict
-
-        message = verdict(input[0])
-        with open(log[0], "w") as handle:
-            print(message or "no violations", file=handle)
-        if message:
-            raise RuntimeError(message)
-        with open(output[0], "w") as handle:
-            print("no violations", file=handle)
+        log_file("audit_check"),
+    shell:
+        "python -m certbench audit-check --audit {input:q} --out {output:q} 2> {log:q}"

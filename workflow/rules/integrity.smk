@@ -18,13 +18,17 @@ _PER_RUN = {  # per-run file: the per-run files made from it
 def derived_files():
     # the report's first page (front_page) is made from summary.csv and audit.csv
     reports = [*rules.tables.output, *rules.figures.output, *rules.front_page.output]
-    collected = [*rules.collect.output, *rules.audit.output, *rules.audit_check.output, *rules.history.output,
-                 *reports]
+    collected = [
+        *rules.collect.output,
+        *rules.audit.output,
+        *rules.audit_check.output,
+        *rules.history.output,
+        *reports,
+    ]
     graph = {}
     for run in RUNS:
-        base = f"{RESULTS}/{run.path}/"
         for name, made_from_it in _PER_RUN.items():
-            graph[base + name] = [base + other for other in made_from_it] + collected
+            graph[result(run.path, name)] = [result(run.path, other) for other in made_from_it] + collected
     for made in (*rules.collect.output, *rules.audit.output, *rules.published.output):
         graph[made] = [*rules.audit_check.output, *reports]
     for made in rules.history.output:  # history.csv: the training curves are drawn from it
@@ -34,9 +38,10 @@ def derived_files():
     return graph
 
 
-# Only in the main process: Snakemake runs each `run:` job in a subprocess that parses this file
-# again, and such a parse while another job is between writing a file and writing its hash
-# would take the fresh file for a damaged one and delete it (seen as a MissingOutputException).
+# Only in the main process: a job that Snakemake runs in a process of its own (a cluster job)
+# parses this file again, and such a parse while another job is between writing a file and
+# writing its hash would take the fresh file for a damaged one and delete it (seen as a
+# MissingOutputException).
 if workflow.is_main_process:
     for damaged in remove_damaged(derived_files()):
         logger.warning(f"certbench: {damaged} was damaged (hash mismatch); it will be made again")

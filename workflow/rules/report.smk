@@ -1,6 +1,5 @@
-import os
-
 from certbench.outputs import FIGURE_NAMES, TABLE_NAMES
+
 
 localrules:
     published,
@@ -11,7 +10,7 @@ localrules:
 
 # The report's first page: once the DAG has run, the front page that `front_page` writes (the
 # overview below plus the audit verdict and the runs' status); before that, the overview alone.
-FRONT_PAGE = RESULTS + "/report/front_page.rst"
+FRONT_PAGE = result("report", "front_page.rst")
 TABLE_LABELS = {
     "linf": "Zhang et al. 2021, Table 1",
     "lmt": "Tsuzuku et al. 2018, §5",
@@ -27,19 +26,13 @@ report: os.path.abspath(FRONT_PAGE) if os.path.exists(FRONT_PAGE) else "../repor
 rule config_snapshot:
     """The validated configuration, every default filled in, for the report."""
     output:
-        report(RESULTS + "/config.yaml", caption="../report/config.rst", category="Configuration"),
-    params:
-        config=CONFIG,
+        report(result("config.yaml"), caption="../report/config.rst", category="Configuration"),
     log:
-        RESULTS + "/logs/config_snapshot.log",
-    run:
-        import yaml
-
-        from certbench.storage import atomic_write_bytes
-
-        atomic_write_bytes(output[0], yaml.safe_dump(params.config, sort_keys=False).encode())
-        with open(log[0], "w") as handle:
-            print(f"wrote {output[0]}", file=handle)
+        log_file("config_snapshot"),
+    params:
+        config=json.dumps(CONFIG),
+    shell:
+        "python -m certbench config-snapshot --config {params.config:q} --out {output:q} 2> {log:q}"
 
 
 rule collect:
@@ -47,29 +40,24 @@ rule collect:
     input:
         run_files("record.json"),
     output:
-        summary=report(RESULTS + "/summary.csv", caption="../report/summary.rst", category="Runs"),
-        radii=RESULTS + "/radii.csv",
+        summary=report(result("summary.csv"), caption="../report/summary.rst", category="Runs"),
+        radii=result("radii.csv"),
     log:
-        RESULTS + "/logs/collect.log",
+        log_file("collect"),
     shell:
-        "{PYTHON:q} -m certbench.cli collect --out {output.summary:q} --radii {output.radii:q} {input:q} 2> {log:q}"
+        "python -m certbench collect --out {output.summary:q} --radii {output.radii:q} {input:q} 2> {log:q}"
 
 
 rule published:
     """The published figures given in the config, for the paper tables."""
     output:
-        RESULTS + "/published.csv",
-    params:
-        experiments=CONFIG["experiments"],
+        result("published.csv"),
     log:
-        RESULTS + "/logs/published.log",
-    run:
-        from certbench.storage import atomic_write_bytes
-        from certbench.tables import published_table
-
-        atomic_write_bytes(output[0], published_table(params.experiments).to_csv(index=False).encode())
-        with open(log[0], "w") as handle:
-            print(f"wrote {output[0]}", file=handle)
+        log_file("published"),
+    params:
+        experiments=json.dumps(CONFIG["experiments"]),
+    shell:
+        "python -m certbench published --experiments {params.experiments:q} --out {output:q} 2> {log:q}"
 
 
 rule history:
@@ -77,17 +65,11 @@ rule history:
     input:
         run_files("record.json"),
     output:
-        RESULTS + "/history.csv",
+        result("history.csv"),
     log:
-        RESULTS + "/logs/history.log",
-    run:
-        from pathlib import Path
-
-        from certbench.collect import history
-
-        table = history([Path(p) for p in input], Path(output[0]))
-        with open(log[0], "w") as handle:
-            print(f"wrote {output[0]}: {len(table)} epochs", file=handle)
+        log_file("history"),
+    shell:
+        "python -m certbench history --out {output:q} {input:q} 2> {log:q}"
 
 
 rule tables:
@@ -95,61 +77,74 @@ rule tables:
     report, the label `inline` is a toggle: `yes` (the default) shows the HTML table, `no` the CSV
     to download."""
     input:
-        summary=RESULTS + "/summary.csv",
-        audit=RESULTS + "/audit.csv",
-        published=RESULTS + "/published.csv",
+        summary=result("summary.csv"),
+        audit=result("audit.csv"),
+        published=result("published.csv"),
     output:
-        [report(RESULTS + f"/tables/{table}.html", caption=f"../report/table_{table}.rst", category="Tables",
-                labels={"table": table, "reproduces": TABLE_LABELS[table], "inline": "yes"})
-         for table in TABLE_NAMES],
-        [report(RESULTS + f"/tables/{table}.csv", caption=f"../report/table_{table}.rst", category="Tables",
-                labels={"table": table, "reproduces": TABLE_LABELS[table], "inline": "no"})
-         for table in TABLE_NAMES],
-        expand(RESULTS + "/tables/{table}.{ext}", table=TABLE_NAMES, ext=["md", "tex"]),
+        [
+            report(
+                result("tables", f"{table}.html"),
+                caption=f"../report/table_{table}.rst",
+                category="Tables",
+                labels={"table": table, "reproduces": TABLE_LABELS[table], "inline": "yes"},
+            )
+            for table in TABLE_NAMES
+        ],
+        [
+            report(
+                result("tables", f"{table}.csv"),
+                caption=f"../report/table_{table}.rst",
+                category="Tables",
+                labels={"table": table, "reproduces": TABLE_LABELS[table], "inline": "no"},
+            )
+            for table in TABLE_NAMES
+        ],
+        expand(result("tables", "{table}.{ext}"), table=TABLE_NAMES, ext=["md", "tex"]),
     log:
-        RESULTS + "/logs/tables.log",
+        log_file("tables"),
     params:
-        out_dir=RESULTS + "/tables",
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "{PYTHON:q} -m certbench.cli tables --summary {input.summary:q} --audit {input.audit:q} "
+        "python -m certbench tables --summary {input.summary:q} --audit {input.audit:q} "
         "--published {input.published:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule figures:
     input:
-        summary=RESULTS + "/summary.csv",
-        radii=RESULTS + "/radii.csv",
-        history=RESULTS + "/history.csv",
-        published=RESULTS + "/published.csv",
+        summary=result("summary.csv"),
+        radii=result("radii.csv"),
+        history=result("history.csv"),
+        published=result("published.csv"),
     output:
-        [report(FIGURES + f"/{figure}.png", caption=f"../report/figure_{figure}.rst", category="Figures",
-                labels={"figure": figure.replace("_", " ")})
-         for figure in FIGURE_NAMES],
-        expand(FIGURES + "/{figure}.pdf", figure=FIGURE_NAMES),
+        [
+            report(
+                os.path.join(FIGURES, f"{figure}.png"),
+                caption=f"../report/figure_{figure}.rst",
+                category="Figures",
+                labels={"figure": figure.replace("_", " ")},
+            )
+            for figure in FIGURE_NAMES
+        ],
+        expand(os.path.join(FIGURES, "{figure}.pdf"), figure=FIGURE_NAMES),
     log:
-        RESULTS + "/logs/figures.log",
+        log_file("figures"),
     params:
-        out_dir=FIGURES,
+        out_dir=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
-        "{PYTHON:q} -m certbench.cli figures --summary {input.summary:q} --radii {input.radii:q} "
+        "python -m certbench figures --summary {input.summary:q} --radii {input.radii:q} "
         "--history {input.history:q} --published {input.published:q} --out-dir {params.out_dir:q} 2> {log:q}"
 
 
 rule front_page:
     """The report's first page: the overview, the audit verdict per certificate and the runs' status."""
     input:
-        summary=RESULTS + "/summary.csv",
-        audit=RESULTS + "/audit.csv",
+        summary=result("summary.csv"),
+        audit=result("audit.csv"),
         overview=os.path.join(workflow.basedir, "workflow", "report", "workflow.rst"),
     output:
         FRONT_PAGE,
     log:
-        RESULTS + "/logs/front_page.log",
-    run:
-        from pathlib import Path
-
-        from certbench.frontpage import write_front_page
-
-        write_front_page(Path(input.overview), Path(input.summary), Path(input.audit), Path(output[0]))
-        with open(log[0], "w") as handle:
-            print(f"wrote {output[0]}", file=handle)
+        log_file("front_page"),
+    shell:
+        "python -m certbench front-page --overview {input.overview:q} --summary {input.summary:q} "
+        "--audit {input.audit:q} --out {output:q} 2> {log:q}"

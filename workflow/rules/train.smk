@@ -5,33 +5,29 @@ localrules:
 rule run_config:
     """The resolved configuration of one run; re-written (and the run redone) when it changes."""
     output:
-        RUN_DIR + "/run.json",
-    params:
-        resolved=lambda wc: resolve_run(CONFIG, run_id(wc)),
+        run_file("run.json"),
     log:
-        LOG_DIR + "/run_config.log",
-    run:
-        from certbench.storage import write_json
-
-        write_json(output[0], params.resolved)
-        with open(log[0], "w") as handle:
-            print(f"wrote {output[0]}", file=handle)
+        run_log("run_config"),
+    params:
+        resolved=lambda wildcards: json.dumps(resolve_run(CONFIG, run_id(wildcards))),
+    shell:
+        "python -m certbench run-config --resolved {params.resolved:q} --out {output:q} 2> {log:q}"
 
 
 rule train:
     """Train one run; resumes from its last epoch checkpoint if it was interrupted."""
     input:
-        RUN_DIR + "/run.json",
+        run_file("run.json"),
     output:
-        model=RUN_DIR + "/model.pt",
-        record=RUN_DIR + "/train.json",
+        model=run_file("model.pt"),
+        record=run_file("train.json"),
     log:
-        LOG_DIR + "/train.log",
+        run_log("train"),
     threads: CONFIG["resources"]["threads"]
     resources:
         **job_resources("train"),
     params:
-        out_dir=RUN_DIR,
+        out_dir=lambda wildcards, output: os.path.dirname(output.model),
     shell:
-        "{PYTHON:q} -m certbench.cli train --run-config {input:q} --out-dir {params.out_dir:q} "
-        "--threads {threads} 2> {log:q}"
+        "python -m certbench train --run-config {input:q} --out-dir {params.out_dir:q} "
+        "--threads {threads} --gpus {resources.gpu} 2> {log:q}"
