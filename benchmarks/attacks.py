@@ -80,7 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--attacks", default=",".join(ATTACKS.names()))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives the steadiest figures)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 gives the steadiest figures)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,11 +92,14 @@ def main() -> None:
     x_train, y_train, x_test, y_test = digits_28()
     start = time.perf_counter()
     train(model, x_train, y_train)
-    x, y = x_test[:args.samples], y_test[:args.samples]
+    x, y = x_test[: args.samples], y_test[: args.samples]
     with torch.no_grad():
         correct = model(x).argmax(1) == y
-    print(f"cnn-small on 28×28 digits: trained in {time.perf_counter() - start:.1f} s, "
-          f"clean accuracy {correct.float().mean():.3f} on {len(x)} samples; torch threads {torch.get_num_threads()}")
+    print(
+        f"cnn-small on 28×28 digits: trained in {time.perf_counter() - start:.1f} s, "
+        f"clean accuracy {correct.float().mean():.3f} on {len(x)} samples; "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     # The unit: one batched forward+backward to the input (parameters frozen, as inside the attacks),
     # on the correctly classified samples, which are what the library receives. Measured again
@@ -118,12 +123,16 @@ def main() -> None:
     t_fb, t_f = units()
     t_train = cost(train_step)[1]
     model.zero_grad(set_to_none=True)
-    print(f"CPU time of one batched forward+backward on {len(xc)} samples: {t_fb * 1e3:.1f} ms (input gradient "
-          f"only), forward alone {t_f * 1e3:.1f} ms, with parameter gradients too {t_train * 1e3:.1f} ms\n")
+    print(
+        f"CPU time of one batched forward+backward on {len(xc)} samples: {t_fb * 1e3:.1f} ms (input gradient "
+        f"only), forward alone {t_f * 1e3:.1f} ms, with parameter gradients too {t_train * 1e3:.1f} ms\n"
+    )
 
     eps_values = {"linf": spec.eps_linf, "l2": spec.eps_l2}
-    print("| attack | ε | wall (s) | CPU ms / sample | fwd+bwd equivalents | grad calls | plain calls "
-          "| overhead vs counted calls | success | median norm |")
+    print(
+        "| attack | ε | wall (s) | CPU ms / sample | fwd+bwd equivalents | grad calls | plain calls "
+        "| overhead vs counted calls | success | median norm |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     deepfool = ""
     for name in args.attacks.split(","):
@@ -139,19 +148,25 @@ def main() -> None:
             norms = result.l2 if attack.norm == "l2" else result.linf
             hit = result.success & correct.numpy()
             median = f"{np.median(norms[hit]):.3f}" if hit.any() else "–"
-            print(f"| {name} | {'–' if eps is None else f'{eps:g}'} | {wall:.1f} | {cpu / len(x) * 1e3:.1f} "
-                  f"| {cpu / t_fb:.0f} | {counter.grad} | {counter.plain} | {cpu / counted:.2f} "
-                  f"| {hit.sum() / correct.sum():.3f} | {median} |")
+            print(
+                f"| {name} | {'–' if eps is None else f'{eps:g}'} | {wall:.1f} | {cpu / len(x) * 1e3:.1f} "
+                f"| {cpu / t_fb:.0f} | {counter.grad} | {counter.plain} | {cpu / counted:.2f} "
+                f"| {hit.sum() / correct.sum():.3f} | {median} |"
+            )
             if name == "deepfool-l2":
                 iterations = (counter.grad - 1) // (spec.num_classes - 1)
-                deepfool = (f"DeepFool on {len(x)} samples: {iterations} iterations × {spec.num_classes - 1} other "
-                            f"classes = {counter.grad - 1} batched forward+backward passes (+1 final check) → "
-                            f"{counter.grad * t_fb:.2f} s CPU predicted, {cpu:.2f} s CPU measured "
-                            f"({cpu / (counter.grad * t_fb):.2f}×).")
-    print(f"\nfwd+bwd equivalents = attack CPU time / CPU time of one batched forward+backward (same samples). "
-          f"grad/plain calls: batched model calls with/without input gradient; DeepFool's grad calls = "
-          f"iterations × (classes − 1) = iterations × {spec.num_classes - 1} (+1 for the final check). "
-          f"overhead = attack CPU time / (grad calls × fwd+bwd + plain calls × forward).")
+                deepfool = (
+                    f"DeepFool on {len(x)} samples: {iterations} iterations × {spec.num_classes - 1} other "
+                    f"classes = {counter.grad - 1} batched forward+backward passes (+1 final check) → "
+                    f"{counter.grad * t_fb:.2f} s CPU predicted, {cpu:.2f} s CPU measured "
+                    f"({cpu / (counter.grad * t_fb):.2f}×)."
+                )
+    print(
+        f"\nfwd+bwd equivalents = attack CPU time / CPU time of one batched forward+backward (same samples). "
+        f"grad/plain calls: batched model calls with/without input gradient; DeepFool's grad calls = "
+        f"iterations × (classes − 1) = iterations × {spec.num_classes - 1} (+1 for the final check). "
+        f"overhead = attack CPU time / (grad calls × fwd+bwd + plain calls × forward)."
+    )
     if deepfool:
         print(deepfool)
 

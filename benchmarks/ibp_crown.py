@@ -70,7 +70,9 @@ def timed(fn: Callable[[], T]) -> tuple[T, float, float]:
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def seconds_per_step(method: Method, arch: str, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, float]:
+def seconds_per_step(
+    method: Method, arch: str, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> tuple[float, float]:
     """(wall, CPU) seconds of one optimiser step at progress 1, after one warm-up step."""
     torch.manual_seed(0)
     model = method.build_model(arch, {})
@@ -116,40 +118,57 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     source, x_train, y_train, x_test, y_test = data()
-    print(f"data: {source}; batch {BATCH}; epoch = {EPOCH_IMAGES} images; torch threads {torch.get_num_threads()}")
+    print(
+        f"data: {source}; batch {BATCH}; epoch = {EPOCH_IMAGES} images; "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     print("\n| arch | method | s/epoch (CPU) | s/epoch (wall) | × standard (CPU) | goal |")
     print("|---|---|---|---|---|---|")
     steps_per_epoch = EPOCH_IMAGES / BATCH
     for arch in args.archs.split(","):
-        methods = {"standard": (make("standard"), None), "ibp": (make("ibp", eps_train=args.eps), 2.0),
-                   "crown-ibp": (make("crown-ibp", eps_train=args.eps, beta_final=0.5), 4.0),
-                   "crown-ibp, loss fusion": (make("crown-ibp", eps_train=args.eps, beta_final=0.5,
-                                                   loss_fusion=True), 4.0)}
+        methods = {
+            "standard": (make("standard"), None),
+            "ibp": (make("ibp", eps_train=args.eps), 2.0),
+            "crown-ibp": (make("crown-ibp", eps_train=args.eps, beta_final=0.5), 4.0),
+            "crown-ibp, loss fusion": (
+                make("crown-ibp", eps_train=args.eps, beta_final=0.5, loss_fusion=True),
+                4.0,
+            ),
+        }
         base = None
         for name, (method, goal) in methods.items():
             wall, cpu = seconds_per_step(method, arch, x_train, y_train, args.steps)
             base = base or cpu
             verdict = "" if goal is None else f"≤ {goal:g}× {'met' if cpu / base <= goal else 'MISSED'}"
-            print(f"| {arch} | {name} | {cpu * steps_per_epoch:.1f} | {wall * steps_per_epoch:.1f} | "
-                  f"{cpu / base:.2f} | {verdict} |", flush=True)
+            print(
+                f"| {arch} | {name} | {cpu * steps_per_epoch:.1f} | {wall * steps_per_epoch:.1f} | "
+                f"{cpu / base:.2f} | {verdict} |",
+                flush=True,
+            )
 
     started = time.perf_counter()
     model = quick_ibp_model(x_train, y_train)
     with torch.no_grad():
         accuracy = (model(x_test[:1024]).argmax(1) == y_test[:1024]).float().mean()
-    print(f"\ncnn-small after 150 IBP steps ({time.perf_counter() - started:.0f} s): "
-          f"clean accuracy {accuracy:.3f}; certificates at ε = {args.eps}")
+    print(
+        f"\ncnn-small after 150 IBP steps ({time.perf_counter() - started:.0f} s): "
+        f"clean accuracy {accuracy:.3f}; certificates at ε = {args.eps}"
+    )
     print("\n| certificate | samples | samples/s (CPU) | samples/s (wall) | certified |")
     print("|---|---|---|---|---|")
     x, y = x_test[: args.samples], y_test[: args.samples]
     for name in args.certificates.split(","):
         certificate = CERTIFICATES.get(name)()
-        result, wall, cpu = timed(lambda: certificate.certify(model, x, y, [args.eps]))
+        result, wall, cpu = timed(
+            lambda certificate=certificate: certificate.certify(model, x, y, [args.eps])
+        )
         certified = (result.status[args.eps] == CERTIFIED).mean()
         errors = f" ({len(result.errors)} errors)" if result.errors else ""
-        print(f"| {name} | {len(x)} | {len(x) / cpu:.1f} | {len(x) / wall:.1f} | {certified:.3f}{errors} |",
-              flush=True)
+        print(
+            f"| {name} | {len(x)} | {len(x) / cpu:.1f} | {len(x) / wall:.1f} | {certified:.3f}{errors} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

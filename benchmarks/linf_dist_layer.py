@@ -72,6 +72,7 @@ def make_step(impl: str, b: int, n_in: int, n_out: int, p: float, device: str = 
         elif impl == "cdist":
             forward = lambda v: torch.cdist(v, w, p=p)  # noqa: E731
         else:
+
             def forward(v: torch.Tensor) -> torch.Tensor:
                 d = (v[:, None, :] - w[None]).abs()
                 return d.amax(-1) if math.isinf(p) else d.pow(p).sum(-1).pow(1 / p)
@@ -83,7 +84,9 @@ def make_step(impl: str, b: int, n_in: int, n_out: int, p: float, device: str = 
     return step
 
 
-def measure(impl: str, b: int, n_in: int, n_out: int, p: float, repeats: int, threads: int) -> dict[str, float]:
+def measure(
+    impl: str, b: int, n_in: int, n_out: int, p: float, repeats: int, threads: int
+) -> dict[str, float]:
     """Run in a fresh process: a small warm-up of the same code (thread pools, libraries, the
     kernel), then the peak-RSS growth of the first full-size call, then the median time."""
     import torch
@@ -117,8 +120,18 @@ def available_bytes() -> float:
 
 def run(impl: str, shape: tuple[int, int, int], p: float, args: argparse.Namespace) -> dict[str, float]:
     env = dict(os.environ, **({"CERTBENCH_LINF_KERNEL": "0"} if args.torch_only else {}))
-    command = [sys.executable, __file__, "--one", impl, *map(str, shape), str(p), "--repeats", str(args.repeats),
-               "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        __file__,
+        "--one",
+        impl,
+        *map(str, shape),
+        str(p),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -176,27 +189,38 @@ def cuda_part(repeats: int) -> None:
     b, n_in, n_out = CUDA_SHAPE
     unit = 4.0 * (b * n_out + n_out * n_in)
     available = _triton_for(torch.ones(1, device="cuda")) is not None
-    print(f"\nCUDA {torch.cuda.get_device_name()}: {b}×{n_in}→{n_out}, forward + backward, "
-          f"median of {repeats}; Triton kernels "
-          f"{'in use' if available else 'UNAVAILABLE (the triton rows are the chunked path)'}")
-    header = (f"{'p':>4} {'impl':>8} {'f+b s':>9} {'× Linear':>9} {'goal':>5} {'chunked ×':>10} {'goal':>5} "
-              f"{'peak MB':>9} {'units':>6} {'ok':>3}")
+    print(
+        f"\nCUDA {torch.cuda.get_device_name()}: {b}×{n_in}→{n_out}, forward + backward, "
+        f"median of {repeats}; Triton kernels "
+        f"{'in use' if available else 'UNAVAILABLE (the triton rows are the chunked path)'}"
+    )
+    header = (
+        f"{'p':>4} {'impl':>8} {'f+b s':>9} {'× Linear':>9} {'goal':>5} {'chunked ×':>10} {'goal':>5} "
+        f"{'peak MB':>9} {'units':>6} {'ok':>3}"
+    )
     print(header)
     print("-" * len(header))
     linear = measure_cuda("linear", 0.0, repeats)
-    print(f"{'':>4} {'linear':>8} {linear['seconds']:9.5f} {1:9.2f} {'':>5} {'':>10} {'':>5} "
-          f"{linear['peak_bytes'] / 2**20:9.1f} {linear['peak_bytes'] / unit:6.2f}")
+    print(
+        f"{'':>4} {'linear':>8} {linear['seconds']:9.5f} {1:9.2f} {'':>5} {'':>10} {'':>5} "
+        f"{linear['peak_bytes'] / 2**20:9.1f} {linear['peak_bytes'] / unit:6.2f}"
+    )
     for p in CUDA_PS:
         results = {impl: measure_cuda(impl, p, repeats) for impl in ("triton", "chunked")}
         for impl, r in results.items():
             ratio, units = r["seconds"] / linear["seconds"], r["peak_bytes"] / unit
             speedup = results["chunked"]["seconds"] / r["seconds"]
             goal = GOALS.get(p)
-            ok = "" if impl == "chunked" else (
-                "yes" if speedup >= CUDA_SPEEDUP_GOAL and (goal is None or ratio <= goal) else "no")
-            print(f"{p:>4g} {impl:>8} {r['seconds']:9.5f} {ratio:9.2f} {goal or '':>5} {speedup:10.1f} "
-                  f"{CUDA_SPEEDUP_GOAL if impl == 'triton' else '':>5} {r['peak_bytes'] / 2**20:9.1f} "
-                  f"{units:6.2f} {ok:>3}")
+            ok = (
+                ""
+                if impl == "chunked"
+                else ("yes" if speedup >= CUDA_SPEEDUP_GOAL and (goal is None or ratio <= goal) else "no")
+            )
+            print(
+                f"{p:>4g} {impl:>8} {r['seconds']:9.5f} {ratio:9.2f} {goal or '':>5} {speedup:10.1f} "
+                f"{CUDA_SPEEDUP_GOAL if impl == 'triton' else '':>5} {r['peak_bytes'] / 2**20:9.1f} "
+                f"{units:6.2f} {ok:>3}"
+            )
 
 
 def main() -> None:
@@ -221,19 +245,26 @@ def main() -> None:
 
     from certbench.nn.linf_dist import kernel_available
 
-    print(f"threads {args.threads or torch.get_num_threads()}, kernel {'off' if args.torch_only else kernel_available()}, "
-          f"load average {os.getloadavg()[0]:.1f}; time: median of {args.repeats}; "
-          f"memory: ru_maxrss growth over one call (fresh process)")
-    header = (f"{'shape':>15} {'p':>4} {'impl':>7} {'f+b s':>8} {'× Linear':>9} {'goal':>6} "
-              f"{'peak MB':>9} {'units':>7} {'ok':>3}")
+    print(
+        f"threads {args.threads or torch.get_num_threads()}, "
+        f"kernel {'off' if args.torch_only else kernel_available()}, "
+        f"load average {os.getloadavg()[0]:.1f}; time: median of {args.repeats}; "
+        f"memory: ru_maxrss growth over one call (fresh process)"
+    )
+    header = (
+        f"{'shape':>15} {'p':>4} {'impl':>7} {'f+b s':>8} {'× Linear':>9} {'goal':>6} "
+        f"{'peak MB':>9} {'units':>7} {'ok':>3}"
+    )
     print(header)
     print("-" * len(header))
     for shape in SHAPES:
         b, n_in, n_out = shape
         unit = 4.0 * (b * n_out + n_out * n_in)
         linear = run("linear", shape, 0.0, args)
-        print(f"{b}×{n_in}→{n_out:<5} {'':>4} {'linear':>7} {linear['seconds']:8.4f} {1:9.2f} {'':>6} "
-              f"{linear['peak_bytes'] / 2**20:9.1f} {linear['peak_bytes'] / unit:7.2f}")
+        print(
+            f"{b}×{n_in}→{n_out:<5} {'':>4} {'linear':>7} {linear['seconds']:8.4f} {1:9.2f} {'':>6} "
+            f"{linear['peak_bytes'] / 2**20:9.1f} {linear['peak_bytes'] / unit:7.2f}"
+        )
         for p in GOALS:
             for impl in ("ours", "cdist", "naive"):
                 label = f"{b}×{n_in}→{n_out}"
@@ -244,8 +275,10 @@ def main() -> None:
                 r = run(impl, shape, p, args)
                 ratio, units = r["seconds"] / linear["seconds"], r["peak_bytes"] / unit
                 ok = "yes" if ratio <= GOALS[p] and units <= MEMORY_GOAL_UNITS else "no"
-                print(f"{label:>15} {p:>4g} {impl:>7} {r['seconds']:8.4f} {ratio:9.2f} {GOALS[p]:6g} "
-                      f"{r['peak_bytes'] / 2**20:9.1f} {units:7.2f} {ok:>3}")
+                print(
+                    f"{label:>15} {p:>4g} {impl:>7} {r['seconds']:8.4f} {ratio:9.2f} {GOALS[p]:6g} "
+                    f"{r['peak_bytes'] / 2**20:9.1f} {units:7.2f} {ok:>3}"
+                )
     cuda_part(args.repeats)
 
 

@@ -46,8 +46,14 @@ def make(name: str, spec: DatasetSpec, **params: Any) -> Method:
     return method
 
 
-def time_steps(method: Method, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+def time_steps(
+    method: Method,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+) -> float:
     """Seconds per training step over ``steps`` steps."""
     started = time.perf_counter()
     for _ in range(steps):
@@ -78,8 +84,9 @@ def training_costs(spec: DatasetSpec, arch: str, batch: int, steps: int, repeats
     return best
 
 
-def certification_costs(spec: DatasetSpec, arch: str, samples: int, batch: int,
-                        repeats: int) -> tuple[float, float, float]:
+def certification_costs(
+    spec: DatasetSpec, arch: str, samples: int, batch: int, repeats: int
+) -> tuple[float, float, float]:
     """(bound seconds, best certify seconds with the bound cached, best plain forward seconds)."""
     torch.manual_seed(0)
     model = make("standard", spec).build_model(arch, {}).eval()
@@ -94,7 +101,7 @@ def certification_costs(spec: DatasetSpec, arch: str, samples: int, batch: int,
         started = time.perf_counter()
         with torch.no_grad():
             for start in range(0, samples, batch):
-                model(x[start:start + batch]).argmax(1)
+                model(x[start : start + batch]).argmax(1)
         forward = min(forward, time.perf_counter() - started)
     return bound_seconds, certify, forward
 
@@ -113,16 +120,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-size", type=int, default=None, help="samples per epoch (default: 60,000)")
     parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: steadier figures on a shared machine; 0: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: steadier figures on a shared machine; 0: torch's choice)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = DATASETS.get(args.dataset)
     train_size = args.train_size or 60_000
     steps_per_epoch = -(-train_size // args.batch)
-    print(f"data set shape {spec.shape}, batch {args.batch}, {train_size} samples per epoch, "
-          f"{torch.get_num_threads()} threads; best of {args.repeats}")
+    print(
+        f"data set shape {spec.shape}, batch {args.batch}, {train_size} samples per epoch, "
+        f"{torch.get_num_threads()} threads; best of {args.repeats}"
+    )
     for arch in args.archs:
         costs = training_costs(spec, arch, args.batch, args.steps, args.repeats)
         print(f"\n{arch}: training")
@@ -132,8 +145,10 @@ def main() -> None:
             print(f"| {label} | {seconds * steps_per_epoch:.1f} | {ratio:.2f} | {verdict(label, ratio)} |")
         bound, certify, forward = certification_costs(spec, arch, args.test_size, args.batch, args.repeats)
         ratio = certify / forward
-        print(f"{arch}: certifying {args.test_size} points: exact bound {bound:.2f} s (once per model), then "
-              f"{certify:.3f} s vs plain forward {forward:.3f} s = {ratio:.2f}× ({verdict('certify', ratio)})")
+        print(
+            f"{arch}: certifying {args.test_size} points: exact bound {bound:.2f} s (once per model), then "
+            f"{certify:.3f} s vs plain forward {forward:.3f} s = {ratio:.2f}× ({verdict('certify', ratio)})"
+        )
 
 
 if __name__ == "__main__":

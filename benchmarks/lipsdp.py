@@ -50,7 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 100])
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--random", action="store_true", help="random initialisation instead of brief training")
+    parser.add_argument(
+        "--random", action="store_true", help="random initialisation instead of brief training"
+    )
     parser.add_argument("--train-size", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--solver", default="SCS", choices=["SCS", "CLARABEL"])
@@ -61,12 +63,20 @@ def main() -> None:
     torch.manual_seed(0)
     spec = DATASETS.get("fashion-mnist")
     (train_set, test_set) = load_split("fashion-mnist", "data", False)[1]
-    x_train, y_train = train_set.tensors[0][:args.train_size], train_set.tensors[1][:args.train_size]
+    x_train, y_train = train_set.tensors[0][: args.train_size], train_set.tensors[1][: args.train_size]
     x_probe = test_set.tensors[0][:500]
-    print(f"torch threads: {torch.get_num_threads()}; solver {args.solver}, eps {args.eps:g}; "
-          f"{'random' if args.random else f'trained {args.epochs} epochs on {len(x_train)} Fashion-MNIST images'}")
-    header = (f"{'arch':<16}{'acc':>6}{'SDP dim':>9}{'time s':>9}{'status':>10}{'raw √ρ':>10}{'LipSDP':>10}"
-              f"{'repair %':>10}{'∏‖W‖₂':>10}{'∏/LipSDP':>10}{'sampled':>10}{'LipSDP/smp':>11}")
+    print(
+        f"torch threads: {torch.get_num_threads()}; solver {args.solver}, eps {args.eps:g}; "
+        + (
+            "random"
+            if args.random
+            else f"trained {args.epochs} epochs on {len(x_train)} Fashion-MNIST images"
+        )
+    )
+    header = (
+        f"{'arch':<16}{'acc':>6}{'SDP dim':>9}{'time s':>9}{'status':>10}{'raw √ρ':>10}{'LipSDP':>10}"
+        f"{'repair %':>10}{'∏‖W‖₂':>10}{'∏/LipSDP':>10}{'sampled':>10}{'LipSDP/smp':>11}"
+    )
     print(header)
     print("-" * len(header))
     for depth in args.depths:
@@ -84,9 +94,12 @@ def main() -> None:
             bound = result.bound if result.bound is not None else math.nan
             raw = result.raw_bound if result.raw_bound is not None else math.nan
             arch = "784-" + "-".join([str(width)] * depth) + "-10"
-            print(f"{arch:<16}{accuracy:>6.3f}{width + width * depth:>9}{seconds:>9.1f}{result.status:>10}"
-                  f"{raw:>10.4f}{bound:>10.4f}{100 * (bound / raw - 1):>10.4f}{naive:>10.3f}"
-                  f"{naive / bound:>10.3f}{lower:>10.4f}{bound / lower:>11.4f}", flush=True)
+            print(
+                f"{arch:<16}{accuracy:>6.3f}{width + width * depth:>9}{seconds:>9.1f}{result.status:>10}"
+                f"{raw:>10.4f}{bound:>10.4f}{100 * (bound / raw - 1):>10.4f}{naive:>10.3f}"
+                f"{naive / bound:>10.3f}{lower:>10.4f}{bound / lower:>11.4f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ GOAL_ACCURACY_POINTS, GOAL_RADIUS, GOAL_TIME = 0.5, 0.01, 1.2
 @contextmanager
 def rounding_off() -> Iterator[None]:
     """Every rounding term zero: the certificates then answer for exact arithmetic."""
-    with mock.patch.object(rounding, "gamma", lambda k, u: 0.0), mock.patch.object(rounding, "U64", 0.0), \
-            mock.patch.object(rounding, "SMOOTH_ULPS", 0):
+    with (
+        mock.patch.object(rounding, "gamma", lambda k, u: 0.0),
+        mock.patch.object(rounding, "U64", 0.0),
+        mock.patch.object(rounding, "SMOOTH_ULPS", 0),
+    ):
         yield
 
 
@@ -54,8 +57,11 @@ def timed_walks(total: list[float]) -> Iterator[None]:
         finally:
             total[0] += time.perf_counter() - started
 
-    targets = ["certbench.bounds.rounding.margin_bounds", "certbench.certificates.lirpa.margin_bounds",
-               "certbench.certificates.linf_dist.margin_bounds"]
+    targets = [
+        "certbench.bounds.rounding.margin_bounds",
+        "certbench.certificates.lirpa.margin_bounds",
+        "certbench.certificates.linf_dist.margin_bounds",
+    ]
     with mock.patch(targets[0], timed), mock.patch(targets[1], timed), mock.patch(targets[2], timed):
         yield
 
@@ -74,12 +80,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="results", help="results directory of a finished DAG")
     parser.add_argument("--samples", type=int, default=200, help="test points per run")
-    parser.add_argument("--certificates", default="lipschitz-l2,lipsdp-l2,linf-dist,linf-dist-l2,ibp,crown-ibp",
-                        help="comma-separated certificate names")
+    parser.add_argument(
+        "--certificates",
+        default="lipschitz-l2,lipsdp-l2,linf-dist,linf-dist-l2,ibp,crown-ibp",
+        help="comma-separated certificate names",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    runs = [path for path in sorted(Path(args.results).glob("*/*/*/seed*/run.json"))
-            if (path.parent / "certify.json").exists()]  # trained and evaluated
+    runs = [
+        path
+        for path in sorted(Path(args.results).glob("*/*/*/seed*/run.json"))
+        if (path.parent / "certify.json").exists()
+    ]  # trained and evaluated
     if not runs:
         raise SystemExit(f"no runs under {args.results}/: run the DAG first (make run)")
     rows: dict[tuple[str, str], list[tuple[Summary, Summary]]] = {}
@@ -88,7 +100,7 @@ def main() -> None:
         config = read_json(path)
         model = load_model(config, path.parent, torch.device("cpu"))
         _, x, y = test_points(config)
-        x, y = x[:args.samples], y[:args.samples]
+        x, y = x[: args.samples], y[: args.samples]
         run = "/".join(path.parent.parts[-4:-1])
         job = jobs.setdefault(str(path.parent), [0.0, 0.0])
         for name in args.certificates.split(","):
@@ -107,8 +119,11 @@ def main() -> None:
             job[0] += seconds
             job[1] += walks[0]
             rows.setdefault((run, name), []).append((exact, proven))
-    print(f"{'run (mean over seeds, as the tables)':42s} {'certificate':13s} {'certified % (exact → proven)':38s} "
-          f"{'median radius':24s} worst seed drop")
+    print(
+        f"{'run (mean over seeds, as the tables)':42s} {'certificate':13s} "
+        f"{'certified % (exact → proven)':38s} "
+        f"{'median radius':24s} worst seed drop"
+    )
     worst = {"accuracy": 0.0, "seed": 0.0, "radius": 0.0}
     for (run, name), pairs in rows.items():
         eps = list(pairs[0][0][0])
@@ -117,21 +132,30 @@ def main() -> None:
         seed_drop = max(p[0][0][e] - p[1][0][e] for p in pairs for e in eps)
         radii = [(p[0][1], p[1][1]) for p in pairs if p[0][1]]
         loss = max((1 - proven_r / exact_r for exact_r, proven_r in radii), default=0.0)
-        worst = {"accuracy": max(worst["accuracy"], max(exact[e] - proven[e] for e in eps)),
-                 "seed": max(worst["seed"], seed_drop), "radius": max(worst["radius"], loss)}
+        worst = {
+            "accuracy": max(worst["accuracy"], max(exact[e] - proven[e] for e in eps)),
+            "seed": max(worst["seed"], seed_drop),
+            "radius": max(worst["radius"], loss),
+        }
         accuracy = ", ".join(f"{exact[e]:.1f}→{proven[e]:.1f}" for e in eps)
-        radius = "—" if not radii else f"{np.mean([r[0] for r in radii]):.4f}→{np.mean([r[1] for r in radii]):.4f}"
+        radius = (
+            "—" if not radii else f"{np.mean([r[0] for r in radii]):.4f}→{np.mean([r[1] for r in radii]):.4f}"
+        )
         print(f"{run:42s} {name:13s} {accuracy:38s} {radius:24s} {seed_drop:.1f}")
-    print("\ncertify jobs (one run and seed, every listed certificate; add crown to --certificates to include "
-          "its cost, which the walks do not change):")
+    print(
+        "\ncertify jobs (one run and seed, every listed certificate; add crown to --certificates to include "
+        "its cost, which the walks do not change):"
+    )
     ratios = []
     for run, (total, share) in jobs.items():
         ratios.append(total / max(total - share, 1e-9))
         print(f"  {run:60s} {total:6.2f} s, rounding walks {share:5.2f} s: {ratios[-1]:.2f}×")
-    print(f"\nworst certified-accuracy drop in a table cell {worst['accuracy']:.2f} points (goal < "
-          f"{GOAL_ACCURACY_POINTS}; one seed alone: {worst['seed']:.2f}); worst median-radius loss "
-          f"{100 * worst['radius']:.2f} % (goal < {100 * GOAL_RADIUS:.0f} %); worst certification time ratio "
-          f"{max(ratios):.2f}× (goal ≤ {GOAL_TIME}×)")
+    print(
+        f"\nworst certified-accuracy drop in a table cell {worst['accuracy']:.2f} points (goal < "
+        f"{GOAL_ACCURACY_POINTS}; one seed alone: {worst['seed']:.2f}); worst median-radius loss "
+        f"{100 * worst['radius']:.2f} % (goal < {100 * GOAL_RADIUS:.0f} %); worst certification time ratio "
+        f"{max(ratios):.2f}× (goal ≤ {GOAL_TIME}×)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,20 @@ from certbench.collect import attack_found, correct_predictions, per_sample, rea
 from certbench.config import format_eps
 from certbench.storage import atomic_write_bytes, read_json
 
-COLUMNS = ["dataset", "name", "method", "arch", "seed", "certificate", "norm", "checks", "violations",
-           "worst_ratio", "samples", "attacks"]
+COLUMNS = [
+    "dataset",
+    "name",
+    "method",
+    "arch",
+    "seed",
+    "certificate",
+    "norm",
+    "checks",
+    "violations",
+    "worst_ratio",
+    "samples",
+    "attacks",
+]
 
 
 def audit_run(record: dict[str, Any], samples: pd.DataFrame) -> list[dict[str, Any]]:
@@ -45,12 +57,14 @@ def audit_run(record: dict[str, Any], samples: pd.DataFrame) -> list[dict[str, A
         mine = certificates[certificates["evaluation"] == name]
         radius_rows = mine[mine["eps"].isna()]
         radius = per_sample(samples, radius_rows, "radius").astype(float) if len(radius_rows) else None
-        certified_at = {float(eps): per_sample(samples, at, "status") == "certified"
-                        for eps, at in mine[mine["eps"].notna()].groupby("eps", sort=False)}
+        certified_at = {
+            float(eps): per_sample(samples, at, "status") == "certified"
+            for eps, at in mine[mine["eps"].notna()].groupby("eps", sort=False)
+        }
         checks, worst = 0, np.inf
         offending: dict[int, set[str]] = {}
 
-        def flag(mask: np.ndarray, attack: str) -> None:
+        def flag(mask: np.ndarray, attack: str, offending: dict[int, set[str]] = offending) -> None:
             for sample in index[mask]:
                 offending.setdefault(int(sample), set()).add(attack)
 
@@ -73,12 +87,22 @@ def audit_run(record: dict[str, Any], samples: pd.DataFrame) -> list[dict[str, A
                     inside |= np.isclose(attack_eps, eps, rtol=1e-9, atol=0)
                 broken = found & certified & inside
                 flag(broken, f"{label} vs ε={format_eps(eps)}")
-        rows.append({"dataset": run["dataset"], "name": run["name"], "method": record["method"],
-                    "arch": run["arch"], "seed": run["seed"], "certificate": name, "norm": norm,
-                    "checks": checks, "violations": len(offending),
-                    "worst_ratio": worst if np.isfinite(worst) else np.nan,
-                    "samples": " ".join(str(i) for i in sorted(offending)),
-                    "attacks": "; ".join(sorted({a for s in offending.values() for a in s}))})
+        rows.append(
+            {
+                "dataset": run["dataset"],
+                "name": run["name"],
+                "method": record["method"],
+                "arch": run["arch"],
+                "seed": run["seed"],
+                "certificate": name,
+                "norm": norm,
+                "checks": checks,
+                "violations": len(offending),
+                "worst_ratio": worst if np.isfinite(worst) else np.nan,
+                "samples": " ".join(str(i) for i in sorted(offending)),
+                "attacks": "; ".join(sorted({a for s in offending.values() for a in s})),
+            }
+        )
     return rows
 
 
@@ -102,6 +126,9 @@ def verdict(audit_csv: Path) -> str | None:
     bad = frame[frame["violations"] > 0]
     if bad.empty:
         return None
-    lines = [f"{r.dataset}/{r.name}/{r.arch}/seed{r.seed}: certificate {r.certificate} ({r.method}) beaten on "
-             f"{r.violations} sample(s) [{r.samples}] by {r.attacks}" for r in bad.itertuples()]
+    lines = [
+        f"{r.dataset}/{r.name}/{r.arch}/seed{r.seed}: certificate {r.certificate} ({r.method}) beaten on "
+        f"{r.violations} sample(s) [{r.samples}] by {r.attacks}"
+        for r in bad.itertuples()
+    ]
     return "certificate soundness audit FAILED:\n" + "\n".join(lines)

@@ -27,9 +27,9 @@ from certbench.registry import PluginImportError, Registry, UnknownNameError
 
 
 def params_schema(method: str) -> dict[str, Any]:
-    """The JSON schema of ``method``'s parameters as one object (:func:`certbench.config.validate_against`)."""
-    return {"type": "object", "additionalProperties": False,
-            "properties": get_method(method).params_schema}
+    """The JSON schema of ``method``'s parameters as one object
+    (:func:`certbench.config.validate_against`)."""
+    return {"type": "object", "additionalProperties": False, "properties": get_method(method).params_schema}
 
 
 def _known(registry: Registry[Any], name: str, key: str) -> Any:
@@ -50,8 +50,9 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     checked = cfg.validate_schema(config)
     for index, entry in enumerate(checked["experiments"]):
         key = f"experiments[{index}]"
-        entry["params"] = cfg.check_params(get_method(entry["method"]).params_schema, entry["params"],
-                                           f"{key}.params.")
+        entry["params"] = cfg.check_params(
+            get_method(entry["method"]).params_schema, entry["params"], f"{key}.params."
+        )
         architecture = _known(ARCHITECTURES, entry["arch"], f"{key}.arch")
         cfg.check_params(architecture.params_schema, entry["arch_params"], f"{key}.arch_params.")
     evaluation = checked["evaluation"]
@@ -70,7 +71,9 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if run.seed != checked["seeds"][0]:
             continue  # the seed changes nothing that can be checked here
         resolved = cfg.resolve_run(checked, run)
-        method = get_method(resolved["method"])(resolved["params"], run_context(resolved, torch.device("cpu")))
+        method = get_method(resolved["method"])(
+            resolved["params"], run_context(resolved, torch.device("cpu"))
+        )
         key = f"experiments[{run.name}]"
         try:
             method.check()
@@ -81,7 +84,9 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{key} on {run.dataset} with arch '{run.arch}': {error}") from None
         except (RuntimeError, MemoryError, OverflowError) as error:  # e.g. a width too large to allocate
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConfigError(f"{key}.arch_params: cannot build '{run.arch}' on {run.dataset}: {first_line}") from None
+            raise ConfigError(
+                f"{key}.arch_params: cannot build '{run.arch}' on {run.dataset}: {first_line}"
+            ) from None
     return checked
 
 
@@ -89,15 +94,28 @@ def listing() -> dict[str, Any]:
     """Everything registered, with the declaration of every plug-in's parameters."""
     return {
         "datasets": DATASETS.names(),
-        "architectures": {name: {"params": ARCHITECTURES.get(name).params_schema}
-                          for name in ARCHITECTURES.names()},
-        "methods": {name: {"default_certificate": METHODS.get(name).default_certificate,
-                           "params": METHODS.get(name).params_schema} for name in METHODS.names()},
-        "certificates": {name: {"norm": CERTIFICATES.get(name).norm,
-                                "params": CERTIFICATES.get(name).params_schema}
-                         for name in CERTIFICATES.names()},
-        "attacks": {name: {"norm": ATTACKS.get(name).norm, "kind": ATTACKS.get(name).kind,
-                           "params": ATTACKS.get(name).params_schema} for name in ATTACKS.names()},
+        "architectures": {
+            name: {"params": ARCHITECTURES.get(name).params_schema} for name in ARCHITECTURES.names()
+        },
+        "methods": {
+            name: {
+                "default_certificate": METHODS.get(name).default_certificate,
+                "params": METHODS.get(name).params_schema,
+            }
+            for name in METHODS.names()
+        },
+        "certificates": {
+            name: {"norm": CERTIFICATES.get(name).norm, "params": CERTIFICATES.get(name).params_schema}
+            for name in CERTIFICATES.names()
+        },
+        "attacks": {
+            name: {
+                "norm": ATTACKS.get(name).norm,
+                "kind": ATTACKS.get(name).kind,
+                "params": ATTACKS.get(name).params_schema,
+            }
+            for name in ATTACKS.names()
+        },
     }
 
 

@@ -71,65 +71,141 @@ def _threads(count: int) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="certbench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="certbench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"certbench {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    helps = {"train": "train one run (resumes from its checkpoint)",
-             "certify": "apply every applicable certificate to a trained run",
-             "attack": "run every configured attack on a trained run"}
+    helps = {
+        "train": "train one run (resumes from its checkpoint)",
+        "certify": "apply every applicable certificate to a trained run",
+        "attack": "run every configured attack on a trained run",
+    }
     for name, text in helps.items():
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--run-config", type=Path, required=True, metavar="RUN.JSON",
-                         help="the run's resolved config (run.json, written by the DAG's run_config rule)")
+        sub.add_argument(
+            "--run-config",
+            type=Path,
+            required=True,
+            metavar="RUN.JSON",
+            help="the run's resolved config (run.json, written by the DAG's run_config rule)",
+        )
         sub.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
-        sub.add_argument("--gpus", type=int, metavar="N",
-                         help="GPUs the job requested (the rule's resources.gpu): takes N free ones and "
-                              "sets CUDA_VISIBLE_DEVICES; 0 hides every GPU (default: leaves it as it is)")
+        sub.add_argument(
+            "--gpus",
+            type=int,
+            metavar="N",
+            help="GPUs the job requested (the rule's resources.gpu): takes N free ones and "
+            "sets CUDA_VISIBLE_DEVICES; 0 hides every GPU (default: leaves it as it is)",
+        )
         if name == "train":
-            sub.add_argument("--out-dir", type=Path, required=True, metavar="DIR",
-                             help="run directory for model.pt, train.json and the checkpoint")
+            sub.add_argument(
+                "--out-dir",
+                type=Path,
+                required=True,
+                metavar="DIR",
+                help="run directory for model.pt, train.json and the checkpoint",
+            )
         else:
-            sub.add_argument("--run-dir", type=Path, required=True, metavar="DIR",
-                             help="the trained run's directory (model.pt and train.json)")
-            sub.add_argument("--out", type=Path, required=True, metavar="JSON",
-                             help=f"where to write the {name} results ({name}.json)")
+            sub.add_argument(
+                "--run-dir",
+                type=Path,
+                required=True,
+                metavar="DIR",
+                help="the trained run's directory (model.pt and train.json)",
+            )
+            sub.add_argument(
+                "--out",
+                type=Path,
+                required=True,
+                metavar="JSON",
+                help=f"where to write the {name} results ({name}.json)",
+            )
     text = "check that no attack beats a certified radius"
     audit = commands.add_parser("audit", help=text, description=text)
-    audit.add_argument("--out", type=Path, required=True, metavar="CSV",
-                       help="the audit table (one row per run and certificate)")
-    audit.add_argument("records", type=Path, nargs="*", metavar="RECORD",
-                       help="record.json files of the runs, or their run directories (at least one)")
+    audit.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="CSV",
+        help="the audit table (one row per run and certificate)",
+    )
+    audit.add_argument(
+        "records",
+        type=Path,
+        nargs="*",
+        metavar="RECORD",
+        help="record.json files of the runs, or their run directories (at least one)",
+    )
     text = "join records into the summary and the radii table"
     collect = commands.add_parser("collect", help=text, description=text)
-    collect.add_argument("--out", type=Path, required=True, metavar="CSV", help="the summary (one row per run)")
-    collect.add_argument("--radii", type=Path, required=True, metavar="CSV",
-                         help="certified radii and attack distances per sample")
-    collect.add_argument("records", type=Path, nargs="+", metavar="RECORD", help="record.json files of the runs")
+    collect.add_argument(
+        "--out", type=Path, required=True, metavar="CSV", help="the summary (one row per run)"
+    )
+    collect.add_argument(
+        "--radii",
+        type=Path,
+        required=True,
+        metavar="CSV",
+        help="certified radii and attack distances per sample",
+    )
+    collect.add_argument(
+        "records", type=Path, nargs="+", metavar="RECORD", help="record.json files of the runs"
+    )
     text = "write the tables (CSV, Markdown, LaTeX)"
     tables = commands.add_parser("tables", help=text, description=text)
-    tables.add_argument("--summary", type=Path, required=True, metavar="CSV", help="the summary from `collect`")
-    tables.add_argument("--audit", type=Path, required=True, metavar="CSV", help="the audit table from `audit`")
+    tables.add_argument(
+        "--summary", type=Path, required=True, metavar="CSV", help="the summary from `collect`"
+    )
+    tables.add_argument(
+        "--audit", type=Path, required=True, metavar="CSV", help="the audit table from `audit`"
+    )
     tables.add_argument("--published", type=Path, metavar="CSV", help="published figures to show beside ours")
-    tables.add_argument("--out-dir", type=Path, required=True, metavar="DIR", help="where to write the tables")
+    tables.add_argument(
+        "--out-dir", type=Path, required=True, metavar="DIR", help="where to write the tables"
+    )
     text = "draw the figures (PNG and PDF)"
     figures = commands.add_parser("figures", help=text, description=text)
-    figures.add_argument("--summary", type=Path, required=True, metavar="CSV", help="the summary from `collect`")
-    figures.add_argument("--radii", type=Path, required=True, metavar="CSV", help="the radii table from `collect`")
-    figures.add_argument("--history", type=Path, metavar="CSV",
-                         help="per-epoch training logs (history.csv) for the training curves")
-    figures.add_argument("--published", type=Path, metavar="CSV",
-                         help="published figures (published.csv) for the ours-vs-published figure")
-    figures.add_argument("--out-dir", type=Path, required=True, metavar="DIR", help="where to write the figures")
+    figures.add_argument(
+        "--summary", type=Path, required=True, metavar="CSV", help="the summary from `collect`"
+    )
+    figures.add_argument(
+        "--radii", type=Path, required=True, metavar="CSV", help="the radii table from `collect`"
+    )
+    figures.add_argument(
+        "--history",
+        type=Path,
+        metavar="CSV",
+        help="per-epoch training logs (history.csv) for the training curves",
+    )
+    figures.add_argument(
+        "--published",
+        type=Path,
+        metavar="CSV",
+        help="published figures (published.csv) for the ours-vs-published figure",
+    )
+    figures.add_argument(
+        "--out-dir", type=Path, required=True, metavar="DIR", help="where to write the figures"
+    )
     _add_workflow_steps(commands)
     text = "validate a config file (schema and registries) as the DAG would"
     check = commands.add_parser("check-config", help=text, description=text)
     check.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the config file to check")
-    check.add_argument("--config", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                       help="overrides as for the DAG; dotted keys and YAML values (training.epochs=3 seeds=[0])")
-    commands.add_parser("run", help="run the DAG: snakemake with its options, checked first (see run --help)",
-                        description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-                        usage="certbench run [SNAKEMAKE OPTIONS ...]")
+    check.add_argument(
+        "--config",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides as for the DAG; dotted keys and YAML values (training.epochs=3 seeds=[0])",
+    )
+    commands.add_parser(
+        "run",
+        help="run the DAG: snakemake with its options, checked first (see run --help)",
+        description=RUN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="certbench run [SNAKEMAKE OPTIONS ...]",
+    )
     return parser
 
 
@@ -145,46 +221,76 @@ def _add_workflow_steps(commands: argparse._SubParsersAction) -> None:
     """The subcommands of the DAG's bookkeeping rules: each reads its inputs and writes its outputs."""
     text = "write a run's resolved config (run.json, with its hash)"
     run_config = commands.add_parser("run-config", help=text, description=text)
-    run_config.add_argument("--resolved", type=_json_value, required=True, metavar="JSON",
-                            help="the run's resolved config as a JSON object")
+    run_config.add_argument(
+        "--resolved",
+        type=_json_value,
+        required=True,
+        metavar="JSON",
+        help="the run's resolved config as a JSON object",
+    )
     run_config.add_argument("--out", type=Path, required=True, metavar="JSON", help="where to write run.json")
     text = "join a run's config, training, certificates and attacks into its record and per-sample table"
     record = commands.add_parser("record", help=text, description=text)
-    for option, name in (("--run-config", "run"), ("--train", "train"), ("--certify", "certify"),
-                         ("--attack", "attack")):
+    for option, name in (
+        ("--run-config", "run"),
+        ("--train", "train"),
+        ("--certify", "certify"),
+        ("--attack", "attack"),
+    ):
         record.add_argument(option, type=Path, required=True, metavar="JSON", help=f"the run's {name}.json")
     record.add_argument("--out", type=Path, required=True, metavar="JSON", help="where to write record.json")
-    record.add_argument("--samples", type=Path, required=True, metavar="CSV",
-                        help="where to write samples.csv")
+    record.add_argument(
+        "--samples", type=Path, required=True, metavar="CSV", help="where to write samples.csv"
+    )
     text = "fail (exit status 1, the verdict on stdout) when the audit found a beaten certificate"
     check = commands.add_parser("audit-check", help=text, description=text)
-    check.add_argument("--audit", type=Path, required=True, metavar="CSV",
-                       help="the audit table from `audit`")
-    check.add_argument("--out", type=Path, required=True, metavar="FILE",
-                       help="written (\"no violations\") only when the audit found none")
+    check.add_argument(
+        "--audit", type=Path, required=True, metavar="CSV", help="the audit table from `audit`"
+    )
+    check.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help='written ("no violations") only when the audit found none',
+    )
     text = "write the validated config, every default filled in, as YAML"
     snapshot = commands.add_parser("config-snapshot", help=text, description=text)
-    snapshot.add_argument("--config", type=_json_value, required=True, metavar="JSON",
-                          help="the validated config as a JSON object")
+    snapshot.add_argument(
+        "--config",
+        type=_json_value,
+        required=True,
+        metavar="JSON",
+        help="the validated config as a JSON object",
+    )
     snapshot.add_argument("--out", type=Path, required=True, metavar="YAML", help="where to write it")
     text = "write the published figures of the config's experiments, for the paper tables"
     published = commands.add_parser("published", help=text, description=text)
-    published.add_argument("--experiments", type=_json_value, required=True, metavar="JSON",
-                           help="the validated config's experiments as a JSON list")
-    published.add_argument("--out", type=Path, required=True, metavar="CSV",
-                           help="where to write published.csv")
+    published.add_argument(
+        "--experiments",
+        type=_json_value,
+        required=True,
+        metavar="JSON",
+        help="the validated config's experiments as a JSON list",
+    )
+    published.add_argument(
+        "--out", type=Path, required=True, metavar="CSV", help="where to write published.csv"
+    )
     text = "join the runs' per-epoch training logs, for the training curves"
     history = commands.add_parser("history", help=text, description=text)
     history.add_argument("--out", type=Path, required=True, metavar="CSV", help="where to write history.csv")
-    history.add_argument("records", type=Path, nargs="+", metavar="RECORD",
-                         help="record.json files of the runs")
+    history.add_argument(
+        "records", type=Path, nargs="+", metavar="RECORD", help="record.json files of the runs"
+    )
     text = "write the report's first page: the overview, the audit verdict per certificate, the runs' status"
     front = commands.add_parser("front-page", help=text, description=text)
     front.add_argument("--overview", type=Path, required=True, metavar="RST", help="the workflow's overview")
-    front.add_argument("--summary", type=Path, required=True, metavar="CSV",
-                       help="the summary from `collect`")
-    front.add_argument("--audit", type=Path, required=True, metavar="CSV",
-                       help="the audit table from `audit`")
+    front.add_argument(
+        "--summary", type=Path, required=True, metavar="CSV", help="the summary from `collect`"
+    )
+    front.add_argument(
+        "--audit", type=Path, required=True, metavar="CSV", help="the audit table from `audit`"
+    )
     front.add_argument("--out", type=Path, required=True, metavar="RST", help="where to write the front page")
 
 
@@ -225,14 +331,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """The inputs a command reads exist, before any work (or a torch import) starts."""
+
     def need_file(option: str, path: Path | None) -> None:
         if path is not None and not path.is_file():
-            raise UsageError(f"{option} {path}: no such file" if not path.exists() else f"{option} {path}: not a file")
+            raise UsageError(
+                f"{option} {path}: no such file" if not path.exists() else f"{option} {path}: not a file"
+            )
 
     def need_dir(option: str, path: Path) -> None:
         if not path.is_dir():
-            raise UsageError(f"{option} {path}: no such directory" if not path.exists()
-                             else f"{option} {path}: not a directory")
+            raise UsageError(
+                f"{option} {path}: no such directory"
+                if not path.exists()
+                else f"{option} {path}: not a directory"
+            )
 
     if args.command in ("train", "certify", "attack"):
         need_file("--run-config", args.run_config)
@@ -243,7 +355,9 @@ def _check_paths(args: argparse.Namespace) -> None:
                     raise UsageError(f"--run-dir {args.run_dir}: no {name} in it (is the run trained?)")
     elif args.command == "audit":
         if not args.records:
-            raise UsageError("audit: no records given; pass the record.json files (or run directories) to audit")
+            raise UsageError(
+                "audit: no records given; pass the record.json files (or run directories) to audit"
+            )
         args.records = [path / "record.json" if path.is_dir() else path for path in args.records]
         for path in args.records:
             need_file("record", path)
@@ -275,43 +389,55 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in ("train", "certify", "attack"):
         from certbench.gpu_slots import claim_gpus
+
         claim_gpus(args.gpus)  # before torch starts CUDA, which reads CUDA_VISIBLE_DEVICES once
         _threads(args.threads)
         run_config = read_json(args.run_config)
         if args.command == "train":
             from certbench.train import train
+
             record = train(run_config, args.out_dir)
             return 0 if record["status"] in ("ok", "diverged") else 1
         if args.command == "certify":
             from certbench.evaluate import certify
+
             certify(run_config, args.run_dir, args.out)
         else:
             from certbench.evaluate import attack
+
             attack(run_config, args.run_dir, args.out)
         return 0
     if args.command == "audit":
         from certbench.audit import audit
+
         frame = audit(args.records, args.out)
         if frame.empty:
             # Every run diverged or failed: nothing to audit, which the DAG reports in its tables.
-            print(f"certbench: audit: nothing to audit in {len(args.records)} record(s) (no finished run with "
-                  f"an applicable certificate); {args.out} lists no certificate", file=sys.stderr)
+            print(
+                f"certbench: audit: nothing to audit in {len(args.records)} record(s) (no finished run with "
+                f"an applicable certificate); {args.out} lists no certificate",
+                file=sys.stderr,
+            )
         return 0
     if args.command == "collect":
         from certbench.collect import collect
+
         collect(args.records, args.out, args.radii)
         return 0
     if args.command == "tables":
         from certbench.tables import write_tables
+
         write_tables(args.summary, args.audit, args.out_dir, args.published)
         return 0
     if args.command == "figures":
         from certbench.figures import write_figures
+
         write_figures(args.summary, args.radii, args.out_dir, args.history, args.published)
         return 0
     if args.command in WORKFLOW_STEPS:
         return WORKFLOW_STEPS[args.command](args)
     from certbench import config as cfg
+
     cfg.validate(cfg.merge(cfg.read_config_file(args.config), cfg.parse_overrides(args.overrides)))
     print(f"{args.config}: valid")
     return 0
@@ -374,14 +500,21 @@ def _front_page(args: argparse.Namespace) -> int:
     return 0
 
 
-WORKFLOW_STEPS = {"run-config": _run_config, "record": _record, "audit-check": _audit_check,
-                  "config-snapshot": _config_snapshot, "published": _published, "history": _history,
-                  "front-page": _front_page}
+WORKFLOW_STEPS = {
+    "run-config": _run_config,
+    "record": _record,
+    "audit-check": _audit_check,
+    "config-snapshot": _config_snapshot,
+    "published": _published,
+    "history": _history,
+    "front-page": _front_page,
+}
 
 
 # ---------------------------------------------------------------------------------------------
 # certbench run: snakemake, with its --configfile and --config checked first
 # ---------------------------------------------------------------------------------------------
+
 
 def _option_values(args: list[str], start: int) -> int:
     """Index just past the values of the option at ``start - 1`` (they end at the next option)."""
@@ -413,7 +546,7 @@ def snakemake_args(args: list[str]) -> list[str]:
             continue
         if arg in ("--configfile", "--configfiles", "--config", "-C"):
             end = _option_values(args, index + 1)
-            values = args[index + 1:end]
+            values = args[index + 1 : end]
             if arg in ("--configfile", "--configfiles"):
                 if not values:
                     raise cfg.ConfigError(f"{arg}: expected a file name")

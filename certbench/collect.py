@@ -40,23 +40,60 @@ from certbench.data.specs import DATASETS
 from certbench.storage import atomic_write_bytes, read_json, write_json
 
 SAMPLE_DTYPES: dict[str, str] = {
-    "index": "int64", "label": "int64", "prediction": "int64", "margin": "float64",
-    "kind": "object", "evaluation": "object", "norm": "object", "eps": "float64",
-    "status": "object", "radius": "float64",
-    "success": "boolean", "error": "boolean", "adv_l2": "float64", "adv_linf": "float64",
+    "index": "int64",
+    "label": "int64",
+    "prediction": "int64",
+    "margin": "float64",
+    "kind": "object",
+    "evaluation": "object",
+    "norm": "object",
+    "eps": "float64",
+    "status": "object",
+    "radius": "float64",
+    "success": "boolean",
+    "error": "boolean",
+    "adv_l2": "float64",
+    "adv_linf": "float64",
 }
 ATTACK_FIELDS = ("success", "error", "adv_l2", "adv_linf")
-RUN_COLUMNS = ["dataset", "name", "method", "arch", "seed", "status", "message", "epochs", "seconds_per_epoch",
-               "train_seconds", "peak_memory_mb", "parameters", "config_hash", "git_sha", "device"]
+RUN_COLUMNS = [
+    "dataset",
+    "name",
+    "method",
+    "arch",
+    "seed",
+    "status",
+    "message",
+    "epochs",
+    "seconds_per_epoch",
+    "train_seconds",
+    "peak_memory_mb",
+    "parameters",
+    "config_hash",
+    "git_sha",
+    "device",
+]
 METRIC_COLUMNS = ["metric", "kind", "evaluation", "norm", "eps", "value"]
 SUMMARY_COLUMNS = RUN_COLUMNS + METRIC_COLUMNS
-SUMMARY_DTYPES = {"status": str, "message": str, "config_hash": str, "git_sha": str, "device": str,
-                  "metric": str, "kind": str, "evaluation": str, "norm": str, "eps": float, "value": float}
+SUMMARY_DTYPES = {
+    "status": str,
+    "message": str,
+    "config_hash": str,
+    "git_sha": str,
+    "device": str,
+    "metric": str,
+    "kind": str,
+    "evaluation": str,
+    "norm": str,
+    "eps": float,
+    "value": float,
+}
 ANY = "any"  # the evaluation of a metric over every certificate (or every attack) together
 
 
-def sample_table(run_config: Mapping[str, Any], certify: Mapping[str, Any],
-                 attack: Mapping[str, Any]) -> pd.DataFrame:
+def sample_table(
+    run_config: Mapping[str, Any], certify: Mapping[str, Any], attack: Mapping[str, Any]
+) -> pd.DataFrame:
     """The tidy per-sample table of one run (empty when the run was skipped)."""
     if "samples" not in certify:
         return pd.DataFrame(columns=list(SAMPLE_DTYPES)).astype(SAMPLE_DTYPES)
@@ -74,10 +111,19 @@ def sample_table(run_config: Mapping[str, Any], certify: Mapping[str, Any],
             status = entry["status"][format_eps(value)]
             parts.append(points.assign(**evaluation, eps=float(value), status=status))
     for outcome in attack.get("evaluations", []):
-        fields = {field: np.asarray(outcome[field], dtype=float if field.startswith("adv_") else bool)
-                  for field in ATTACK_FIELDS}
-        parts.append(points.assign(kind="attack", evaluation=outcome["attack"], norm=outcome["norm"],
-                                   eps=np.nan if outcome["eps"] is None else float(outcome["eps"]), **fields))
+        fields = {
+            field: np.asarray(outcome[field], dtype=float if field.startswith("adv_") else bool)
+            for field in ATTACK_FIELDS
+        }
+        parts.append(
+            points.assign(
+                kind="attack",
+                evaluation=outcome["attack"],
+                norm=outcome["norm"],
+                eps=np.nan if outcome["eps"] is None else float(outcome["eps"]),
+                **fields,
+            )
+        )
     return pd.concat(parts, ignore_index=True).reindex(columns=list(SAMPLE_DTYPES)).astype(SAMPLE_DTYPES)
 
 
@@ -103,8 +149,9 @@ def correct_predictions(samples: pd.DataFrame) -> np.ndarray:
     return (clean["prediction"] == clean["label"]).to_numpy()
 
 
-def _evaluations(samples: pd.DataFrame, kind: str, with_eps: bool | None = None, **equal: Any
-                 ) -> Iterable[tuple[tuple[str, str, float], pd.DataFrame]]:
+def _evaluations(
+    samples: pd.DataFrame, kind: str, with_eps: bool | None = None, **equal: Any
+) -> Iterable[tuple[tuple[str, str, float], pd.DataFrame]]:
     """The rows of each (evaluation, norm, ε) of ``kind``, in the order they were recorded: only those
     with an ε (``with_eps=True``) or without one (``False``), and where each column of ``equal`` has
     its value."""
@@ -172,12 +219,14 @@ def best_certified_radius(samples: pd.DataFrame, norm: str, input_dim: int) -> n
 
 def attack_found(samples: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     """Per sample, whether the attack of ``rows`` (one attack at one ε) returned an adversarial example."""
-    return (per_sample(samples, rows, "success").astype(bool)
-            & ~per_sample(samples, rows, "error").astype(bool))
+    return per_sample(samples, rows, "success").astype(bool) & ~per_sample(samples, rows, "error").astype(
+        bool
+    )
 
 
 def smallest_adversarial(samples: pd.DataFrame, norm: str) -> np.ndarray:
-    """Per sample, the smallest perturbation in ``norm`` that any attack found (0 if misclassified, inf if none)."""
+    """Per sample, the smallest perturbation in ``norm`` that any attack found (0 if misclassified, inf if
+    none)."""
     correct = correct_predictions(samples)
     smallest = np.full(len(correct), np.inf)
     for _, rows in _evaluations(samples, "attack"):
@@ -187,11 +236,23 @@ def smallest_adversarial(samples: pd.DataFrame, norm: str) -> np.ndarray:
     return np.where(correct, smallest, 0.0)
 
 
-def _metric(metric: str, kind: str, value: float | None, evaluation: str | None = None,
-            norm: str | None = None, eps: float | None = None) -> dict[str, Any]:
+def _metric(
+    metric: str,
+    kind: str,
+    value: float | None,
+    evaluation: str | None = None,
+    norm: str | None = None,
+    eps: float | None = None,
+) -> dict[str, Any]:
     """One tidy metric row (see :func:`metrics`)."""
-    return {"metric": metric, "kind": kind, "evaluation": evaluation, "norm": norm,
-            "eps": np.nan if eps is None else float(eps), "value": np.nan if value is None else float(value)}
+    return {
+        "metric": metric,
+        "kind": kind,
+        "evaluation": evaluation,
+        "norm": norm,
+        "eps": np.nan if eps is None else float(eps),
+        "value": np.nan if value is None else float(value),
+    }
 
 
 def metrics(record: Mapping[str, Any], samples: pd.DataFrame) -> list[dict[str, Any]]:
@@ -229,16 +290,27 @@ def metrics(record: Mapping[str, Any], samples: pd.DataFrame) -> list[dict[str, 
         rows.append(_metric("errors", value=errors.sum(), **certificate))
         for _, at in _evaluations(samples, "certificate", with_eps=False, evaluation=name):
             radius = np.where(correct, per_sample(samples, at, "radius").astype(float), 0.0)
-            rows += [_metric("median_radius", value=np.median(radius), **certificate),
-                     _metric("mean_radius", value=np.mean(radius), **certificate),
-                     _metric("median_radius_norm", value=np.median(radius) / math.sqrt(d), **certificate),
-                     _metric("mean_radius_norm", value=np.mean(radius) / math.sqrt(d), **certificate)]
+            rows += [
+                _metric("median_radius", value=np.median(radius), **certificate),
+                _metric("mean_radius", value=np.mean(radius), **certificate),
+                _metric("median_radius_norm", value=np.median(radius) / math.sqrt(d), **certificate),
+                _metric("mean_radius_norm", value=np.mean(radius) / math.sqrt(d), **certificate),
+            ]
     eps_of = eps_by_norm(record["config"])
     for norm, values in eps_of.items():
         by_radius = np.nan_to_num(radius_certificate_radius(samples, norm, d), nan=0.0)
         by_status = status_certified_radius(samples, norm, d)
-        rows += [_metric("certified_accuracy", "certificate", np.mean((by_radius > eps) | (by_status >= eps)),
-                         ANY, norm, eps) for eps in values]
+        rows += [
+            _metric(
+                "certified_accuracy",
+                "certificate",
+                np.mean((by_radius > eps) | (by_status >= eps)),
+                ANY,
+                norm,
+                eps,
+            )
+            for eps in values
+        ]
     survives = {(norm, float(eps)): correct.copy() for norm, values in eps_of.items() for eps in values}
     attacks = record["attack"].get("attacks", {})
     for name, info in attacks.items():
@@ -257,26 +329,51 @@ def metrics(record: Mapping[str, Any], samples: pd.DataFrame) -> list[dict[str, 
             errors |= per_sample(samples, at, "error").astype(bool)
         rows.append(_metric("errors", "attack", errors.sum(), name, norm))
     attacked = {info["norm"] for info in attacks.values()}
-    rows += [_metric("robust_accuracy", "attack", alive.mean(), ANY, norm, eps)
-             for (norm, eps), alive in survives.items() if norm in attacked]
+    rows += [
+        _metric("robust_accuracy", "attack", alive.mean(), ANY, norm, eps)
+        for (norm, eps), alive in survives.items()
+        if norm in attacked
+    ]
     return rows
 
 
-def assemble(run_config_path: Path, train_path: Path, certify_path: Path, attack_path: Path,
-             record_path: Path, samples_path: Path) -> dict[str, Any]:
+def assemble(
+    run_config_path: Path,
+    train_path: Path,
+    certify_path: Path,
+    attack_path: Path,
+    record_path: Path,
+    samples_path: Path,
+) -> dict[str, Any]:
     """Join one run's parts into ``record.json`` and ``samples.csv``."""
     run_config = read_json(run_config_path)
     train = read_json(train_path)
-    record = {"run": run_config["run"], "method": run_config["method"], "status": train["status"],
-              "message": train["message"], "config": run_config, "config_hash": train["config_hash"],
-              "cost": train["cost"], "epochs": train["epochs"], "history": train["history"],
-              "provenance": train["provenance"], "certify": read_json(certify_path),
-              "attack": read_json(attack_path)}
+    record = {
+        "run": run_config["run"],
+        "method": run_config["method"],
+        "status": train["status"],
+        "message": train["message"],
+        "config": run_config,
+        "config_hash": train["config_hash"],
+        "cost": train["cost"],
+        "epochs": train["epochs"],
+        "history": train["history"],
+        "provenance": train["provenance"],
+        "certify": read_json(certify_path),
+        "attack": read_json(attack_path),
+    }
     samples = sample_table(run_config, record["certify"], record["attack"])
     record["metrics"] = metrics(record, samples)
     write_samples(samples, samples_path)
-    write_json(record_path, {**record, "certify": _without_samples(record["certify"]),
-                             "attack": _without_samples(record["attack"]), "samples": samples_path.name})
+    write_json(
+        record_path,
+        {
+            **record,
+            "certify": _without_samples(record["certify"]),
+            "attack": _without_samples(record["attack"]),
+            "samples": samples_path.name,
+        },
+    )
     return record
 
 
@@ -284,8 +381,10 @@ def _without_samples(part: Mapping[str, Any]) -> dict[str, Any]:
     """A part of the record with its per-sample arrays left to ``samples.csv``."""
     keep = {k: v for k, v in part.items() if k not in ("samples", "evaluations")}
     if "certificates" in keep:
-        keep["certificates"] = {name: {k: v for k, v in entry.items() if k not in ("radius", "status")}
-                                for name, entry in keep["certificates"].items()}
+        keep["certificates"] = {
+            name: {k: v for k, v in entry.items() if k not in ("radius", "status")}
+            for name, entry in keep["certificates"].items()
+        }
     return keep
 
 
@@ -294,12 +393,23 @@ def summary_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     its cost and provenance) on each of its metric rows, or on one row without a metric when it has
     none (a run that did not finish)."""
     run, cost = record["run"], record["cost"]
-    facts = {"dataset": run["dataset"], "name": run["name"], "method": record["method"], "arch": run["arch"],
-             "seed": run["seed"], "status": record["status"], "message": record["message"],
-             "epochs": record["epochs"], "seconds_per_epoch": cost["seconds_per_epoch"],
-             "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
-             "parameters": cost["parameters"], "config_hash": record["config_hash"],
-             "git_sha": record["provenance"]["git_sha"], "device": record["provenance"]["device"]}
+    facts = {
+        "dataset": run["dataset"],
+        "name": run["name"],
+        "method": record["method"],
+        "arch": run["arch"],
+        "seed": run["seed"],
+        "status": record["status"],
+        "message": record["message"],
+        "epochs": record["epochs"],
+        "seconds_per_epoch": cost["seconds_per_epoch"],
+        "train_seconds": cost["train_seconds"],
+        "peak_memory_mb": cost["peak_memory_mb"],
+        "parameters": cost["parameters"],
+        "config_hash": record["config_hash"],
+        "git_sha": record["provenance"]["git_sha"],
+        "device": record["provenance"]["device"],
+    }
     return [{**facts, **metric} for metric in record["metrics"]] or [facts]
 
 
@@ -336,11 +446,18 @@ def radii(record: Mapping[str, Any], samples: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     run, d = record["run"], DATASETS.get(record["run"]["dataset"]).input_dim
     index = samples.loc[samples["kind"] == "clean", "index"].to_numpy()
-    parts = [pd.DataFrame({"index": index, "norm": norm,
-                           "certified_radius": best_certified_radius(samples, norm, d),
-                           "radius_bound": radius_certificate_radius(samples, norm, d),
-                           "adversarial_norm": smallest_adversarial(samples, norm)})
-             for norm in ("l2", "linf")]
+    parts = [
+        pd.DataFrame(
+            {
+                "index": index,
+                "norm": norm,
+                "certified_radius": best_certified_radius(samples, norm, d),
+                "radius_bound": radius_certificate_radius(samples, norm, d),
+                "adversarial_norm": smallest_adversarial(samples, norm),
+            }
+        )
+        for norm in ("l2", "linf")
+    ]
     frame = pd.concat(parts, ignore_index=True)
     for key in ("dataset", "name", "arch", "seed"):
         frame.insert(0, key, run[key])
@@ -381,7 +498,10 @@ def history(record_paths: Iterable[Path], out: Path) -> pd.DataFrame:
         frame.insert(4, "method", record["method"])
         frame.insert(5, "status", record["status"])
         frames.append(frame)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["dataset", "name", "arch", "seed", "method", "status", "epoch"])
+    table = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["dataset", "name", "arch", "seed", "method", "status", "epoch"])
+    )
     atomic_write_bytes(out, table.to_csv(index=False).encode())
     return table

@@ -137,8 +137,9 @@ def _as_declared(value: Any, declared: Mapping[str, Any]) -> Any:
     return value
 
 
-def check_params(schema: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any],
-                 key: str) -> dict[str, Any]:
+def check_params(
+    schema: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any], key: str
+) -> dict[str, Any]:
     """The parameters of one plug-in, checked against its declaration and with its defaults filled.
 
     ``schema`` is the plug-in's ``params_schema``: JSON-schema ``properties``, each with a ``type``
@@ -151,8 +152,9 @@ def check_params(schema: Mapping[str, Mapping[str, Any]], params: Mapping[str, A
     found = _non_finite(params)
     if found is not None:
         raise ConfigError(f"{_key(key, iter(found[0]))}: must be a finite number, got {found[1]}")
-    filled = validate_against({"type": "object", "additionalProperties": False, "properties": dict(schema)},
-                              params, key)
+    filled = validate_against(
+        {"type": "object", "additionalProperties": False, "properties": dict(schema)}, params, key
+    )
     return {name: _as_declared(value, schema.get(name, {})) for name, value in filled.items()}
 
 
@@ -171,13 +173,17 @@ def validate_schema(config: Mapping[str, Any]) -> dict[str, Any]:
         entry.setdefault("name", entry["method"])
         for dataset in entry.get("datasets", []):
             if dataset not in filled["datasets"]:
-                raise ConfigError(f"experiments[{index}].datasets: '{dataset}' is not in datasets "
-                                  f"({', '.join(filled['datasets'])})")
+                raise ConfigError(
+                    f"experiments[{index}].datasets: '{dataset}' is not in datasets "
+                    f"({', '.join(filled['datasets'])})"
+                )
         for dataset in entry.get("datasets", filled["datasets"]):
             cell = (dataset, entry["name"], entry["arch"])
             if cell in seen:
-                raise ConfigError(f"experiments[{index}].name: '{entry['name']}' on '{entry['arch']}' and "
-                                  f"'{dataset}' repeats experiments[{seen[cell]}]; give one of them another name")
+                raise ConfigError(
+                    f"experiments[{index}].name: '{entry['name']}' on '{entry['arch']}' and "
+                    f"'{dataset}' repeats experiments[{seen[cell]}]; give one of them another name"
+                )
             seen[cell] = index
     return filled
 
@@ -199,7 +205,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of keys to values, not {type(config).__name__}")
+        raise ConfigError(
+            f"{path}: the config must be a mapping of keys to values, not {type(config).__name__}"
+        )
     return config
 
 
@@ -255,8 +263,10 @@ def parse_overrides(entries: Iterable[str], typed: bool = True) -> dict[str, Any
         key, sep, text = entry.partition("=")
         parts = key.split(".")
         if not sep or not all(_KEY_PART.fullmatch(part) for part in parts):
-            raise ConfigError(f"--config {entry}: expected KEY=VALUE with KEY a name or dotted names "
-                              f"(seeds=[0], training.epochs=3)")
+            raise ConfigError(
+                f"--config {entry}: expected KEY=VALUE with KEY a name or dotted names "
+                f"(seeds=[0], training.epochs=3)"
+            )
         value: Any = text
         for part in reversed(parts):
             value = {part: value}
@@ -319,14 +329,16 @@ def runs(config: Mapping[str, Any]) -> list[RunId]:
         for dataset in config["datasets"]
         for entry in config["experiments"]
         if dataset in entry.get("datasets", config["datasets"])
-        for seed in config["seeds"])
+        for seed in config["seeds"]
+    )
 
 
 def experiment(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
     """The experiment entry behind ``run``."""
     for entry in config["experiments"]:
-        if (entry["name"], entry["arch"]) == (run.name, run.arch) and \
-                run.dataset in entry.get("datasets", config["datasets"]):
+        if (entry["name"], entry["arch"]) == (run.name, run.arch) and run.dataset in entry.get(
+            "datasets", config["datasets"]
+        ):
             return entry
     raise ConfigError(f"experiments: no experiment '{run.name}' on '{run.arch}' for '{run.dataset}'")
 
@@ -340,12 +352,17 @@ def resolve_run(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
     dataset_cfg.setdefault("eps_l2", list(spec.eps_l2))
     schema = load_schema()
     training = {**config["training"], **entry.get("training", {})}
-    training = validate_against(schema["$defs"]["training"] | {"$defs": schema["$defs"]}, training,
-                                f"experiments[{run.name}].training.")
+    training = validate_against(
+        schema["$defs"]["training"] | {"$defs": schema["$defs"]},
+        training,
+        f"experiments[{run.name}].training.",
+    )
     schedule = training["lr_schedule"]
     if schedule["type"] == "cosine" and schedule["start_epoch"] >= training["epochs"]:
-        raise ConfigError(f"experiments[{run.name}].training.lr_schedule.start_epoch: {schedule['start_epoch']} "
-                          f"leaves no epoch of the {training['epochs']} to decay over")
+        raise ConfigError(
+            f"experiments[{run.name}].training.lr_schedule.start_epoch: {schedule['start_epoch']} "
+            f"leaves no epoch of the {training['epochs']} to decay over"
+        )
     return {
         "run": {"dataset": run.dataset, "name": run.name, "arch": run.arch, "seed": run.seed},
         "dataset": {"name": run.dataset, **dataset_cfg},
@@ -400,12 +417,21 @@ def validate(config: Mapping[str, Any], cache_dir: str | Path = ".snakemake/cert
     cache = Path(cache_dir) / f"config-{config_hash([probe, _source_fingerprint()])}.json"
     if cache.is_file():
         return _unprobe(json.loads(cache.read_text()), filled)
-    result = subprocess.run([sys.executable, "-m", "certbench.catalogue", "check-config"],
-                            input=json.dumps(probe), capture_output=True, text=True,
-                            cwd=REPO_ROOT, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "certbench.catalogue", "check-config"],
+        input=json.dumps(probe),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=False,
+    )
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        message = lines[-1].removeprefix("config error: ") if lines else f"registry check failed (exit {result.returncode})"
+        message = (
+            lines[-1].removeprefix("config error: ")
+            if lines
+            else f"registry check failed (exit {result.returncode})"
+        )
         raise ConfigError(message)
     checked = json.loads(result.stdout)
     cache.parent.mkdir(parents=True, exist_ok=True)

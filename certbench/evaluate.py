@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 def test_points(run_config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(indices into the test split, images, labels) of the evaluated test points."""
-    _, (_, test_set) = load_split(run_config["dataset"]["name"], run_config["data"]["dir"],
-                                  run_config["data"]["download"])
+    _, (_, test_set) = load_split(
+        run_config["dataset"]["name"], run_config["data"]["dir"], run_config["data"]["download"]
+    )
     chosen = subset(test_set, run_config["dataset"]["test_size"])
     indices = torch.tensor(chosen.indices if hasattr(chosen, "indices") else range(len(test_set)))
     xs, ys = zip(*(chosen[i] for i in range(len(chosen))))  # type: ignore[arg-type]
@@ -49,24 +50,37 @@ def load_model(run_config: Mapping[str, Any], run_dir: Path, device: torch.devic
 
 
 @torch.no_grad()
-def predict_all(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict_all(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Predictions and margins z_y − max_{j≠y} z_j, batched."""
     predictions, margin = [], []
     for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size])
+        logits = model(x[start : start + batch_size])
         predictions.append(logits.argmax(1).cpu())
-        margin.append(margins(logits, y[start:start + batch_size]).cpu())
+        margin.append(margins(logits, y[start : start + batch_size]).cpu())
     return torch.cat(predictions).numpy(), torch.cat(margin).numpy()
 
 
 def _dtypes(model: nn.Module) -> list[str]:
     """The floating dtypes of the model's parameters and buffers (the arithmetic its forward pass uses)."""
-    return sorted({str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *model.buffers())
-                   if t.is_floating_point()})
+    return sorted(
+        {
+            str(t.dtype).removeprefix("torch.")
+            for t in (*model.parameters(), *model.buffers())
+            if t.is_floating_point()
+        }
+    )
 
 
-def _certify_one(name: str, params: Mapping[str, Any], model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 eps: Mapping[str, list[float]]) -> dict[str, Any]:
+def _certify_one(
+    name: str,
+    params: Mapping[str, Any],
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: Mapping[str, list[float]],
+) -> dict[str, Any]:
     certificate = CERTIFICATES.get(name)(**params)
     try:
         reason = certificate.refusal(model)
@@ -82,18 +96,27 @@ def _certify_one(name: str, params: Mapping[str, Any], model: nn.Module, x: torc
     log.info("certificate %s on %d samples", name, len(x))
     try:
         result = certificate.certify(model, x, y, eps[certificate.norm])
-        entry.update(radius=result.radius, errors=result.errors, extra=result.extra,
-                     status={format_eps(e): s for e, s in result.status.items()})
+        entry.update(
+            radius=result.radius,
+            errors=result.errors,
+            extra=result.extra,
+            status={format_eps(e): s for e, s in result.status.items()},
+        )
     except Exception as error:  # a crashing verifier marks every sample "error", never "not certified"
         log.error("certificate %s failed:\n%s", name, traceback.format_exc())
-        entry.update(radius=None, errors=[f"{type(error).__name__}: {error}"], extra={},
-                     status={format_eps(e): np.full(len(x), ERROR) for e in eps[certificate.norm]})
+        entry.update(
+            radius=None,
+            errors=[f"{type(error).__name__}: {error}"],
+            extra={},
+            status={format_eps(e): np.full(len(x), ERROR) for e in eps[certificate.norm]},
+        )
     entry["seconds"] = time.perf_counter() - started
     return entry
 
 
-def trained_run(run_config: Mapping[str, Any], run_dir: str | Path
-                ) -> tuple[str, tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+def trained_run(
+    run_config: Mapping[str, Any], run_dir: str | Path
+) -> tuple[str, tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """The run's status and, when it trained fine, its model and (indices, x, y) of its test points,
     on the run's device; a run that did not train fine is skipped."""
     trained = read_json(Path(run_dir) / "train.json")
@@ -121,18 +144,33 @@ def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | 
             prediction, margin = predict_all(model, x, y, evaluation["batch_size"])
             certificates: dict[str, dict[str, Any]] = {}
             # one line per certificate in a log file (its name and seconds), a bar on a terminal
-            with Progress(total=len(names), desc="certify", unit="certificate", log=log,
-                          log_on_terminal=True) as progress:
+            with Progress(
+                total=len(names), desc="certify", unit="certificate", log=log, log_on_terminal=True
+            ) as progress:
                 for name in names:
-                    entry = _certify_one(name, evaluation["certificate_params"].get(name, {}), model, x, y, eps)
+                    entry = _certify_one(
+                        name, evaluation["certificate_params"].get(name, {}), model, x, y, eps
+                    )
                     certificates[name] = entry
-                    progress.update(certificate=name, **({"seconds": round(entry["seconds"], 2)} if "seconds" in entry
-                                                         else {"applicable": "no"}))
+                    progress.update(
+                        certificate=name,
+                        **(
+                            {"seconds": round(entry["seconds"], 2)}
+                            if "seconds" in entry
+                            else {"applicable": "no"}
+                        ),
+                    )
         result.update(
-            samples={"index": indices.numpy(), "label": y.cpu().numpy(), "prediction": prediction, "margin": margin},
+            samples={
+                "index": indices.numpy(),
+                "label": y.cpu().numpy(),
+                "prediction": prediction,
+                "margin": margin,
+            },
             clean_accuracy=float(np.mean(prediction == y.cpu().numpy())),
             precision={**precision, "model_dtypes": _dtypes(model)},
-            certificates=certificates)
+            certificates=certificates,
+        )
     write_json(out_path, result)
     return result
 
@@ -147,19 +185,34 @@ def attack(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | P
     if trained is not None:
         model, _, x, y = trained
         evaluation = run_config["evaluation"]
-        attacks = [Attack(name, **evaluation["attack_params"].get(name, {})) for name in evaluation["attacks"]]
+        attacks = [
+            Attack(name, **evaluation["attack_params"].get(name, {})) for name in evaluation["attacks"]
+        ]
         eps = eps_by_norm(run_config)
         started = time.perf_counter()
-        table = attack_table(model, x, y, attacks, eps=eps, batch_size=evaluation["batch_size"],
-                             seed=run_config["run"]["seed"])
-        result.update(seconds=time.perf_counter() - started,
-                      attacks={a.name: {"norm": a.norm, "kind": a.kind, "settings": a.settings} for a in attacks},
-                      # the attacks search with the user's settings; success is decided by forward
-                      # passes inside strict_float32 (certbench.attacks.base.Attack.run)
-                      precision={**strict_precision(x.device), "model_dtypes": _dtypes(model),
-                                 "scope": "final verification forward passes"},
-                      evaluations=[{"attack": a.name, "norm": a.norm, "eps": e,
-                                    **{field: table[column(field, a.name, e)] for field in FIELDS}}
-                                   for a in attacks for e in (eps[a.norm] if a.kind == "eps" else [None])])
+        table = attack_table(
+            model, x, y, attacks, eps=eps, batch_size=evaluation["batch_size"], seed=run_config["run"]["seed"]
+        )
+        result.update(
+            seconds=time.perf_counter() - started,
+            attacks={a.name: {"norm": a.norm, "kind": a.kind, "settings": a.settings} for a in attacks},
+            # the attacks search with the user's settings; success is decided by forward
+            # passes inside strict_float32 (certbench.attacks.base.Attack.run)
+            precision={
+                **strict_precision(x.device),
+                "model_dtypes": _dtypes(model),
+                "scope": "final verification forward passes",
+            },
+            evaluations=[
+                {
+                    "attack": a.name,
+                    "norm": a.norm,
+                    "eps": e,
+                    **{field: table[column(field, a.name, e)] for field in FIELDS},
+                }
+                for a in attacks
+                for e in (eps[a.norm] if a.kind == "eps" else [None])
+            ],
+        )
     write_json(out_path, result)
     return result

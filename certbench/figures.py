@@ -47,8 +47,13 @@ def _read(path: Path | None, dtype: Mapping[str, Any] | None = None) -> pd.DataF
     return pd.read_csv(path, dtype=dtype)
 
 
-def write_figures(summary_path: Path, radii_path: Path, out_dir: Path, history_path: Path | None = None,
-                  published_path: Path | None = None) -> None:
+def write_figures(
+    summary_path: Path,
+    radii_path: Path,
+    out_dir: Path,
+    history_path: Path | None = None,
+    published_path: Path | None = None,
+) -> None:
     """Every figure of :data:`certbench.outputs.FIGURE_NAMES` into ``out_dir`` (a placeholder
     that says why where there is nothing to draw, so that every output exists)."""
     import seaborn as sns
@@ -76,8 +81,11 @@ def write_figures(summary_path: Path, radii_path: Path, out_dir: Path, history_p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m certbench.figures", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m certbench.figures",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--summary", type=Path, required=True, help="summary.csv from `certbench collect`")
     parser.add_argument("--radii", type=Path, required=True, help="radii.csv from `certbench collect`")
     parser.add_argument("--history", type=Path, help="history.csv (per-epoch training logs)")

@@ -15,7 +15,6 @@ from certbench.collect import runs
 from certbench.labels import certificate_label
 from certbench.storage import atomic_write_bytes
 
-
 # Snakemake's report centres its content pane vertically, so a first page taller than the window
 # loses its top (the audit verdict) out of scroll reach; this aligns the pane to the top instead.
 TOP_ALIGN = """.. raw:: html
@@ -46,27 +45,42 @@ def audit_section(audit: pd.DataFrame) -> str:
     checks = int(pd.to_numeric(audit["checks"], errors="coerce").fillna(0).sum())
     if violations:
         broken = audit[pd.to_numeric(audit["violations"], errors="coerce").fillna(0) > 0]
-        where = "; ".join(f"{r.certificate} on {r.name} / {r.arch} seed {r.seed} ({int(r.violations)})"
-                          for r in broken.itertuples())
-        head = (f"**Audit: {violations} VIOLATION(S)** — an attack broke a point inside its certified radius: "
-                f"{_plain(where)}. These certificates are not sound as run; see the audit table.\n")
+        where = "; ".join(
+            f"{r.certificate} on {r.name} / {r.arch} seed {r.seed} ({int(r.violations)})"
+            for r in broken.itertuples()
+        )
+        head = (
+            f"**Audit: {violations} VIOLATION(S)** — an attack broke a point inside its certified radius: "
+            f"{_plain(where)}. These certificates are not sound as run; see the audit table.\n"
+        )
     elif checks:
-        head = (f"**Audit: no violations** in {checks} checks: no attack broke a point inside its certified "
-                "radius (a check: an adversarial example an attack found for a correctly classified point, "
-                "compared with that point's certificate).\n")
+        head = (
+            f"**Audit: no violations** in {checks} checks: no attack broke a point inside its certified "
+            "radius (a check: an adversarial example an attack found for a correctly classified point, "
+            "compared with that point's certificate).\n"
+        )
     else:
-        head = ("**Audit: nothing was checked** — no attack found an adversarial example for a correctly "
-                "classified point, so no certificate was put to the test.\n")
+        head = (
+            "**Audit: nothing was checked** — no attack found an adversarial example for a correctly "
+            "classified point, so no certificate was put to the test.\n"
+        )
     rows = []
     for certificate, group in audit.groupby("certificate", sort=True):
         ratio = pd.to_numeric(group["worst_ratio"], errors="coerce").min()
-        rows.append([_plain(certificate_label(str(certificate))), str(len(group)),
-                     str(int(pd.to_numeric(group["checks"], errors="coerce").fillna(0).sum())),
-                     str(int(pd.to_numeric(group["violations"], errors="coerce").fillna(0).sum())),
-                     f"{ratio:.3g}" if pd.notna(ratio) else "–"])
-    note = ("Worst ratio: the smallest adversarial norm / certified radius over the checked pairs (≥ 1 for a "
-            "sound certificate; – where the certificate gives no radius (fixed ε) or no attack found an "
-            "adversarial example for a point with a positive radius).\n")
+        rows.append(
+            [
+                _plain(certificate_label(str(certificate))),
+                str(len(group)),
+                str(int(pd.to_numeric(group["checks"], errors="coerce").fillna(0).sum())),
+                str(int(pd.to_numeric(group["violations"], errors="coerce").fillna(0).sum())),
+                f"{ratio:.3g}" if pd.notna(ratio) else "–",
+            ]
+        )
+    note = (
+        "Worst ratio: the smallest adversarial norm / certified radius over the checked pairs (≥ 1 for a "
+        "sound certificate; – where the certificate gives no radius (fixed ε) or no attack found an "
+        "adversarial example for a point with a positive radius).\n"
+    )
     table = _rst_table(["certificate", "runs", "checks", "violations", "worst ratio"], rows, "40 12 16 16 16")
     return head + "\n" + table + "\n" + note
 
@@ -81,8 +95,15 @@ def runs_section(summary: pd.DataFrame) -> str:
     text = f"**Runs:** {len(summary)} — " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".\n"
     failed = summary[summary["status"] != "ok"]
     if not failed.empty:
-        text += "\n" + "\n".join(f"- {_plain(r.name)} / {_plain(r.arch)} on {_plain(r.dataset)}, seed {r.seed}: "
-                                 f"{_plain(r.status)} — {_plain(r.message)}" for r in failed.itertuples()) + "\n"
+        text += (
+            "\n"
+            + "\n".join(
+                f"- {_plain(r.name)} / {_plain(r.arch)} on {_plain(r.dataset)}, seed {r.seed}: "
+                f"{_plain(r.status)} — {_plain(r.message)}"
+                for r in failed.itertuples()
+            )
+            + "\n"
+        )
     return text
 
 
@@ -93,12 +114,22 @@ def write_front_page(overview: Path, summary_path: Path, audit_path: Path, out: 
     lines = overview.read_text().rstrip().splitlines()
     titled = len(lines) > 1 and set(lines[1]) == {"="}
     title, body = (lines[:2], lines[2:]) if titled else (["certbench", "========="], lines)
-    text = "\n".join([
-        *title, "", TOP_ALIGN,
-        audit_section(audit), runs_section(summary),
-        ("The tables are under Tables_, each with a caption that says which paper table it reproduces (the "
-         "*inline* toggle: *yes* shows the table, *no* its CSV to download); the figures are under Figures_.\n"),
-        "About this report", "-----------------", "\n".join(body).strip() + "\n",
-    ])
+    text = "\n".join(
+        [
+            *title,
+            "",
+            TOP_ALIGN,
+            audit_section(audit),
+            runs_section(summary),
+            (
+                "The tables are under Tables_, each with a caption that says which paper table it "
+                "reproduces (the *inline* toggle: *yes* shows the table, *no* its CSV to download); "
+                "the figures are under Figures_.\n"
+            ),
+            "About this report",
+            "-----------------",
+            "\n".join(body).strip() + "\n",
+        ]
+    )
     atomic_write_bytes(out, text.encode())
     return text

@@ -63,8 +63,9 @@ def gpu_count() -> int:
     nvidia_smi = shutil.which("nvidia-smi")
     if nvidia_smi:
         try:
-            listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, check=False,
-                                     timeout=60)
+            listing = subprocess.run(
+                [nvidia_smi, "-L"], capture_output=True, text=True, check=False, timeout=60
+            )
         except (OSError, subprocess.TimeoutExpired):
             listing = None
         if listing is not None and listing.returncode == 0:
@@ -110,8 +111,12 @@ def claim_gpus(requested: int | None) -> None:
         raise GpuRequestError(f"requested {requested} GPU(s) but {source}")
     chosen = _lock_free_slots(devices, requested, lock_dir())
     os.environ[VISIBLE_DEVICES] = ",".join(chosen)
-    log.info("%s=%s: this job holds these GPU slots of %s", VISIBLE_DEVICES, os.environ[VISIBLE_DEVICES],
-             ",".join(devices))
+    log.info(
+        "%s=%s: this job holds these GPU slots of %s",
+        VISIBLE_DEVICES,
+        os.environ[VISIBLE_DEVICES],
+        ",".join(devices),
+    )
 
 
 def _check_cuda_not_started() -> None:
@@ -129,8 +134,12 @@ def _lock_free_slots(devices: list[str], requested: int, directory: Path) -> lis
             _held.extend(handle for _, handle in taken)
             return [device for device, _ in taken]
         if not waiting:
-            log.warning("waiting for %d free GPU slot(s): GPUs %s are held by other jobs (lock files in %s)",
-                        requested, ",".join(devices), directory)
+            log.warning(
+                "waiting for %d free GPU slot(s): GPUs %s are held by other jobs (lock files in %s)",
+                requested,
+                ",".join(devices),
+                directory,
+            )
             waiting = True
         time.sleep(POLL_SECONDS)
 

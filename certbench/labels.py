@@ -19,21 +19,39 @@ from certbench.config import format_eps
 NORMS = {"l2": "ℓ2", "linf": "ℓ∞"}
 
 METHODS = {
-    "standard": "standard training", "weight-decay": "weight decay", "spectral": "spectral-norm reg.",
-    "parseval": "Parseval networks", "lipschitz-reg": "Lipschitz reg.", "lmt": "LMT", "ibp": "IBP",
-    "crown-ibp": "CROWN-IBP", "linf-dist": "ℓ∞-dist net", "linf-dist-head": "ℓ∞-dist net + MLP",
+    "standard": "standard training",
+    "weight-decay": "weight decay",
+    "spectral": "spectral-norm reg.",
+    "parseval": "Parseval networks",
+    "lipschitz-reg": "Lipschitz reg.",
+    "lmt": "LMT",
+    "ibp": "IBP",
+    "crown-ibp": "CROWN-IBP",
+    "linf-dist": "ℓ∞-dist net",
+    "linf-dist-head": "ℓ∞-dist net + MLP",
     "lipsdp-admm": "LipSDP training",
 }
 FAMILIES = {
-    "standard": "plain", "weight-decay": "plain",
-    "spectral": "lipschitz", "parseval": "lipschitz", "lipschitz-reg": "lipschitz", "lmt": "lipschitz",
-    "ibp": "bounds", "crown-ibp": "bounds",
-    "linf-dist": "linf-dist", "linf-dist-head": "linf-dist",
+    "standard": "plain",
+    "weight-decay": "plain",
+    "spectral": "lipschitz",
+    "parseval": "lipschitz",
+    "lipschitz-reg": "lipschitz",
+    "lmt": "lipschitz",
+    "ibp": "bounds",
+    "crown-ibp": "bounds",
+    "linf-dist": "linf-dist",
+    "linf-dist-head": "linf-dist",
     "lipsdp-admm": "lipsdp",
 }
-FAMILY_LABELS = {"plain": "plain training", "lipschitz": "Lipschitz-margin training",
-                 "bounds": "bound-propagation training", "linf-dist": "ℓ∞-dist nets",
-                 "lipsdp": "LipSDP training", "other": "other"}
+FAMILY_LABELS = {
+    "plain": "plain training",
+    "lipschitz": "Lipschitz-margin training",
+    "bounds": "bound-propagation training",
+    "linf-dist": "ℓ∞-dist nets",
+    "lipsdp": "LipSDP training",
+    "other": "other",
+}
 # Distinct hues inside each family (colour-blind-safe where the family allows).
 FAMILY_PALETTES = {
     "plain": ["#333333", "#8c8c8c", "#8c564b"],
@@ -43,25 +61,60 @@ FAMILY_PALETTES = {
     "lipsdp": ["#9467bd", "#c5b0d5", "#5e3c99"],
     "other": ["#7f7f7f", "#e7ba52", "#843c39", "#7b4173"],
 }
-ARCHS = {"mlp": "MLP", "cnn-small": "small CNN", "cnn-large": "large CNN", "wrn-16-4": "WRN-16-4",
-         "linf-dist-mlp": "ℓ∞-dist MLP", "linf-dist-mlp+head": "ℓ∞-dist MLP + head"}
-ARCH_MARKERS = {"mlp": "o", "cnn-small": "s", "cnn-large": "D", "wrn-16-4": "P",
-                "linf-dist-mlp": "^", "linf-dist-mlp+head": "v"}
+ARCHS = {
+    "mlp": "MLP",
+    "cnn-small": "small CNN",
+    "cnn-large": "large CNN",
+    "wrn-16-4": "WRN-16-4",
+    "linf-dist-mlp": "ℓ∞-dist MLP",
+    "linf-dist-mlp+head": "ℓ∞-dist MLP + head",
+}
+ARCH_MARKERS = {
+    "mlp": "o",
+    "cnn-small": "s",
+    "cnn-large": "D",
+    "wrn-16-4": "P",
+    "linf-dist-mlp": "^",
+    "linf-dist-mlp+head": "v",
+}
 SPARE_MARKERS = ["X", "*", "h", "<", ">", "p", "d"]
 
-CERTIFICATES = {"lipschitz-l2": "Lipschitz margin (ℓ2)", "lipsdp-l2": "LipSDP (ℓ2)", "ibp": "IBP (ℓ∞)",
-                "crown": "CROWN (ℓ∞)", "crown-ibp": "CROWN-IBP (ℓ∞)", "linf-dist": "ℓ∞-dist margin (ℓ∞)",
-                "linf-dist-l2": "ℓ∞-dist margin read in ℓ2"}
-DATASETS = {"digits": "digits (8×8)", "mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+CERTIFICATES = {
+    "lipschitz-l2": "Lipschitz margin (ℓ2)",
+    "lipsdp-l2": "LipSDP (ℓ2)",
+    "ibp": "IBP (ℓ∞)",
+    "crown": "CROWN (ℓ∞)",
+    "crown-ibp": "CROWN-IBP (ℓ∞)",
+    "linf-dist": "ℓ∞-dist margin (ℓ∞)",
+    "linf-dist-l2": "ℓ∞-dist margin read in ℓ2",
+}
+DATASETS = {
+    "digits": "digits (8×8)",
+    "mnist": "MNIST",
+    "fashion-mnist": "Fashion-MNIST",
+    "cifar10": "CIFAR-10",
+}
 
 # Fixed table columns: header, and whether the values are fractions shown in percent.
 COLUMNS = {
-    "dataset": "data set", "name": "experiment", "method": "training method", "arch": "architecture",
-    "seed": "seed", "seeds": "runs", "status": "status", "runs": "runs", "certificate": "certificate",
-    "clean_accuracy": "clean accuracy (%)", "clean": "clean accuracy (%)",
-    "seconds_per_epoch": "seconds per epoch", "peak_memory_mb": "peak memory (MB)",
-    "parameters": "parameters", "epochs": "epochs", "time_vs_standard": "time vs standard training",
-    "checks": "checks", "violations": "violations",
+    "dataset": "data set",
+    "name": "experiment",
+    "method": "training method",
+    "arch": "architecture",
+    "seed": "seed",
+    "seeds": "runs",
+    "status": "status",
+    "runs": "runs",
+    "certificate": "certificate",
+    "clean_accuracy": "clean accuracy (%)",
+    "clean": "clean accuracy (%)",
+    "seconds_per_epoch": "seconds per epoch",
+    "peak_memory_mb": "peak memory (MB)",
+    "parameters": "parameters",
+    "epochs": "epochs",
+    "time_vs_standard": "time vs standard training",
+    "checks": "checks",
+    "violations": "violations",
     "worst_ratio": "worst ratio attack norm / certified radius",
 }
 
@@ -142,8 +195,13 @@ def styles(experiments: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str],
     Experiments that share a name (the same method on two architectures) share a colour and
     differ by marker.
     """
-    unique = sorted(set(experiments), key=lambda e: (list(FAMILY_PALETTES).index(family(e[1]))
-                                                     if family(e[1]) in FAMILY_PALETTES else 99, e))
+    unique = sorted(
+        set(experiments),
+        key=lambda e: (
+            list(FAMILY_PALETTES).index(family(e[1])) if family(e[1]) in FAMILY_PALETTES else 99,
+            e,
+        ),
+    )
     colours: dict[str, str] = {}
     used: dict[str, int] = {}
     spare = iter(SPARE_MARKERS * 10)

@@ -37,8 +37,13 @@ class RunContext:
 def run_context(resolved: Mapping[str, Any], device: torch.device) -> RunContext:
     """The :class:`RunContext` of a resolved run config (see :func:`certbench.config.resolve_run`)."""
     dataset = resolved["dataset"]
-    return RunContext(spec=DATASETS.get(dataset["name"]), epochs=resolved["training"]["epochs"],
-                      eps_linf=tuple(dataset["eps_linf"]), eps_l2=tuple(dataset["eps_l2"]), device=device)
+    return RunContext(
+        spec=DATASETS.get(dataset["name"]),
+        epochs=resolved["training"]["epochs"],
+        eps_linf=tuple(dataset["eps_linf"]),
+        eps_l2=tuple(dataset["eps_l2"]),
+        device=device,
+    )
 
 
 @dataclass

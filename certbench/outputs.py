@@ -1,6 +1,15 @@
 """Names of the tables and figures the DAG makes (torch-free, read while the DAG is built)."""
 
 TABLE_NAMES = ["linf", "lmt", "cost", "cross", "audit"]
-FIGURE_NAMES = ["certified_accuracy_l2", "certified_accuracy_linf", "radius_vs_error_l2", "radius_vs_error_linf",
-                "tradeoff", "training_curves", "ours_vs_published", "cost", "lipschitz_vs_accuracy",
-                "radius_distribution"]
+FIGURE_NAMES = [
+    "certified_accuracy_l2",
+    "certified_accuracy_linf",
+    "radius_vs_error_l2",
+    "radius_vs_error_linf",
+    "tradeoff",
+    "training_curves",
+    "ours_vs_published",
+    "cost",
+    "lipschitz_vs_accuracy",
+    "radius_distribution",
+]

@@ -29,8 +29,14 @@ _C = torch._C
 #: parent resets its children, so they are restored after it).
 PRECISION_PAIRS: tuple[tuple[str, str], ...] = (
     ("generic", "all"),
-    ("cuda", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"),
-    ("mkldnn", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"),
+    ("cuda", "all"),
+    ("cuda", "matmul"),
+    ("cuda", "conv"),
+    ("cuda", "rnn"),
+    ("mkldnn", "all"),
+    ("mkldnn", "matmul"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
 )
 
 
@@ -77,13 +83,19 @@ def _reduction(name: str) -> tuple[Callable[[], Any], Callable[[Any], None]] | N
 #: Boolean switches: (name, getter/setter, value inside the context). All are off inside.
 def _switches() -> list[tuple[str, tuple[Callable[[], Any], Callable[[Any], None]], Any]]:
     switches = []
-    for name, strict in (("cudnn_enabled", False), ("mkldnn_enabled", False),
-                         ("cublas_allow_fp16_accumulation", False),
-                         ("cpu_allow_fp16_reduced_precision_reduction", False)):
+    for name, strict in (
+        ("cudnn_enabled", False),
+        ("mkldnn_enabled", False),
+        ("cublas_allow_fp16_accumulation", False),
+        ("cpu_allow_fp16_reduced_precision_reduction", False),
+    ):
         flag = _flag(name)
         if flag is not None:
             switches.append((name, flag, strict))
-    for name in ("cublas_allow_fp16_reduced_precision_reduction", "cublas_allow_bf16_reduced_precision_reduction"):
+    for name in (
+        "cublas_allow_fp16_reduced_precision_reduction",
+        "cublas_allow_bf16_reduced_precision_reduction",
+    ):
         flag = _reduction(name)
         if flag is not None:
             switches.append((name, flag, (False, False)))
@@ -116,8 +128,10 @@ def _restore(state: dict[str, Any]) -> None:
 
 
 def _strict_state(previous: dict[str, Any]) -> dict[str, Any]:
-    state = {"float32_matmul_precision": "highest" if previous["float32_matmul_precision"] is not None else None,
-             "cudnn_allow_tf32": False if previous["cudnn_allow_tf32"] is not None else None}
+    state = {
+        "float32_matmul_precision": "highest" if previous["float32_matmul_precision"] is not None else None,
+        "cudnn_allow_tf32": False if previous["cudnn_allow_tf32"] is not None else None,
+    }
     for backend, op in _pairs():
         state[f"fp32_precision:{backend}.{op}"] = "ieee"
     for name, _, strict in _switches():

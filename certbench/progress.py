@@ -49,9 +49,18 @@ def is_terminal(stream: TextIO | None) -> bool:
 class Progress:
     """A counted loop's progress: a bar on a terminal, log lines in a file (see the module)."""
 
-    def __init__(self, total: int, desc: str, log: logging.Logger, initial: int = 0, every_seconds: float = 0.0,
-                 unit: str = "step", log_on_terminal: bool = False, stream: TextIO | None = None,
-                 heartbeat_seconds: float = 60.0) -> None:
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        log: logging.Logger,
+        initial: int = 0,
+        every_seconds: float = 0.0,
+        unit: str = "step",
+        log_on_terminal: bool = False,
+        stream: TextIO | None = None,
+        heartbeat_seconds: float = 60.0,
+    ) -> None:
         self.total, self.desc, self.log, self.unit = total, desc, log, unit
         self.done = initial
         self.every_seconds = every_seconds
@@ -68,12 +77,20 @@ class Progress:
     def __enter__(self) -> Self:
         if self.terminal:
             self._redirect.enter_context(logging_redirect_tqdm())
-            self._bar = tqdm(total=self.total, initial=self.done, desc=self.desc, unit=self.unit, file=self.stream,
-                             dynamic_ncols=True, mininterval=0.5)
+            self._bar = tqdm(
+                total=self.total,
+                initial=self.done,
+                desc=self.desc,
+                unit=self.unit,
+                file=self.stream,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -87,10 +104,14 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         steps = self.done - self.initial
         left = elapsed / steps * (self.total - self.done) if steps else float("nan")
-        parts = [f"{self.desc}: {self.unit} {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f} %)"]
+        parts = [
+            f"{self.desc}: {self.unit} {self.done}/{self.total} "
+            f"({100 * self.done / max(self.total, 1):.0f} %)"
+        ]
         parts += [f"{key.replace('_', ' ')} {_value(value)}" for key, value in stats.items()]
-        timing = f"{duration(elapsed)} elapsed" + (f", ~{duration(left)} left" if self.done < self.total and steps
-                                                   else "")
+        timing = f"{duration(elapsed)} elapsed" + (
+            f", ~{duration(left)} left" if self.done < self.total and steps else ""
+        )
         return ", ".join(parts) + "; " + timing
 
     def update(self, count: int = 1, **stats: object) -> None:
@@ -120,5 +141,12 @@ class Progress:
         if now - max(self.last_line, self._last_note) >= self.heartbeat_seconds:
             self._last_note = now
             within = ", ".join(f"{key.replace('_', ' ')} {_value(value)}" for key, value in stats.items())
-            self.log.info("%s: %s %d/%d in progress, %s; %s elapsed", self.desc, self.unit, self.done + 1,
-                          self.total, within, duration(now - self.started))
+            self.log.info(
+                "%s: %s %d/%d in progress, %s; %s elapsed",
+                self.desc,
+                self.unit,
+                self.done + 1,
+                self.total,
+                within,
+                duration(now - self.started),
+            )

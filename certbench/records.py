@@ -32,24 +32,48 @@ def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> 
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:
-        raise CorruptFileError(f"{path}: refused, it does not load with weights_only=True "
-                               f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+        raise CorruptFileError(
+            f"{path}: refused, it does not load with weights_only=True "
+            f"({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from None
 
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     sha = out.stdout.strip() or "unknown"
     return sha + ("-dirty" if dirty.stdout.strip() else "")
 
 
-PACKAGES = ("certbench", "torch", "torchvision", "numpy", "scikit-learn", "auto_LiRPA", "foolbox", "cvxpy",
-            "scs", "snakemake")
+PACKAGES = (
+    "certbench",
+    "torch",
+    "torchvision",
+    "numpy",
+    "scikit-learn",
+    "auto_LiRPA",
+    "foolbox",
+    "cvxpy",
+    "scs",
+    "snakemake",
+)
 
 
 def package_versions() -> dict[str, str]:

@@ -49,8 +49,9 @@ class Registry(Generic[T]):
             try:
                 importlib.import_module(module)
             except Exception as error:  # a broken plug-in is reported by name, never hidden
-                raise PluginImportError(f"{self.kind} module {module} failed to import: "
-                                        f"{type(error).__name__}: {error}") from error
+                raise PluginImportError(
+                    f"{self.kind} module {module} failed to import: {type(error).__name__}: {error}"
+                ) from error
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorate(obj: T) -> T:
@@ -70,7 +71,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise UnknownNameError(
-                f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}") from None
+                f"unknown {self.kind} '{name}'; known: {', '.join(self.names())}"
+            ) from None
 
     def names(self) -> list[str]:
         self.discover()

@@ -40,7 +40,9 @@ def atomic_write_bytes(path: str | Path, data: bytes, with_hash: bool = True) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    targets = [(path, data)] + ([(_hash_path(path), sha256_bytes(data).encode() + b"\n")] if with_hash else [])
+    targets = [(path, data)] + (
+        [(_hash_path(path), sha256_bytes(data).encode() + b"\n")] if with_hash else []
+    )
     staged: list[tuple[str, Path]] = []
     try:
         for target, payload in targets:

@@ -47,8 +47,9 @@ def _fmt(values: pd.Series, percent: bool) -> str:
     return f"{mean:.{digits}f} ± {values.std(ddof=1) * scale:.{digits}f}"
 
 
-def aggregate(summary: pd.DataFrame, columns: Sequence[str], percent: Sequence[str] = (),
-              counts: Sequence[str] = ()) -> pd.DataFrame:
+def aggregate(
+    summary: pd.DataFrame, columns: Sequence[str], percent: Sequence[str] = (), counts: Sequence[str] = ()
+) -> pd.DataFrame:
     """One row per (dataset, name, arch): seeds, status, and mean ± std of each column over ok runs
     (``counts`` columns: the total over seeds)."""
     rows = []
@@ -106,8 +107,9 @@ def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> 
         columns[f"pgd@{format_eps(eps)}"] = select(summary, "robust_accuracy", evaluation="pgd-linf", eps=eps)
         labels[f"pgd@{format_eps(eps)}"] = accuracy_label("PGD accuracy", "linf", eps)
     for _, _, eps in _evaluated(summary, "certified_accuracy", evaluation=ANY, norm="linf"):
-        columns[f"certified@{format_eps(eps)}"] = select(summary, "certified_accuracy", evaluation=ANY,
-                                                         norm="linf", eps=eps)
+        columns[f"certified@{format_eps(eps)}"] = select(
+            summary, "certified_accuracy", evaluation=ANY, norm="linf", eps=eps
+        )
         labels[f"certified@{format_eps(eps)}"] = accuracy_label("certified accuracy", "linf", eps)
     table = aggregate(_by_run(summary, columns), list(columns), percent=list(columns))
     if published is None or published.empty:
@@ -122,7 +124,9 @@ def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> 
         table[f"Δ {ours}"] = (mean - table[paper]).map(lambda v: f"{v:+.2f}" if np.isfinite(v) else "–")
         at = order.index(ours) + 1
         order[at:at] = [paper, f"Δ {ours}"]
-        table[paper] = pd.to_numeric(table[paper], errors="coerce").map(lambda v: f"{v:.2f}" if np.isfinite(v) else "–")
+        table[paper] = pd.to_numeric(table[paper], errors="coerce").map(
+            lambda v: f"{v:.2f}" if np.isfinite(v) else "–"
+        )
         labels.update({paper: published_label(labels[ours]), f"Δ {ours}": difference_label(labels[ours])})
     return _labelled(table[order], labels)
 
@@ -155,18 +159,33 @@ def cost_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> 
 
 def cross_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
     """Certified accuracy (%) of every method's models under every certificate at each ε."""
-    evaluated = [(name, norm, eps) for name, norm, eps in _evaluated(summary, "certified_accuracy",
-                                                                     kind="certificate") if name != ANY]
-    certified = {f"cert:{name}@{format_eps(eps)}": select(summary, "certified_accuracy", evaluation=name, eps=eps)
-                 for name, _, eps in evaluated}
+    evaluated = [
+        (name, norm, eps)
+        for name, norm, eps in _evaluated(summary, "certified_accuracy", kind="certificate")
+        if name != ANY
+    ]
+    certified = {
+        f"cert:{name}@{format_eps(eps)}": select(summary, "certified_accuracy", evaluation=name, eps=eps)
+        for name, _, eps in evaluated
+    }
     with_errors_column = [name for name, _, _ in _evaluated(summary, "errors", kind="certificate")]
-    errors = {f"cert_errors:{name}": select(summary, "errors", kind="certificate", evaluation=name)
-              for name in with_errors_column}
-    labels = {**{f"cert:{name}@{format_eps(eps)}": certified_by_label(name, norm, eps)
-                 for name, norm, eps in evaluated},
-              **{f"cert_errors:{name}": errors_label(name) for name in with_errors_column}}
-    table = aggregate(_by_run(summary, {**certified, **errors}), [*certified, *errors],
-                      percent=list(certified), counts=list(errors))
+    errors = {
+        f"cert_errors:{name}": select(summary, "errors", kind="certificate", evaluation=name)
+        for name in with_errors_column
+    }
+    labels = {
+        **{
+            f"cert:{name}@{format_eps(eps)}": certified_by_label(name, norm, eps)
+            for name, norm, eps in evaluated
+        },
+        **{f"cert_errors:{name}": errors_label(name) for name in with_errors_column},
+    }
+    table = aggregate(
+        _by_run(summary, {**certified, **errors}),
+        [*certified, *errors],
+        percent=list(certified),
+        counts=list(errors),
+    )
     for name, _, _ in _evaluated(summary, "applicable"):
         applicable = select(summary, "applicable", evaluation=name)
         never = applicable.groupby(KEYS)["value"].apply(lambda v: not (v.fillna(0) > 0).any())
@@ -181,42 +200,63 @@ def audit_table(audit: pd.DataFrame) -> pd.DataFrame:
     """Per (data set, method, architecture, certificate): checks, violations and the worst ratio
     adversarial norm / certified radius (≥ 1 for a sound certificate)."""
     if audit.empty:
-        return pd.DataFrame(columns=["dataset", "name", "arch", "certificate", "checks", "violations", "worst_ratio"])
+        return pd.DataFrame(
+            columns=["dataset", "name", "arch", "certificate", "checks", "violations", "worst_ratio"]
+        )
     grouped = audit.groupby(["dataset", "name", "arch", "certificate"], sort=True)
-    return grouped.agg(method=("method", "first"), runs=("seed", "count"), checks=("checks", "sum"),
-                       violations=("violations", "sum"), worst_ratio=("worst_ratio", "min")).reset_index()
+    return grouped.agg(
+        method=("method", "first"),
+        runs=("seed", "count"),
+        checks=("checks", "sum"),
+        violations=("violations", "sum"),
+        worst_ratio=("worst_ratio", "min"),
+    ).reset_index()
 
 
 TABLES: dict[str, Callable[..., pd.DataFrame]] = {
-    "linf": linf_table, "lmt": lmt_table, "cost": cost_table, "cross": cross_table}
-
-
-TITLES = {"linf": "Clean, PGD and certified ℓ∞ accuracy", "lmt": "Certified ℓ2 radii (LMT)",
-          "cost": "Training cost", "cross": "Certified accuracy under every certificate",
-          "audit": "Soundness audit of the certificates"}
-CAPTIONS = {
-    "linf": "Reproduces Table 1 of Zhang et al. (2021), “Towards certifying ℓ∞ robustness using neural networks "
-            "with ℓ∞-dist neurons”: clean, PGD and certified accuracy (%) at each ℓ∞ ε; with a paper "
-            "configuration, the published numbers and our difference stand beside ours.",
-    "lmt": "Reproduces the certified-radius comparison of Tsuzuku et al. (2018), “Lipschitz-margin training” "
-           "(§5): clean accuracy and the mean and median certified ℓ2 radius divided by √n (n the input size), "
-           "per certificate.",
-    "cost": "Reproduces Table 4 of Zhang et al. (2021): seconds per training epoch, peak memory and parameters, "
-            "and the time relative to standard training on the same data set and architecture.",
-    "cross": "No paper table (certbench's cross-evaluation): certified accuracy (%) of every model under every "
-             "certificate at each ε; n/a where the certificate does not apply; errors: points whose verifier failed.",
-    "audit": "No paper table (certbench's soundness audit): per certificate, the (point, attack) pairs checked, "
-             "the points an attack broke inside the certified radius (must be 0) and the smallest ratio "
-             "attack norm / certified radius (≥ 1 for a sound certificate).",
+    "linf": linf_table,
+    "lmt": lmt_table,
+    "cost": cost_table,
+    "cross": cross_table,
 }
-SPREAD_NOTE = ("Cells: mean ± sample standard deviation (ddof = 1) over the seeds that finished; a single value "
-               "where one seed finished; – where nothing was measured.")
-HTML_STYLE = """body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;font-size:14px;margin:1em;color:#222}
+
+
+TITLES = {
+    "linf": "Clean, PGD and certified ℓ∞ accuracy",
+    "lmt": "Certified ℓ2 radii (LMT)",
+    "cost": "Training cost",
+    "cross": "Certified accuracy under every certificate",
+    "audit": "Soundness audit of the certificates",
+}
+CAPTIONS = {
+    "linf": "Reproduces Table 1 of Zhang et al. (2021), “Towards certifying ℓ∞ robustness using neural "
+    "networks with ℓ∞-dist neurons”: clean, PGD and certified accuracy (%) at each ℓ∞ ε; with a paper "
+    "configuration, the published numbers and our difference stand beside ours.",
+    "lmt": "Reproduces the certified-radius comparison of Tsuzuku et al. (2018), “Lipschitz-margin training” "
+    "(§5): clean accuracy and the mean and median certified ℓ2 radius divided by √n (n the input size), "
+    "per certificate.",
+    "cost": "Reproduces Table 4 of Zhang et al. (2021): seconds per training epoch, peak memory and "
+    "parameters, and the time relative to standard training on the same data set and architecture.",
+    "cross": "No paper table (certbench's cross-evaluation): certified accuracy (%) of every model under "
+    "every certificate at each ε; n/a where the certificate does not apply; errors: points whose verifier "
+    "failed.",
+    "audit": "No paper table (certbench's soundness audit): per certificate, the (point, attack) pairs "
+    "checked, the points an attack broke inside the certified radius (must be 0) and the smallest ratio "
+    "attack norm / certified radius (≥ 1 for a sound certificate).",
+}
+SPREAD_NOTE = (
+    "Cells: mean ± sample standard deviation (ddof = 1) over the seeds that finished; a single value "
+    "where one seed finished; – where nothing was measured."
+)
+HTML_STYLE = (
+    'body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;font-size:14px;margin:1em;'
+    """color:#222}
 p{max-width:60em;line-height:1.4}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
 th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
 th{background:#f3f3f3;position:sticky;top:0;text-align:center;white-space:normal;min-width:5em;max-width:12em}
 tr:hover td{background:#fafafa}"""
+)
 
 
 def human(table: pd.DataFrame) -> pd.DataFrame:
@@ -234,22 +274,40 @@ def _numeric(column: pd.Series) -> bool:
 
 def to_html(table: pd.DataFrame, title: str, caption: str = "", note: str = SPREAD_NOTE) -> str:
     """A standalone HTML page with ``table`` (human headers), its title, caption and a note."""
-    body = human(table).to_html(index=False, border=0, na_rep="–", escape=True, float_format=lambda v: f"{v:.4g}")
+    body = human(table).to_html(
+        index=False, border=0, na_rep="–", escape=True, float_format=lambda v: f"{v:.4g}"
+    )
     text_columns = [i for i, c in enumerate(table.columns, start=1) if not _numeric(table[c])]
     style = HTML_STYLE + "".join(f"\ntd:nth-child({i}){{text-align:left}}" for i in text_columns)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head>\n<body>\n<h3>{html.escape(title)}</h3>\n"
-            f"<p>{html.escape(caption)}</p>\n<p>{html.escape(note)}</p>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head>\n<body>\n<h3>{html.escape(title)}</h3>\n"
+        f"<p>{html.escape(caption)}</p>\n<p>{html.escape(note)}</p>\n{body}\n</body></html>\n"
+    )
 
 
 def write_table(table: pd.DataFrame, out_dir: Path, name: str) -> None:
     """``name`` as ``.csv`` (column keys), ``.md``, ``.tex`` and ``.html`` (human headers)."""
     atomic_write_bytes(out_dir / f"{name}.csv", table.to_csv(index=False).encode())
     shown = human(table)
-    atomic_write_bytes(out_dir / f"{name}.md", shown.to_markdown(index=False, disable_numparse=True).encode() + b"\n")
-    latex = shown.to_latex(index=False, escape=True).replace("±", r"$\pm$").replace("×", r"$\times$").replace("–", "--")
-    for symbol, command in (("Δ", r"$\Delta$"), ("ℓ∞", r"$\ell_\infty$"), ("ℓ2", r"$\ell_2$"), ("ε", r"$\varepsilon$"),
-                            ("√", r"$\surd$"), ("−", "-"), ("≥", r"$\geq$")):
+    atomic_write_bytes(
+        out_dir / f"{name}.md", shown.to_markdown(index=False, disable_numparse=True).encode() + b"\n"
+    )
+    latex = (
+        shown.to_latex(index=False, escape=True)
+        .replace("±", r"$\pm$")
+        .replace("×", r"$\times$")
+        .replace("–", "--")
+    )
+    for symbol, command in (
+        ("Δ", r"$\Delta$"),
+        ("ℓ∞", r"$\ell_\infty$"),
+        ("ℓ2", r"$\ell_2$"),
+        ("ε", r"$\varepsilon$"),
+        ("√", r"$\surd$"),
+        ("−", "-"),
+        ("≥", r"$\geq$"),
+    ):
         latex = latex.replace(symbol, command)
     atomic_write_bytes(out_dir / f"{name}.tex", latex.encode())
     title = TITLES.get(name, f"Table {name}")
@@ -257,7 +315,9 @@ def write_table(table: pd.DataFrame, out_dir: Path, name: str) -> None:
     atomic_write_bytes(out_dir / f"{name}.html", to_html(table, title, CAPTIONS.get(name, ""), note).encode())
 
 
-def write_tables(summary_path: Path, audit_path: Path, out_dir: Path, published_path: Path | None = None) -> None:
+def write_tables(
+    summary_path: Path, audit_path: Path, out_dir: Path, published_path: Path | None = None
+) -> None:
     """Every table of :data:`certbench.outputs.TABLE_NAMES` (Snakemake checks that all are made)."""
     summary = read_summary(summary_path)
     published = pd.read_csv(published_path) if published_path is not None else None
@@ -268,7 +328,14 @@ def write_tables(summary_path: Path, audit_path: Path, out_dir: Path, published_
 
 def published_table(experiments: Sequence[dict]) -> pd.DataFrame:
     """The ``published`` figures of the config's experiments, one row per (data set, name, arch)."""
-    rows = [{"dataset": dataset, "name": entry["name"], "arch": entry["arch"],
-             **{f"paper:{key}": value for key, value in figures.items()}}
-            for entry in experiments for dataset, figures in entry.get("published", {}).items()]
+    rows = [
+        {
+            "dataset": dataset,
+            "name": entry["name"],
+            "arch": entry["arch"],
+            **{f"paper:{key}": value for key, value in figures.items()},
+        }
+        for entry in experiments
+        for dataset, figures in entry.get("published", {}).items()
+    ]
     return pd.DataFrame(rows, columns=KEYS if not rows else None)

@@ -88,7 +88,7 @@ class TensorBatches:
     def __iter__(self):  # type: ignore[no-untyped-def]
         order = torch.randperm(len(self.x), generator=self.generator)
         for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
+            index = order[start : start + self.batch_size]
             yield self.x[index], self.y[index]
 
 
@@ -99,25 +99,36 @@ def batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> Te
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
 
 
-def make_optimizer(parameters: list[torch.Tensor] | list[dict[str, Any]], training: Mapping[str, Any]
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(
+    parameters: list[torch.Tensor] | list[dict[str, Any]], training: Mapping[str, Any]
+) -> torch.optim.Optimizer:
     name, lr, wd = training["optimizer"], training["lr"], training["weight_decay"]
     if name in ("adam", "adamw"):
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(parameters, lr=lr, betas=tuple(training["betas"]), eps=training["adam_eps"], weight_decay=wd)
-    return torch.optim.SGD(parameters, lr=lr, momentum=training["momentum"], weight_decay=wd,
-                           nesterov=name == "nesterov")
+        return cls(
+            parameters, lr=lr, betas=tuple(training["betas"]), eps=training["adam_eps"], weight_decay=wd
+        )
+    return torch.optim.SGD(
+        parameters, lr=lr, momentum=training["momentum"], weight_decay=wd, nesterov=name == "nesterov"
+    )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, training: Mapping[str, Any],
-                   epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, training: Mapping[str, Any], epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     schedule = training["lr_schedule"]
     if schedule["type"] == "step":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, schedule["milestones"], schedule["gamma"])
-    if schedule["type"] == "cosine":  # constant until start_epoch, then half a cosine down to 0 (SGDR, no restart)
+    if (
+        schedule["type"] == "cosine"
+    ):  # constant until start_epoch, then half a cosine down to 0 (SGDR, no restart)
         start = min(schedule["start_epoch"], epochs - 1)
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda epoch: 1.0 if epoch < start else 0.5 * (1 + math.cos(math.pi * (epoch - start) / (epochs - start))))
+            optimizer,
+            lambda epoch: 1.0
+            if epoch < start
+            else 0.5 * (1 + math.cos(math.pi * (epoch - start) / (epochs - start))),
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -132,8 +143,15 @@ class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def _step(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-          y: torch.Tensor, progress: float, grad_clip: float | None) -> LossOutput:
+def _step(
+    method: Method,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    progress: float,
+    grad_clip: float | None,
+) -> LossOutput:
     out = method.loss(model, x, y, progress)
     if not torch.isfinite(out.loss):
         raise Diverged(f"loss is {out.loss.item()} at progress {progress:.4f}")
@@ -146,8 +164,13 @@ def _step(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, x:
     return out
 
 
-def calibrate_epochs(method: Method, model: nn.Module, loader: TensorBatches | DataLoader, training: Mapping[str, Any],
-                     device: torch.device) -> int:
+def calibrate_epochs(
+    method: Method,
+    model: nn.Module,
+    loader: TensorBatches | DataLoader,
+    training: Mapping[str, Any],
+    device: torch.device,
+) -> int:
     """Fixed wall-clock budget: epochs = budget / measured seconds per epoch (Prach et al. 2024).
 
     Times a few steps on throwaway copies of the model and method state, so the run itself
@@ -175,8 +198,9 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
     training, seed = run_config["training"], run_config["run"]["seed"]
     device = select_device(run_config["device"])
     seed_everything(seed)
-    _, (train_set, _) = load_split(run_config["dataset"]["name"], run_config["data"]["dir"],
-                                   run_config["data"]["download"])
+    _, (train_set, _) = load_split(
+        run_config["dataset"]["name"], run_config["data"]["dir"], run_config["data"]["download"]
+    )
     train_set = subset(train_set, run_config["dataset"]["train_size"])
     generator = torch.Generator().manual_seed(seed)
     loader = batches(train_set, training["batch_size"], generator)
@@ -188,10 +212,20 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
     method.prepare(model)
 
     state = _load_checkpoint(checkpoint_path, chash, device)
-    epochs = state["epochs"] if state else (
-        calibrate_epochs(method, model, loader, training, device) if training["budget_seconds"] else training["epochs"])
+    epochs = (
+        state["epochs"]
+        if state
+        else (
+            calibrate_epochs(method, model, loader, training, device)
+            if training["budget_seconds"]
+            else training["epochs"]
+        )
+    )
     if epochs != context.epochs:
-        method = method_cls(run_config["params"], run_context({**run_config, "training": {**training, "epochs": epochs}}, device))
+        method = method_cls(
+            run_config["params"],
+            run_context({**run_config, "training": {**training, "epochs": epochs}}, device),
+        )
         method.prepare(model)
     optimizer = make_optimizer(method.parameter_groups(model), training)
     scheduler = make_scheduler(optimizer, training, epochs)
@@ -209,8 +243,9 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
         log.info("resuming after epoch %d of %d from %s", len(history), epochs, checkpoint_path)
 
     status, message, resumed_from = "ok", "", len(history)
-    with Progress(total=epochs, initial=len(history), desc="train", log=log, unit="epoch",
-                  log_on_terminal=True) as bar:
+    with Progress(
+        total=epochs, initial=len(history), desc="train", log=log, unit="epoch", log_on_terminal=True
+    ) as bar:
         for epoch in range(len(history), epochs):
             model.train()
             started = time.perf_counter()
@@ -233,15 +268,26 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
                 log.error("training diverged: %s", error)
                 break
             scheduler.step()
-            entry = {"epoch": epoch + 1, "seconds": time.perf_counter() - started,
-                     "lr": optimizer.param_groups[0]["lr"], **({"train_accuracy": correct / scored} if scored else {}),
-                     **{k: v / seen for k, v in totals.items()}}
+            entry = {
+                "epoch": epoch + 1,
+                "seconds": time.perf_counter() - started,
+                "lr": optimizer.param_groups[0]["lr"],
+                **({"train_accuracy": correct / scored} if scored else {}),
+                **{k: v / seen for k, v in totals.items()},
+            }
             history.append(entry)
             bar.update(**{k: v for k, v in entry.items() if k != "epoch"})
-            checkpoint = {"config_hash": chash, "epochs": epochs, "history": history, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "method": method.state_dict(), "loader_rng": generator.get_state(),
-                          "torch_rng": torch.get_rng_state()}
+            checkpoint = {
+                "config_hash": chash,
+                "epochs": epochs,
+                "history": history,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "method": method.state_dict(),
+                "loader_rng": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }
             if device.type == "cuda":
                 checkpoint["cuda_rng"] = torch.cuda.get_rng_state(device)
             save_tensors(checkpoint_path, checkpoint)
@@ -250,11 +296,20 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
         method.finish(model)
     seconds = [h["seconds"] for h in history]
     record = {
-        "status": status, "message": message, "config": dict(run_config), "config_hash": chash,
-        "epochs": epochs, "epochs_completed": len(history), "resumed_from_epoch": resumed_from, "history": history,
-        "cost": {"seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
-                 "train_seconds": float(np.sum(seconds)), "peak_memory_mb": peak_memory_mb(device),
-                 "parameters": sum(p.numel() for p in model.parameters())},
+        "status": status,
+        "message": message,
+        "config": dict(run_config),
+        "config_hash": chash,
+        "epochs": epochs,
+        "epochs_completed": len(history),
+        "resumed_from_epoch": resumed_from,
+        "history": history,
+        "cost": {
+            "seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
+            "train_seconds": float(np.sum(seconds)),
+            "peak_memory_mb": peak_memory_mb(device),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
         "provenance": provenance(device, chash),
     }
     save_tensors(out / "model.pt", model.state_dict())

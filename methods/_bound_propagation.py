@@ -48,15 +48,33 @@ class BoundPropagationMethod(Method):
 
     default_certificate = "ibp"
     params_schema: ClassVar[dict[str, dict[str, Any]]] = {
-        "eps_train": {"type": ["number", "null"], "minimum": 0, "maximum": 1, "default": None,
-                      "description": "training ε (pixel units); null: the data set's largest ε_linf"},
+        "eps_train": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "maximum": 1,
+            "default": None,
+            "description": "training ε (pixel units); null: the data set's largest ε_linf",
+        },
         "schedule": {"enum": ["linear", "smoothed"], "default": "smoothed"},
-        "schedule_start": {"type": ["number", "null"], "minimum": 0, "default": None,
-                           "description": "epoch at which ε starts to grow; null: 10% of the epochs"},
-        "schedule_length": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
-                            "description": "epochs for ε to reach eps_train; null: 50% of the epochs"},
-        "kappa_final": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
-                        "description": "weight of the natural loss once ε = eps_train"},
+        "schedule_start": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "default": None,
+            "description": "epoch at which ε starts to grow; null: 10% of the epochs",
+        },
+        "schedule_length": {
+            "type": ["number", "null"],
+            "exclusiveMinimum": 0,
+            "default": None,
+            "description": "epochs for ε to reach eps_train; null: 50% of the epochs",
+        },
+        "kappa_final": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 0.5,
+            "description": "weight of the natural loss once ε = eps_train",
+        },
     }
 
     def __init__(self, params: Mapping[str, Any], context: Any) -> None:
@@ -77,22 +95,28 @@ class BoundPropagationMethod(Method):
         """(start, length) of the ε ramp in epochs."""
         start, length = self.params.get("schedule_start"), self.params.get("schedule_length")
         epochs = self.context.epochs
-        return (DEFAULT_RAMP[0] * epochs if start is None else float(start),
-                DEFAULT_RAMP[1] * epochs if length is None else float(length))
+        return (
+            DEFAULT_RAMP[0] * epochs if start is None else float(start),
+            DEFAULT_RAMP[1] * epochs if length is None else float(length),
+        )
 
     def check(self) -> None:
         unit_interval("eps_train", self.eps_train)
         unit_interval("kappa_final", float(self.params["kappa_final"]))
         start, length = self.ramp_epochs()
         if start + length > self.context.epochs:
-            raise ConfigError(f"params.schedule_length: the ε ramp ends at epoch {start + length:g}, after "
-                              f"the last epoch ({self.context.epochs})")
+            raise ConfigError(
+                f"params.schedule_length: the ε ramp ends at epoch {start + length:g}, after "
+                f"the last epoch ({self.context.epochs})"
+            )
 
     def prepare(self, model: nn.Module) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
-            raise ConfigError(f"method '{self.name}': auto_LiRPA cannot bound this architecture (ReLU networks "
-                              f"of Linear/Conv2d/Flatten/BatchNorm/AvgPool/residual sums only): {reason}")
+            raise ConfigError(
+                f"method '{self.name}': auto_LiRPA cannot bound this architecture (ReLU networks "
+                f"of Linear/Conv2d/Flatten/BatchNorm/AvgPool/residual sums only): {reason}"
+            )
 
     # ---- schedule and loss ------------------------------------------------------------
     def epsilon(self, progress: float) -> float:
@@ -113,8 +137,9 @@ class BoundPropagationMethod(Method):
         """Margin lower bounds (B, K−1) the robust loss is computed from."""
         return self.bounder.margin_lower_bounds(model, x, y, eps, ["IBP"])["IBP"]
 
-    def robust_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, float]:
+    def robust_loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, float]:
         """(robust cross-entropy, fraction of the batch its bounds do not certify)."""
         lower = self.lower_bounds(model, x, y, eps)
         return robust_cross_entropy(lower), float((lower <= 0).any(1).float().mean())
@@ -129,6 +154,11 @@ class BoundPropagationMethod(Method):
         # at ε = 0 every bound is exact, so the robust CE equals the natural CE
         robust, robust_error = bounded or (natural, float((logits.argmax(1) != y).float().mean()))
         kappa = weights["kappa"]
-        stats = {"eps": eps, **weights, "natural_loss": natural.item(), "robust_loss": robust.item(),
-                 "robust_error": robust_error}
+        stats = {
+            "eps": eps,
+            **weights,
+            "natural_loss": natural.item(),
+            "robust_loss": robust.item(),
+            "robust_error": robust_error,
+        }
         return LossOutput(kappa * natural + (1 - kappa) * robust, stats, logits=logits.detach())

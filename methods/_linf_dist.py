@@ -26,14 +26,23 @@ from certbench.nn.linf_dist import LinfDist, Negate, set_p
 DEFAULT_EPOCH_FRACTIONS = {"v1": (0.0, 0.125, 0.125, 0.875), "v2": (0.0, 0.0, 25 / 450, 400 / 450)}
 
 SCHEDULE_PARAMS: dict[str, dict[str, Any]] = {
-    "eps_train": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
-                  "description": "training ε in pixel units; null: a multiple of the largest test ε"},
+    "eps_train": {
+        "type": ["number", "null"],
+        "exclusiveMinimum": 0,
+        "default": None,
+        "description": "training ε in pixel units; null: a multiple of the largest test ε",
+    },
     "p_start": {"type": "number", "minimum": 1, "default": 8.0},
     "p_end": {"type": "number", "minimum": 1, "default": 1000.0},
-    "epochs": {"type": ["array", "null"], "items": {"type": "number", "minimum": 0}, "minItems": 4,
-               "maxItems": 4, "default": None,
-               "description": "[e0, e1, e2, e3]: ε ramp e0→e1, p ramp e2→e3, p = ∞ from e3; "
-                              "null: the paper's proportions of the run's epochs"},
+    "epochs": {
+        "type": ["array", "null"],
+        "items": {"type": "number", "minimum": 0},
+        "minItems": 4,
+        "maxItems": 4,
+        "default": None,
+        "description": "[e0, e1, e2, e3]: ε ramp e0→e1, p ramp e2→e3, p = ∞ from e3; "
+        "null: the paper's proportions of the run's epochs",
+    },
 }
 
 
@@ -76,10 +85,25 @@ class LinfDistBase(Method):
     params_schema = {
         "loss": {"enum": ["v1", "v2"], "default": "v2"},
         **SCHEDULE_PARAMS,
-        "mix": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.75,
-                "description": "v1: weight of the max-hinge against the mean-hinge"},
-        "lam_start": {"type": "number", "minimum": 0, "default": 0.05, "description": "v2: initial CE weight"},
-        "lam_end": {"type": "number", "exclusiveMinimum": 0, "default": 2e-4, "description": "v2: final CE weight"},
+        "mix": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 0.75,
+            "description": "v1: weight of the max-hinge against the mean-hinge",
+        },
+        "lam_start": {
+            "type": "number",
+            "minimum": 0,
+            "default": 0.05,
+            "description": "v2: initial CE weight",
+        },
+        "lam_end": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 2e-4,
+            "description": "v2: final CE weight",
+        },
     }
 
     def __init__(self, params: Mapping[str, Any], context: RunContext) -> None:
@@ -111,18 +135,24 @@ class LinfDistBase(Method):
     def check(self) -> None:
         p_start, p_end = float(self.params["p_start"]), float(self.params["p_end"])
         if not 1.0 <= p_start <= p_end:
-            raise ConfigError(f"params.p_start: need 1 ≤ p_start ≤ p_end, got p_start={p_start}, p_end={p_end}")
+            raise ConfigError(
+                f"params.p_start: need 1 ≤ p_start ≤ p_end, got p_start={p_start}, p_end={p_end}"
+            )
         epochs = self._epochs()
         if any(b < a for a, b in zip(epochs, epochs[1:])) or epochs[-1] > self.context.epochs:
-            raise ConfigError(f"params.epochs: need e0 ≤ e1 ≤ e2 ≤ e3 ≤ training epochs "
-                              f"({self.context.epochs}), got {list(epochs)}")
+            raise ConfigError(
+                f"params.epochs: need e0 ≤ e1 ≤ e2 ≤ e3 ≤ training epochs "
+                f"({self.context.epochs}), got {list(epochs)}"
+            )
         self._check_eps()
 
     def _check_eps(self) -> None:
         """A hinge margin of 2·ε_train covers the tested ε only if ε_train ≥ ε_test."""
         if self.eps_test is not None and self.eps_train < self.eps_test:
-            raise ConfigError(f"params.eps_train: {self.eps_train:g} is below the largest test ε "
-                              f"{self.eps_test:g}; the hinge margin would not cover it")
+            raise ConfigError(
+                f"params.eps_train: {self.eps_train:g} is below the largest test ε "
+                f"{self.eps_test:g}; the hinge margin would not cover it"
+            )
 
     # ---- model ------------------------------------------------------------------------
     def build_model(self, arch: str, arch_params: Mapping[str, Any]) -> nn.Module:
@@ -140,8 +170,10 @@ class LinfDistBase(Method):
 
     def _check_head(self, head: nn.Sequential) -> None:
         if not all(isinstance(m, Negate) for m in head):
-            raise ConfigError(f"method '{self.name}': the model has a head after its ℓ∞-dist layers; "
-                              f"use linf-dist-mlp, or the method linf-dist-head")
+            raise ConfigError(
+                f"method '{self.name}': the model has a head after its ℓ∞-dist layers; "
+                f"use linf-dist-mlp, or the method linf-dist-head"
+            )
 
     def set_schedule(self, model: nn.Module, progress: float) -> tuple[float, float]:
         """Set ``p`` on every layer for ``progress``; return (ε in logit units, p-ramp position r)."""
@@ -167,7 +199,11 @@ class LinfDistBase(Method):
             lam = lam_start * (lam_end / lam_start) ** r if lam_start > 0 else 0.0
             ce = F.cross_entropy(model.ce_scale * z, y)
             loss = hinge.amax(1).mean() + lam * ce
-            stats = {"hinge": hinge.amax(1).mean().item(), "ce": ce.item(), "lam": lam,
-                     "ce_scale": model.ce_scale.item()}
+            stats = {
+                "hinge": hinge.amax(1).mean().item(),
+                "ce": ce.item(),
+                "lam": lam,
+                "ce_scale": model.ce_scale.item(),
+            }
         p = next(m.p for m in model.modules() if isinstance(m, LinfDist))
         return LossOutput(loss, {**stats, "inv_p": 1.0 / p, "eps": eps / self._scale}, logits=z.detach())

@@ -12,7 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from certbench.bounds.lipschitz import LipschitzBound, LipschitzEstimate, UnsupportedLayerError, check_supported
+from certbench.bounds.lipschitz import (
+    LipschitzBound,
+    LipschitzEstimate,
+    UnsupportedLayerError,
+    check_supported,
+)
 from certbench.config import ConfigError
 from certbench.method import Method
 

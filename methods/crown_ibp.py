@@ -32,10 +32,18 @@ class CROWNIBP(BoundPropagationMethod):
     default_certificate = "crown-ibp"
     params_schema = {
         **BoundPropagationMethod.params_schema,
-        "beta_final": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0,
-                       "description": "weight of the CROWN-IBP bound once ε = eps_train (1 for CIFAR 2/255)"},
-        "loss_fusion": {"type": "boolean", "default": False,
-                        "description": "bound the cross-entropy instead of the margins (faster, Xu et al. 2020)"},
+        "beta_final": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 0.0,
+            "description": "weight of the CROWN-IBP bound once ε = eps_train (1 for CIFAR 2/255)",
+        },
+        "loss_fusion": {
+            "type": "boolean",
+            "default": False,
+            "description": "bound the cross-entropy instead of the margins (faster, Xu et al. 2020)",
+        },
     }
 
     def check(self) -> None:
@@ -48,15 +56,18 @@ class CROWNIBP(BoundPropagationMethod):
     def mixture(self, eps: float) -> dict[str, float]:
         """{bound: weight} of the bounds mixed at ε, those of weight 0 left out."""
         beta = self.weights(eps)["beta"]
-        return {method: weight for method, weight in {"IBP": 1.0 - beta, "CROWN-IBP": beta}.items() if weight > 0}
+        return {
+            method: weight for method, weight in {"IBP": 1.0 - beta, "CROWN-IBP": beta}.items() if weight > 0
+        }
 
     def lower_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         mixture = self.mixture(eps)
         bounds = self.bounder.margin_lower_bounds(model, x, y, eps, list(mixture))
         return sum(weight * bounds[method] for method, weight in mixture.items())
 
-    def robust_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, float]:
+    def robust_loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, float]:
         if not self.params["loss_fusion"]:
             return super().robust_loss(model, x, y, eps)
         mixture = self.mixture(eps)

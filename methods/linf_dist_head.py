@@ -37,10 +37,19 @@ class LinfDistHead(LinfDistBase):
     example_arch = ("linf-dist-mlp+head", {"depth": 2, "width": 32, "hidden": 16})
     params_schema = {
         **SCHEDULE_PARAMS,
-        "kappa": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
-                  "description": "weight of the worst-case cross-entropy"},
-        "head_weight_decay": {"type": ["number", "null"], "minimum": 0, "default": None,
-                              "description": "weight decay of the head's parameters; null: training.weight_decay"},
+        "kappa": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 0.5,
+            "description": "weight of the worst-case cross-entropy",
+        },
+        "head_weight_decay": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "default": None,
+            "description": "weight decay of the head's parameters; null: training.weight_decay",
+        },
     }
 
     def _check_eps(self) -> None:
@@ -48,15 +57,19 @@ class LinfDistHead(LinfDistBase):
 
     def _check_head(self, head: nn.Sequential) -> None:
         if not len(head) or not isinstance(head[-1], nn.Linear):
-            raise ConfigError(f"method '{self.name}': the model needs a head ending in nn.Linear "
-                              f"(linf-dist-mlp+head)")
+            raise ConfigError(
+                f"method '{self.name}': the model needs a head ending in nn.Linear (linf-dist-mlp+head)"
+            )
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         decay = self.params["head_weight_decay"]
         if decay is None:
             return super().parameter_groups(model)
         trunk, head = split_trunk(model)
-        return [{"params": list(trunk.parameters())}, {"params": list(head.parameters()), "weight_decay": decay}]
+        return [
+            {"params": list(trunk.parameters())},
+            {"params": list(head.parameters()), "weight_decay": decay},
+        ]
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:
         eps, _ = self.set_schedule(model, progress)
@@ -69,5 +82,8 @@ class LinfDistHead(LinfDistBase):
         robust, clean = F.cross_entropy(worst, y), F.cross_entropy(z, y)
         loss = kappa * robust + (1 - kappa) * clean
         p = next(m.p for m in model.modules() if isinstance(m, LinfDist))
-        return LossOutput(loss, {"ce_worst": robust.item(), "ce_clean": clean.item(), "inv_p": 1.0 / p,
-                                 "eps": eps / self._scale}, logits=z.detach())
+        return LossOutput(
+            loss,
+            {"ce_worst": robust.item(), "ce_clean": clean.item(), "inv_p": 1.0 / p, "eps": eps / self._scale},
+            logits=z.detach(),
+        )

@@ -30,5 +30,8 @@ class LipschitzRegularised(LipschitzMethod):
         bound = self.estimate(model).total
         logits = model(x)
         cross_entropy = F.cross_entropy(logits, y)
-        return LossOutput(cross_entropy + self.params["lambda"] * bound,
-                          {"lipschitz": bound.item(), "cross_entropy": cross_entropy.item()}, logits=logits.detach())
+        return LossOutput(
+            cross_entropy + self.params["lambda"] * bound,
+            {"lipschitz": bound.item(), "cross_entropy": cross_entropy.item()},
+            logits=logits.detach(),
+        )

@@ -59,19 +59,38 @@ class LipSDPADMM(Method):
     default_certificate = "lipsdp-l2"
     params_schema = {
         "variant": {"enum": ["regularised", "enforced"], "default": "regularised"},
-        "mu": {"type": "number", "minimum": 0, "default": 8e-4,
-               "description": "weight μ of L² (regularised variant)"},
-        "max_bound": {"type": ["number", "null"], "exclusiveMinimum": 0, "default": None,
-                      "description": "L̄ in pixel units (enforced variant)"},
-        "rho_admm": {"type": "number", "exclusiveMinimum": 0, "default": 2.0,
-                     "description": "ADMM penalty ρ_a"},
-        "admm_every": {"type": "integer", "minimum": 1, "default": 1,
-                       "description": "epochs per W-step"},
-        "tolerance": {"type": "number", "exclusiveMinimum": 0, "default": 0.5,
-                      "description": "stop the ADMM updates once the bound changes by less"},
+        "mu": {
+            "type": "number",
+            "minimum": 0,
+            "default": 8e-4,
+            "description": "weight μ of L² (regularised variant)",
+        },
+        "max_bound": {
+            "type": ["number", "null"],
+            "exclusiveMinimum": 0,
+            "default": None,
+            "description": "L̄ in pixel units (enforced variant)",
+        },
+        "rho_admm": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 2.0,
+            "description": "ADMM penalty ρ_a",
+        },
+        "admm_every": {"type": "integer", "minimum": 1, "default": 1, "description": "epochs per W-step"},
+        "tolerance": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 0.5,
+            "description": "stop the ADMM updates once the bound changes by less",
+        },
         "solver": {"enum": list(SOLVERS), "default": "SCS"},
-        "sdp_time_limit": {"type": "number", "exclusiveMinimum": 0, "default": 600,
-                           "description": "seconds per SDP solve"},
+        "sdp_time_limit": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 600,
+            "description": "seconds per SDP solve",
+        },
     }
 
     def __init__(self, params: Mapping[str, Any], context: Any) -> None:
@@ -98,7 +117,9 @@ class LipSDPADMM(Method):
     def build_model(self, arch: str, arch_params: Mapping[str, Any]) -> nn.Module:
         model = super().build_model(arch, arch_params)
         if not is_mlp(model):
-            raise ConfigError(f"arch: lipsdp-admm needs an MLP (Linear layers with ReLU or Tanh), got '{arch}'")
+            raise ConfigError(
+                f"arch: lipsdp-admm needs an MLP (Linear layers with ReLU or Tanh), got '{arch}'"
+            )
         return model
 
     def prepare(self, model: nn.Module) -> None:
@@ -137,7 +158,9 @@ class LipSDPADMM(Method):
             self._device_copies = (device, _tensors(self._wbar, weights[0]), _tensors(self._dual, weights[0]))
         _, wbar, dual = self._device_copies
         rho_a = self.params["rho_admm"]
-        return sum(rho_a / 2 * (w - b).pow(2).sum() + (d * (w - b)).sum() for w, b, d in zip(weights, wbar, dual))
+        return sum(
+            rho_a / 2 * (w - b).pow(2).sum() + (d * (w - b)).sum() for w, b, d in zip(weights, wbar, dual)
+        )
 
     def _admm_update(self, model: nn.Module) -> None:
         """One W̄-step and dual update around the model's current weights W."""
@@ -156,8 +179,15 @@ class LipSDPADMM(Method):
         dual = self._dual if self._dual is not None else [np.zeros_like(w) for w in weights]
         targets = [w + d / rho_a for w, d in zip(weights, dual)]
         variant = {"max_bound": self.params["max_bound"]} if self.enforced else {"mu": self.params["mu"]}
-        step = weight_step(targets, self._multipliers, rho_admm=rho_a, input_map=structure.pool_matrix(shape),
-                           solver=solver, time_limit=limit, **variant)
+        step = weight_step(
+            targets,
+            self._multipliers,
+            rho_admm=rho_a,
+            input_map=structure.pool_matrix(shape),
+            solver=solver,
+            time_limit=limit,
+            **variant,
+        )
         seconds += step.solve_time
         self._stats["sdp_seconds"] = self._stats.get("sdp_seconds", 0.0) + seconds
         if step.weights is None:
@@ -166,14 +196,22 @@ class LipSDPADMM(Method):
         self._wbar = step.weights
         self._dual = [d + rho_a * (w - b) for d, w, b in zip(dual, weights, self._wbar)]
         self._device_copies = None
-        self._stats.update(admm_iterations=self._stats.get("admm_iterations", 0.0) + 1,
-                           wbar_bound=math.sqrt(step.rho))
+        self._stats.update(
+            admm_iterations=self._stats.get("admm_iterations", 0.0) + 1, wbar_bound=math.sqrt(step.rho)
+        )
         if self._bounds:
             self._stats["lipsdp_bound"] = self._bounds[-1]
-        self._converged = len(self._bounds) >= 2 and abs(self._bounds[-1] - self._bounds[-2]) < self.params["tolerance"]
-        log.info("ADMM %d: LipSDP bound of W %s, of W̄ ≤ %.4f, %.1f s in SDPs%s", int(self._stats["admm_iterations"]),
-                 f"{self._bounds[-1]:.4f}" if self._bounds else "n/a", math.sqrt(step.rho), seconds,
-                 " (converged)" if self._converged else "")
+        self._converged = (
+            len(self._bounds) >= 2 and abs(self._bounds[-1] - self._bounds[-2]) < self.params["tolerance"]
+        )
+        log.info(
+            "ADMM %d: LipSDP bound of W %s, of W̄ ≤ %.4f, %.1f s in SDPs%s",
+            int(self._stats["admm_iterations"]),
+            f"{self._bounds[-1]:.4f}" if self._bounds else "n/a",
+            math.sqrt(step.rho),
+            seconds,
+            " (converged)" if self._converged else "",
+        )
 
     def _deliver(self, model: nn.Module) -> None:
         """Load W̄ into the model and scale its last layer until a verified bound is ≤ L̄(1 − margin)."""
@@ -190,15 +228,25 @@ class LipSDPADMM(Method):
             weights = structure.numpy_weights()
             weights[-1] = weights[-1] * (target / bound)
             structure.load_weights(weights)
-        log.info("enforced variant: delivered W̄ with bound %.4f (%s) scaled to ≤ %.4f",
-                 bound, "LipSDP" if result.verified else "∏‖W‖₂", min(bound, target))
+        log.info(
+            "enforced variant: delivered W̄ with bound %.4f (%s) scaled to ≤ %.4f",
+            bound,
+            "LipSDP" if result.verified else "∏‖W‖₂",
+            min(bound, target),
+        )
 
     # --- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"wbar": _tensors(self._wbar), "dual": _tensors(self._dual), "multipliers": _tensors(self._multipliers),
-                "bounds": list(self._bounds), "epoch": self._epoch, "converged": self._converged,
-                "stats": dict(self._stats)}
+        return {
+            "wbar": _tensors(self._wbar),
+            "dual": _tensors(self._dual),
+            "multipliers": _tensors(self._multipliers),
+            "bounds": list(self._bounds),
+            "epoch": self._epoch,
+            "converged": self._converged,
+            "stats": dict(self._stats),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._wbar, self._dual = _arrays(state["wbar"]), _arrays(state["dual"])

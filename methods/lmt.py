@@ -39,32 +39,56 @@ class LMT(LipschitzMethod):
     default_certificate = "lipschitz-l2"
     example_arch = ("cnn-small", {})
     params_schema = {
-        "c": {"type": "number", "minimum": 0, "default": 1.0,
-              "description": "target radius c (after the ramp)"},
-        "margin": {"enum": ["global", "last-layer"], "default": "last-layer",
-                   "description": "global: √2·c·L (LMT); last-layer: c·L_sub·‖w_i − w_y‖ (LMT++)"},
-        "c_start": {"type": "number", "minimum": 0, "default": 0.0,
-                    "description": "c at the start of the ramp"},
-        "ramp_epochs": {"type": "number", "minimum": 0, "default": 0,
-                        "description": "epochs of the linear ramp from c_start to c; 0: c throughout"},
-        "clip": {"type": "boolean", "default": False,
-                 "description": "scale the addition per sample by clip(r/c, 0, 1)"},
+        "c": {
+            "type": "number",
+            "minimum": 0,
+            "default": 1.0,
+            "description": "target radius c (after the ramp)",
+        },
+        "margin": {
+            "enum": ["global", "last-layer"],
+            "default": "last-layer",
+            "description": "global: √2·c·L (LMT); last-layer: c·L_sub·‖w_i − w_y‖ (LMT++)",
+        },
+        "c_start": {
+            "type": "number",
+            "minimum": 0,
+            "default": 0.0,
+            "description": "c at the start of the ramp",
+        },
+        "ramp_epochs": {
+            "type": "number",
+            "minimum": 0,
+            "default": 0,
+            "description": "epochs of the linear ramp from c_start to c; 0: c throughout",
+        },
+        "clip": {
+            "type": "boolean",
+            "default": False,
+            "description": "scale the addition per sample by clip(r/c, 0, 1)",
+        },
     }
 
     def check(self) -> None:
         for name in ("c", "c_start", "ramp_epochs"):
             non_negative(name, float(self.params[name]))
         if self.params["margin"] not in ("global", "last-layer"):
-            raise ConfigError(f"params.margin: must be 'global' or 'last-layer', got {self.params['margin']!r}")
+            raise ConfigError(
+                f"params.margin: must be 'global' or 'last-layer', got {self.params['margin']!r}"
+            )
         if self.params["ramp_epochs"] > self.context.epochs:
-            raise ConfigError(f"params.ramp_epochs: {self.params['ramp_epochs']} exceeds the "
-                              f"{self.context.epochs} training epochs")
+            raise ConfigError(
+                f"params.ramp_epochs: {self.params['ramp_epochs']} exceeds the "
+                f"{self.context.epochs} training epochs"
+            )
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
         if self.params["margin"] == "last-layer" and self.bind(model).last_linear is None:
-            raise ConfigError(f"params.margin: 'last-layer' needs a model ending in a Linear layer, "
-                              f"this one ends in {type(list(model.modules())[-1]).__name__}")
+            raise ConfigError(
+                f"params.margin: 'last-layer' needs a model ending in a Linear layer, "
+                f"this one ends in {type(list(model.modules())[-1]).__name__}"
+            )
 
     def c_at(self, progress: float) -> float:
         """c after ``progress`` ∈ [0, 1] of training: linear from c_start to c over ramp_epochs."""
@@ -77,10 +101,13 @@ class LMT(LipschitzMethod):
     def additions(self, estimate: LipschitzEstimate, y: torch.Tensor, classes: int, c: float) -> torch.Tensor:
         """(B, K) amounts added to the logits for target radius c (0 at the label)."""
         if self.params["margin"] == "global":
-            return (math.sqrt(2.0) * c * estimate.total) * (1.0 - F.one_hot(y, classes).to(estimate.total.dtype))
+            return (math.sqrt(2.0) * c * estimate.total) * (
+                1.0 - F.one_hot(y, classes).to(estimate.total.dtype)
+            )
         # without the matrix-product shortcut the diagonal is exactly 0 (and its gradient 0, not NaN)
-        distances = torch.cdist(estimate.last_weight, estimate.last_weight,
-                                compute_mode="donot_use_mm_for_euclid_dist")
+        distances = torch.cdist(
+            estimate.last_weight, estimate.last_weight, compute_mode="donot_use_mm_for_euclid_dist"
+        )
         return (c * estimate.sub) * distances[y]
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:

@@ -42,7 +42,9 @@ def retract(weight: torch.Tensor, beta: float, row_fraction: float = 1.0) -> Non
     matrix = weight.view(weight.shape[0], -1)
     rows = slice(None)
     if row_fraction < 1:
-        rows = torch.randperm(matrix.shape[0], device=matrix.device)[:math.ceil(row_fraction * matrix.shape[0])]
+        rows = torch.randperm(matrix.shape[0], device=matrix.device)[
+            : math.ceil(row_fraction * matrix.shape[0])
+        ]
     part = matrix[rows]
     cubic = (part @ part.t()) @ part if part.shape[0] <= part.shape[1] else part @ (part.t() @ part)
     matrix[rows] = (1 + beta) * part - beta * cubic
@@ -61,10 +63,20 @@ class Parseval(Method):
     default_certificate = "lipschitz-l2"
     example_arch = ("cnn-small", {})
     params_schema = {
-        "beta": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 3e-4,
-                 "description": "retraction step β (paper: 1e-4 … 3e-4)"},
-        "row_fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0,
-                         "description": "fraction of each matrix's rows retracted per step (random subset)"},
+        "beta": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "exclusiveMaximum": 1,
+            "default": 3e-4,
+            "description": "retraction step β (paper: 1e-4 … 3e-4)",
+        },
+        "row_fraction": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 1,
+            "default": 1.0,
+            "description": "fraction of each matrix's rows retracted per step (random subset)",
+        },
     }
 
     def check(self) -> None:

@@ -22,8 +22,11 @@ from methods._lipschitz import require_supported
 
 def weight_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every Linear weight and Conv2d kernel of ``model`` as an (out, in·kh·kw) view, by layer name."""
-    return {name: m.weight.view(m.weight.shape[0], -1) for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return {
+        name: m.weight.view(m.weight.shape[0], -1)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
 
 
 @register_method("spectral")
@@ -52,7 +55,9 @@ class SpectralNormRegularised(Method):
             u = self.vectors.get(name)
             if u is None or u.shape != (matrix.shape[0],):
                 u = torch.randn(matrix.shape[0])
-            sigma, self.vectors[name] = power_step(matrix.mv, matrix.t().mv, u.to(matrix.device, matrix.dtype))
+            sigma, self.vectors[name] = power_step(
+                matrix.mv, matrix.t().mv, u.to(matrix.device, matrix.dtype)
+            )
             squares.append(sigma.square())
         return torch.stack(squares).sum()
 
@@ -60,9 +65,11 @@ class SpectralNormRegularised(Method):
         penalty = self.penalty(model)
         logits = model(x)
         cross_entropy = F.cross_entropy(logits, y)
-        return LossOutput(cross_entropy + self.params["lambda"] / 2 * penalty,
-                          {"sum_sigma_squared": penalty.item(), "cross_entropy": cross_entropy.item()},
-                          logits=logits.detach())
+        return LossOutput(
+            cross_entropy + self.params["lambda"] / 2 * penalty,
+            {"sum_sigma_squared": penalty.item(), "cross_entropy": cross_entropy.item()},
+            logits=logits.detach(),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"vectors": {name: v.detach().clone() for name, v in self.vectors.items()}}

@@ -30,5 +30,8 @@ class WeightDecay(Method):
         logits = model(x)
         cross_entropy = F.cross_entropy(logits, y)
         squared = sum(p.square().sum() for p in model.parameters() if p.requires_grad)
-        return LossOutput(cross_entropy + self.params["weight_decay"] / 2 * squared,
-                          {"cross_entropy": cross_entropy.item()}, logits=logits.detach())
+        return LossOutput(
+            cross_entropy + self.params["weight_decay"] / 2 * squared,
+            {"cross_entropy": cross_entropy.item()},
+            logits=logits.detach(),
+        )

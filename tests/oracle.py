@@ -47,11 +47,17 @@ from certbench.nn.linf_dist import LinfDist, MeanShift, Negate
 #: Relative pushes tried on a candidate until the exact logits or the float32 pass confirm it.
 PUSHES = (0.0, 1e-12, 1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 #: HiGHS options: the smallest feasibility tolerances HiGHS accepts, no optimality gap.
-MILP_OPTIONS = {"mip_rel_gap": 0.0, "time_limit": 30.0, "primal_feasibility_tolerance": 1e-10,
-                "dual_feasibility_tolerance": 1e-10, "mip_feasibility_tolerance": 1e-10}
+MILP_OPTIONS = {
+    "mip_rel_gap": 0.0,
+    "time_limit": 30.0,
+    "primal_feasibility_tolerance": 1e-10,
+    "dual_feasibility_tolerance": 1e-10,
+    "mip_feasibility_tolerance": 1e-10,
+}
 
 
 # --- the network as ops ---------------------------------------------------------------------
+
 
 @dataclass
 class _Rows:
@@ -107,9 +113,15 @@ def ops_of(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             mean, std = _exact(m.mean.flatten()), _exact(m.std.flatten())
             per_channel = width // len(mean)
             channel = [f // per_channel for f in range(width)]
-            ops.append(Affine([[Fraction(1) / std[channel[f]] if g == f else Fraction(0) for g in range(width)]
-                               for f in range(width)],
-                              [-mean[channel[f]] / std[channel[f]] for f in range(width)]))
+            ops.append(
+                Affine(
+                    [
+                        [Fraction(1) / std[channel[f]] if g == f else Fraction(0) for g in range(width)]
+                        for f in range(width)
+                    ],
+                    [-mean[channel[f]] / std[channel[f]] for f in range(width)],
+                )
+            )
         elif kind is nn.Linear:
             bias = _exact(m.bias) if m.bias is not None else [Fraction(0)] * m.out_features
             ops.append(Affine(_exact(m.weight), bias))
@@ -126,11 +138,18 @@ def ops_of(model: nn.Module, input_shape: Sequence[int]) -> list[Op]:
             if m.training:
                 raise TypeError("MeanShift must be in eval mode")
             shift = _exact(m.running_mean)
-            ops.append(Affine([[Fraction(int(f == g)) for g in range(width)] for f in range(width)],
-                              [-s for s in shift]))
+            ops.append(
+                Affine(
+                    [[Fraction(int(f == g)) for g in range(width)] for f in range(width)], [-s for s in shift]
+                )
+            )
         elif kind is Negate:
-            ops.append(Affine([[Fraction(-int(f == g)) for g in range(width)] for f in range(width)],
-                              [Fraction(0)] * width))
+            ops.append(
+                Affine(
+                    [[Fraction(-int(f == g)) for g in range(width)] for f in range(width)],
+                    [Fraction(0)] * width,
+                )
+            )
         else:
             raise TypeError(f"the oracle has no encoding for {kind.__name__}")
     return ops
@@ -165,6 +184,7 @@ def forward64(ops: Sequence[Op], points: np.ndarray) -> np.ndarray:
 
 
 # --- the network with its float32 model -----------------------------------------------------
+
 
 @dataclass
 class Counterexample:
@@ -293,7 +313,9 @@ class Network:
                     break
         return SampleOracle(estimate, best, exact)
 
-    def l2(self, x: np.ndarray, y: int, starts: Sequence[np.ndarray] = (), max_patterns: int = 256) -> SampleOracle:
+    def l2(
+        self, x: np.ndarray, y: int, starts: Sequence[np.ndarray] = (), max_patterns: int = 256
+    ) -> SampleOracle:
         """Least ℓ2 distance to another class in [0, 1]ⁿ: exact for ReLU nets (every activation
         pattern), an upper bound from the patterns met at ``starts`` and along the way otherwise."""
         x = np.asarray(x, dtype=np.float64)
@@ -322,8 +344,14 @@ class Network:
                 best = found
         return SampleOracle(estimate, best, masks is not None)
 
-    def _l2_candidates(self, x: np.ndarray, y: int, starts: Sequence[np.ndarray],
-                       masks: list[list[np.ndarray]] | None, gap: float) -> list[tuple[float, np.ndarray]]:
+    def _l2_candidates(
+        self,
+        x: np.ndarray,
+        y: int,
+        starts: Sequence[np.ndarray],
+        masks: list[list[np.ndarray]] | None,
+        gap: float,
+    ) -> list[tuple[float, np.ndarray]]:
         """Least-distance solutions on every ReLU pattern (``masks``), else on the patterns met at x,
         at ``starts``, at the first float32 flips along fixed directions and along the way; sorted."""
         candidates: list[tuple[float, np.ndarray]] = []
@@ -372,7 +400,10 @@ class Network:
                 pad = 1e-9 * (np.abs(op.w64) @ np.maximum(np.abs(lower), np.abs(upper)) + np.abs(op.b64))
                 lower, upper = centre - radius - pad, centre + radius + pad
             else:
-                units = [[True] if lo >= 0 else [False] if hi <= 0 else [True, False] for lo, hi in zip(lower, upper)]
+                units = [
+                    [True] if lo >= 0 else [False] if hi <= 0 else [True, False]
+                    for lo, hi in zip(lower, upper)
+                ]
                 choices.append([np.array(p, dtype=bool) for p in itertools.product(*units)])
                 lower, upper = np.maximum(lower, 0.0), np.maximum(upper, 0.0)
         if math.prod(len(c) for c in choices) > limit:
@@ -381,6 +412,7 @@ class Network:
 
 
 # --- ℓ∞: the MILP -----------------------------------------------------------------------------
+
 
 class _Program:
     """Columns with bounds, rows ``lo ≤ a·v ≤ hi``; expressions are ({column: coefficient}, constant)."""
@@ -429,8 +461,15 @@ def _var(col: int) -> tuple[dict[int, float], float]:
     return {col: 1.0}, 0.0
 
 
-def _linf_milp(ops: Sequence[Op], values: list[list[float]], x: np.ndarray, y: int, target: int,
-               radius: float, required: float) -> np.ndarray | str:
+def _linf_milp(
+    ops: Sequence[Op],
+    values: list[list[float]],
+    x: np.ndarray,
+    y: int,
+    target: int,
+    radius: float,
+    required: float,
+) -> np.ndarray | str:
     """min ‖δ‖∞ over ‖δ‖∞ ≤ radius, x + δ ∈ [0, 1]ⁿ and Δz_target − Δz_y ≥ ``required``
     (the margin z_y − z_target at x, plus a gap); δ, "infeasible" or "failed".
 
@@ -460,7 +499,9 @@ def _linf_milp(ops: Sequence[Op], values: list[list[float]], x: np.ndarray, y: i
                 else:
                     da, s = prog.var(-a0, high - a0), prog.var(0.0, 1.0, integral=True)
                     prog.row(_combine([(1.0, _var(da)), (-1.0, dz)]), z0 - a0, math.inf)
-                    prog.row(_combine([(1.0, _var(da)), (-1.0, dz), (-low, _var(s))]), -math.inf, z0 - a0 - low)
+                    prog.row(
+                        _combine([(1.0, _var(da)), (-1.0, dz), (-low, _var(s))]), -math.inf, z0 - a0 - low
+                    )
                     prog.row(_combine([(1.0, _var(da)), (-high, _var(s))]), -math.inf, -a0)
                     out.append(_var(da))
             deltas = out
@@ -486,10 +527,14 @@ def _linf_milp(ops: Sequence[Op], values: list[list[float]], x: np.ndarray, y: i
                         dp, s = prog.var(-p0, top - p0), prog.var(0.0, 1.0, integral=True)
                         prog.row(_combine([(1.0, _var(dp)), (-1.0, dv)]), c0 - p0, math.inf)
                         prog.row(_combine([(1.0, _var(dp)), (1.0, dv)]), -c0 - p0, math.inf)
-                        prog.row(_combine([(1.0, _var(dp)), (-1.0, dv), (-2 * low, _var(s))]),
-                                 -math.inf, c0 - p0 - 2 * low)
-                        prog.row(_combine([(1.0, _var(dp)), (1.0, dv), (-2 * high, _var(s))]),
-                                 -math.inf, -c0 - p0)
+                        prog.row(
+                            _combine([(1.0, _var(dp)), (-1.0, dv), (-2 * low, _var(s))]),
+                            -math.inf,
+                            c0 - p0 - 2 * low,
+                        )
+                        prog.row(
+                            _combine([(1.0, _var(dp)), (1.0, dv), (-2 * high, _var(s))]), -math.inf, -c0 - p0
+                        )
                         ps.append(_var(dp))
                         plo.append(0.0)
                         phi.append(top)
@@ -505,7 +550,7 @@ def _linf_milp(ops: Sequence[Op], values: list[list[float]], x: np.ndarray, y: i
                 top = max(phi)
                 dm = prog.var(floor - m0, top - m0)
                 picks = [prog.var(0.0, 1.0, integral=True) for _ in candidates]
-                prog.row(({s: 1.0 for s in picks}, 0.0), 1.0, 1.0)
+                prog.row((dict.fromkeys(picks, 1.0), 0.0), 1.0, 1.0)
                 for i, s in zip(candidates, picks):
                     big = top - plo[i]
                     prog.row(_combine([(1.0, _var(dm)), (-1.0, shifted[i])]), 0.0, math.inf)
@@ -526,8 +571,13 @@ def _linf_milp(ops: Sequence[Op], values: list[list[float]], x: np.ndarray, y: i
     cost[t] = 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # HiGHS options scipy passes on verbatim
-        result = milp(cost, integrality=np.array(prog.integral), bounds=Bounds(prog.lb, prog.ub),
-                      constraints=LinearConstraint(matrix, lows, highs), options=dict(MILP_OPTIONS))
+        result = milp(
+            cost,
+            integrality=np.array(prog.integral),
+            bounds=Bounds(prog.lb, prog.ub),
+            constraints=LinearConstraint(matrix, lows, highs),
+            options=dict(MILP_OPTIONS),
+        )
     if result.status == 2:
         return "infeasible"
     if result.x is None or result.status != 0:
@@ -537,9 +587,13 @@ def _linf_milp(ops: Sequence[Op], values: list[list[float]], x: np.ndarray, y: i
 
 # --- ℓ2: activation patterns and least-distance programmes ------------------------------------
 
-def trace(ops: Sequence[Op], x: np.ndarray, point: np.ndarray | None = None,
-          masks: Sequence[np.ndarray] | None = None
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+
+def trace(
+    ops: Sequence[Op],
+    x: np.ndarray,
+    point: np.ndarray | None = None,
+    masks: Sequence[np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The affine piece of the network on one linear region, in δ = x' − x: logits ``c + G δ`` on the
     region ``{δ : rows_c + rows_G δ ≥ 0}``. The region is the one of ``point`` or, for ReLU nets,
     given by ``masks`` (one boolean array per ReLU op: active units)."""
@@ -605,8 +659,14 @@ def least_distance(g: np.ndarray, h: np.ndarray) -> np.ndarray | None:
     return delta
 
 
-def _ldp_candidates(ops: Sequence[Op], x: np.ndarray, y: int, point: np.ndarray | None = None,
-                    masks: Sequence[np.ndarray] | None = None, gap: float = 0.0) -> list[tuple[float, np.ndarray]]:
+def _ldp_candidates(
+    ops: Sequence[Op],
+    x: np.ndarray,
+    y: int,
+    point: np.ndarray | None = None,
+    masks: Sequence[np.ndarray] | None = None,
+    gap: float = 0.0,
+) -> list[tuple[float, np.ndarray]]:
     """For each class j ≠ y, the ℓ2-nearest δ in the region with x + δ ∈ [0, 1]ⁿ and z_j ≥ z_y + gap."""
     c, g, region_c, region_g = trace(ops, x, point=point, masks=masks)
     n = len(x)

@@ -23,7 +23,13 @@ from certbench.applicability import common_refusal
 from certbench.bounds.linf_dist import lipschitz_linf
 from certbench.bounds.lipschitz import LipschitzBound
 from certbench.bounds.lipsdp import mlp_weights, product_bound
-from certbench.bounds.lirpa import BoundedModule, BoundedTensor, PerturbationLpNorm, input_box, unsupported_reason
+from certbench.bounds.lirpa import (
+    BoundedModule,
+    BoundedTensor,
+    PerturbationLpNorm,
+    input_box,
+    unsupported_reason,
+)
 from certbench.certificates import CERTIFICATES
 from certbench.certificates.lipschitz import exact_bound
 from certbench.evaluate import _certify_one
@@ -36,18 +42,26 @@ LIRPA_METHODS = {"ibp": "IBP", "crown": "backward", "crown-ibp": "CROWN-IBP"}
 
 # --- models ------------------------------------------------------------------------------------
 
+
 def mlp(seed: int = 0) -> nn.Sequential:
     """An MLP every certificate but the ℓ∞-dist ones accepts."""
     torch.manual_seed(seed)
-    return nn.Sequential(Normalize([0.5], [0.25]), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(),
-                         nn.Linear(8, 3)).eval()
+    return nn.Sequential(
+        Normalize([0.5], [0.25]), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)
+    ).eval()
 
 
 def linf_net(seed: int = 0) -> nn.Sequential:
     """A plain ℓ∞-dist net (the ℓ∞-dist certificates accept it)."""
     torch.manual_seed(seed)
-    return nn.Sequential(Normalize([0.5], [0.25]), nn.Flatten(), LinfDist(16, 8), MeanShift(8),
-                         LinfDist(8, 3, bias=True), Negate()).eval()
+    return nn.Sequential(
+        Normalize([0.5], [0.25]),
+        nn.Flatten(),
+        LinfDist(16, 8),
+        MeanShift(8),
+        LinfDist(8, 3, bias=True),
+        Negate(),
+    ).eval()
 
 
 def accepted(name: str) -> nn.Sequential:
@@ -68,8 +82,10 @@ def conv_net(*layers: nn.Module, side: int = 4) -> nn.Sequential:
 
 # --- auto_LiRPA's raw bounds (no certbench checks) ---------------------------------------------
 
-def raw_output_bounds(model: nn.Module, x: torch.Tensor, eps: float, method: str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def raw_output_bounds(
+    model: nn.Module, x: torch.Tensor, eps: float, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """auto_LiRPA 0.3's bounds of the logits over the clipped ℓ∞ box, bypassing every certbench check."""
     lower_x, upper_x = input_box(x, eps)
     bounded = BoundedModule(model, torch.zeros_like(x))
@@ -104,7 +120,12 @@ def lirpa_bound_violated(model: nn.Module, x: torch.Tensor, eps: float, method: 
 AVGPOOL_CASES = {
     # name: (layers, input side, method showing the wrong bound, words of the reason)
     "overlapping": ([nn.AvgPool2d(2, stride=1)], 3, "backward", "kernel must equal stride"),
-    "count_include_pad": ([nn.AvgPool2d(2, padding=1, count_include_pad=False)], 2, "IBP", "count_include_pad"),
+    "count_include_pad": (
+        [nn.AvgPool2d(2, padding=1, count_include_pad=False)],
+        2,
+        "IBP",
+        "count_include_pad",
+    ),
     "divisor_override": ([nn.AvgPool2d(2, divisor_override=1)], 4, "IBP", "divisor_override"),
     "ceil_mode": ([nn.AvgPool2d(2, ceil_mode=True)], 3, "IBP", "ceil_mode"),
 }
@@ -152,8 +173,12 @@ def test_other_auto_lirpa_settings_are_refused_with_the_layer_named() -> None:
     assert "output_size" in unsupported_reason(conv_net(nn.AdaptiveAvgPool2d(2)))
     no_stats = unsupported_reason(conv_net(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False)))
     assert "track_running_stats" in no_stats and "'2'" in no_stats
-    assert unsupported_reason(conv_net(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                                       nn.AdaptiveAvgPool2d(1))) is None
+    assert (
+        unsupported_reason(
+            conv_net(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1))
+        )
+        is None
+    )
 
 
 def test_ibp_training_names_the_unsupported_setting() -> None:
@@ -173,6 +198,7 @@ def test_ibp_training_names_the_unsupported_setting() -> None:
 
 
 # --- part 2: subclasses ------------------------------------------------------------------------
+
 
 class SteepReLU(nn.ReLU):
     """A ReLU subclass with slope 10: a rule for nn.ReLU does not hold for it."""
@@ -241,6 +267,7 @@ def test_linf_dist_subclass_is_refused(name: str) -> None:
 
 # --- part 2: hooks -----------------------------------------------------------------------------
 
+
 def _scale_output(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
     return 10 * output
 
@@ -285,8 +312,9 @@ def test_hooks_change_what_the_lipschitz_rule_bounds() -> None:
     assert common_refusal(model) is not None
 
 
-@pytest.mark.parametrize("kind", ["backward", "global forward", "global forward pre", "root forward",
-                                  "forward attribute"])
+@pytest.mark.parametrize(
+    "kind", ["backward", "global forward", "global forward pre", "root forward", "forward attribute"]
+)
 def test_other_hooks_and_a_patched_forward_are_refused(kind: str) -> None:
     """Backward hooks, torch's global module hooks, a hook on the model itself and an instance
     attribute ``forward`` are refused too. Failed before: none of them was checked."""
@@ -306,9 +334,13 @@ def test_other_hooks_and_a_patched_forward_are_refused(kind: str) -> None:
     try:
         for name in CERTIFICATES.names():
             assert CERTIFICATES.get(name)().refusal(model) is not None
-        expected = {"backward": "backward hook", "global forward": "global forward hook",
-                    "global forward pre": "global forward pre-hook", "root forward": "the model",
-                    "forward attribute": "forward replaced"}[kind]
+        expected = {
+            "backward": "backward hook",
+            "global forward": "global forward hook",
+            "global forward pre": "global forward pre-hook",
+            "root forward": "the model",
+            "forward attribute": "forward replaced",
+        }[kind]
         assert expected in common_refusal(model)
     finally:
         for handle in remove:
@@ -386,14 +418,22 @@ def test_bounds_use_the_normalize_buffer_as_it_is_at_certification_time() -> Non
 
 # --- part 2: the exact-bound cache -------------------------------------------------------------
 
+
 def lipschitz_model() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(Normalize([0.5], [0.25]), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
-                         nn.Flatten(), nn.Linear(8, 3)).eval()
+    return nn.Sequential(
+        Normalize([0.5], [0.25]),
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).eval()
 
 
-@pytest.mark.parametrize("change", ["swap activation", "swap pooling", "setting", "weight via .data",
-                                    "std via .data"])
+@pytest.mark.parametrize(
+    "change", ["swap activation", "swap pooling", "setting", "weight via .data", "std via .data"]
+)
 def test_exact_bound_cache_follows_structure_and_content(change: str) -> None:
     """The cached exact bound is recomputed after an in-place change of the model. Failed before:
     the cache key was (data_ptr, _version) of the tensors, blind to a parameterless layer swapped in
@@ -422,6 +462,7 @@ def test_exact_bound_cache_follows_structure_and_content(change: str) -> None:
 
 
 # --- part 2: records ---------------------------------------------------------------------------
+
 
 def test_a_refused_certificate_records_and_logs_its_reason(caplog: pytest.LogCaptureFixture) -> None:
     """``_certify_one`` writes the reason into the entry and the log; the run goes on. Failed
@@ -455,6 +496,7 @@ def test_a_certificate_with_the_older_applies_interface_still_works() -> None:
 
 
 # --- part 3: strict float32 --------------------------------------------------------------------
+
 
 @pytest.fixture
 def saved_precision():
@@ -530,8 +572,14 @@ def test_strict_float32_gives_the_same_logits_as_float64_rounded(saved_precision
     """A conv net evaluated inside the context (im2col + GEMM, not oneDNN) stays within float32
     rounding of its float64 evaluation. Failed before: there was no such context."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
-                          nn.Flatten(), nn.LazyLinear(10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(10),
+    ).eval()
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
         model(x)

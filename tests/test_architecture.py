@@ -25,10 +25,10 @@ PACKAGES = ("certbench", "methods")
 
 @dataclass(frozen=True)
 class Import:
-    source: str      # the importing module
-    target: str      # a repository module it imports (or the top-level name of a third-party one)
+    source: str  # the importing module
+    target: str  # a repository module it imports (or the top-level name of a third-party one)
     line: int
-    eager: bool      # runs when ``source`` is imported (not in a function, not under TYPE_CHECKING)
+    eager: bool  # runs when ``source`` is imported (not in a function, not under TYPE_CHECKING)
 
 
 def _module_name(path: Path) -> str:
@@ -36,12 +36,15 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES: dict[str, Path] = {_module_name(p): p for package in PACKAGES for p in sorted((REPO / package).rglob("*.py"))}
+MODULES: dict[str, Path] = {
+    _module_name(p): p for package in PACKAGES for p in sorted((REPO / package).rglob("*.py"))
+}
 
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _statements(node: ast.AST, eager: bool) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
@@ -106,24 +109,66 @@ def _repository(imp: Import) -> bool:
 # rule: (the importing modules, the only repository modules they may import (None: any but the
 # forbidden; the package root ``certbench``, free of imports, is always allowed), those they must not import)
 LINES: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None, tuple[str, ...]]] = {
-    "nn (layers) rests on nothing else of the repository": (
-        ("certbench.nn",), ("certbench.nn",), ()),
-    "bounds rest on nn only": (
-        ("certbench.bounds",), ("certbench.nn", "certbench.bounds"), ()),
+    "nn (layers) rests on nothing else of the repository": (("certbench.nn",), ("certbench.nn",), ()),
+    "bounds rest on nn only": (("certbench.bounds",), ("certbench.nn", "certbench.bounds"), ()),
     "data, models, certificates and attacks never reach up to methods, training or evaluation": (
-        ("certbench.data", "certbench.models", "certbench.certificates", "certbench.attacks",
-         "certbench.applicability"), None,
-        ("methods", "certbench.method", "certbench.train", "certbench.evaluate", "certbench.cli",
-         "certbench.catalogue")),
+        (
+            "certbench.data",
+            "certbench.models",
+            "certbench.certificates",
+            "certbench.attacks",
+            "certbench.applicability",
+        ),
+        None,
+        (
+            "methods",
+            "certbench.method",
+            "certbench.train",
+            "certbench.evaluate",
+            "certbench.cli",
+            "certbench.catalogue",
+        ),
+    ),
     "methods are plug-ins: they build on the library, never on training, evaluation or outputs": (
-        ("methods",), None,
-        ("certbench.train", "certbench.evaluate", "certbench.cli", "certbench.catalogue", "certbench.records",
-         "certbench.collect", "certbench.tables", "certbench.figures", "certbench.audit")),
+        ("methods",),
+        None,
+        (
+            "certbench.train",
+            "certbench.evaluate",
+            "certbench.cli",
+            "certbench.catalogue",
+            "certbench.records",
+            "certbench.collect",
+            "certbench.tables",
+            "certbench.figures",
+            "certbench.audit",
+        ),
+    ),
     "records, collect, tables, figures and the audit never import the torch side": (
-        ("certbench.records", "certbench.storage", "certbench.collect", "certbench.tables", "certbench.figures",
-         "certbench.plotting", "certbench.labels", "certbench.frontpage", "certbench.audit"), None,
-        ("methods", "certbench.nn", "certbench.bounds", "certbench.models", "certbench.certificates",
-         "certbench.attacks", "certbench.method", "certbench.train", "certbench.evaluate")),
+        (
+            "certbench.records",
+            "certbench.storage",
+            "certbench.collect",
+            "certbench.tables",
+            "certbench.figures",
+            "certbench.plotting",
+            "certbench.labels",
+            "certbench.frontpage",
+            "certbench.audit",
+        ),
+        None,
+        (
+            "methods",
+            "certbench.nn",
+            "certbench.bounds",
+            "certbench.models",
+            "certbench.certificates",
+            "certbench.attacks",
+            "certbench.method",
+            "certbench.train",
+            "certbench.evaluate",
+        ),
+    ),
 }
 
 
@@ -131,25 +176,35 @@ LINES: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None, tuple[str, ...]]
 def test_forbidden_lines(rule: str) -> None:
     sources, allowed, forbidden = LINES[rule]
     crossing = [
-        _where(imp) for imp in IMPORTS
-        if _under(imp.source, *sources) and _repository(imp)
-        and (_under(imp.target, *forbidden)
-             or (allowed is not None and imp.target != "certbench" and not _under(imp.target, *allowed)))]
+        _where(imp)
+        for imp in IMPORTS
+        if _under(imp.source, *sources)
+        and _repository(imp)
+        and (
+            _under(imp.target, *forbidden)
+            or (allowed is not None and imp.target != "certbench" and not _under(imp.target, *allowed))
+        )
+    ]
     assert not crossing, f"{rule}:\n" + "\n".join(crossing)
 
 
 def test_only_the_method_registry_imports_methods() -> None:
     """The library finds methods through :func:`certbench.method.get_method` and nothing else."""
-    crossing = [_where(imp) for imp in IMPORTS
-                if _under(imp.source, "certbench") and imp.source != "certbench.method"
-                and _under(imp.target, "methods")]
+    crossing = [
+        _where(imp)
+        for imp in IMPORTS
+        if _under(imp.source, "certbench")
+        and imp.source != "certbench.method"
+        and _under(imp.target, "methods")
+    ]
     assert not crossing, "\n".join(crossing)
 
 
 def test_no_method_imports_a_sibling_method() -> None:
     """Code shared by methods lives in :mod:`certbench.method` or a ``methods/_<family>.py`` base module."""
-    crossing = [_where(imp) for imp in IMPORTS
-                if _under(imp.source, "methods") and _is_method_module(imp.target)]
+    crossing = [
+        _where(imp) for imp in IMPORTS if _under(imp.source, "methods") and _is_method_module(imp.target)
+    ]
     assert not crossing, "\n".join(crossing)
 
 
@@ -167,7 +222,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -176,7 +231,8 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycles() -> None:
-    """Module-level imports among the repository's modules form no cycle (lazy imports in functions excepted)."""
+    """Module-level imports among the repository's modules form no cycle (lazy imports in functions
+    excepted)."""
     graph: dict[str, set[str]] = {module: set() for module in MODULES}
     for imp in IMPORTS:
         if imp.eager and imp.target in MODULES:
@@ -187,7 +243,9 @@ def test_no_import_cycles() -> None:
 
 def test_the_checker_sees_what_it_checks() -> None:
     """Guard against a checker that passes because it finds nothing."""
-    assert {"certbench.bounds.lirpa", "certbench.nn.linf_dist", "certbench.method", "methods.ibp"} <= set(MODULES)
+    assert {"certbench.bounds.lirpa", "certbench.nn.linf_dist", "certbench.method", "methods.ibp"} <= set(
+        MODULES
+    )
     eager = {(imp.source, imp.target) for imp in IMPORTS if imp.eager}
     lazy = {(imp.source, imp.target) for imp in IMPORTS if not imp.eager}
     assert ("certbench.bounds.lirpa", "certbench.bounds.lirpa_compat") in eager

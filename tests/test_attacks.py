@@ -21,7 +21,8 @@ LARGE_EPS = {"linf": 0.5, "l2": 4.0}
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models on a shared 2-core machine: a second torch thread only adds contention (25× slower here)."""
+    """Tiny models on a shared 2-core machine: a second torch thread only adds contention (25× slower
+    here)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -37,7 +38,9 @@ def digits() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     data = load_digits()
     x = torch.tensor(data.data / 16, dtype=torch.float32).view(-1, 1, 8, 8)
     y = torch.tensor(data.target)
-    model = nn.Sequential(Normalize([0.3051], [0.3783]), nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = nn.Sequential(
+        Normalize([0.3051], [0.3783]), nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(10):
         for batch in torch.randperm(1500).split(100):
@@ -51,10 +54,19 @@ def digits() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def test_registry_holds_the_six_foolbox_attacks_with_norm_and_kind() -> None:
-    kinds = {name: (Attack(name).norm, Attack(name).kind) for name in ATTACKS.names()
-             if ATTACKS.get(name).runner.__module__ == "certbench.attacks.foolbox_attacks"}
-    assert kinds == {"deepfool-l2": ("l2", "minimal"), "cw-l2": ("l2", "minimal"), "ddn-l2": ("l2", "minimal"),
-                     "fmn-linf": ("linf", "minimal"), "pgd-linf": ("linf", "eps"), "pgd-l2": ("l2", "eps")}
+    kinds = {
+        name: (Attack(name).norm, Attack(name).kind)
+        for name in ATTACKS.names()
+        if ATTACKS.get(name).runner.__module__ == "certbench.attacks.foolbox_attacks"
+    }
+    assert kinds == {
+        "deepfool-l2": ("l2", "minimal"),
+        "cw-l2": ("l2", "minimal"),
+        "ddn-l2": ("l2", "minimal"),
+        "fmn-linf": ("linf", "minimal"),
+        "pgd-linf": ("linf", "eps"),
+        "pgd-l2": ("l2", "eps"),
+    }
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
@@ -109,8 +121,9 @@ def _affine_problem(n: int = 256) -> tuple[nn.Module, torch.Tensor, torch.Tensor
     return model, x, y, d2, dinf
 
 
-@pytest.mark.parametrize(("name", "median_upper"), [("deepfool-l2", 1.025), ("cw-l2", 1.05), ("ddn-l2", 1.5),
-                                                    ("fmn-linf", 1.01)])
+@pytest.mark.parametrize(
+    ("name", "median_upper"), [("deepfool-l2", 1.025), ("cw-l2", 1.05), ("ddn-l2", 1.5), ("fmn-linf", 1.01)]
+)
 def test_minimum_norm_attacks_on_affine_model_near_exact_distance(name: str, median_upper: float) -> None:
     model, x, y, d2, dinf = _affine_problem()
     attack = Attack(name)
@@ -126,20 +139,29 @@ def test_minimum_norm_attacks_on_affine_model_near_exact_distance(name: str, med
     # No attack can beat the exact minimal distance: a smaller measured norm is a measuring bug.
     assert ratio.min() >= 1 - 1e-4
     assert np.median(ratio) <= median_upper
-    if name == "deepfool-l2":  # on an affine model DeepFool lands on the boundary in one step, plus 2 % overshoot
+    if (
+        name == "deepfool-l2"
+    ):  # on an affine model DeepFool lands on the boundary in one step, plus 2 % overshoot
         assert ratio.max() <= 1.03
 
 
-@pytest.mark.parametrize(("name", "settings_", "message"), [
-    ("pgd-linf", {"steps": 0}, "pgd-linf.steps: 0 is less than the minimum of 1"),
-    ("deepfool-l2", {"steps": -3}, "deepfool-l2.steps: -3 is less than the minimum of 1"),
-    ("cw-l2", {"binary_search_steps": 2.5}, "binary_search_steps: 2.5 is not of type 'integer'"),
-    ("cw-l2", {"stepsize": 0.0}, "stepsize: 0.0 is less than or equal to the minimum of 0"),
-    ("ddn-l2", {"gamma": 1.0}, "gamma: 1.0 is greater than or equal to the maximum of 1"),
-    ("pgd-l2", {"random_start": 1}, "random_start: 1 is not of type 'boolean'"),
-    ("fmn-linf", {"step": 10}, "fmn-linf.step: unknown key; allowed: steps, max_stepsize"),
-    ("pgd-linf", {"rel_stepsize": float("nan")}, "pgd-linf.rel_stepsize: must be a finite number, got nan"),
-])
+@pytest.mark.parametrize(
+    ("name", "settings_", "message"),
+    [
+        ("pgd-linf", {"steps": 0}, "pgd-linf.steps: 0 is less than the minimum of 1"),
+        ("deepfool-l2", {"steps": -3}, "deepfool-l2.steps: -3 is less than the minimum of 1"),
+        ("cw-l2", {"binary_search_steps": 2.5}, "binary_search_steps: 2.5 is not of type 'integer'"),
+        ("cw-l2", {"stepsize": 0.0}, "stepsize: 0.0 is less than or equal to the minimum of 0"),
+        ("ddn-l2", {"gamma": 1.0}, "gamma: 1.0 is greater than or equal to the maximum of 1"),
+        ("pgd-l2", {"random_start": 1}, "random_start: 1 is not of type 'boolean'"),
+        ("fmn-linf", {"step": 10}, "fmn-linf.step: unknown key; allowed: steps, max_stepsize"),
+        (
+            "pgd-linf",
+            {"rel_stepsize": float("nan")},
+            "pgd-linf.rel_stepsize: must be a finite number, got nan",
+        ),
+    ],
+)
 def test_bad_settings_rejected_with_one_line(name: str, settings_: dict, message: str) -> None:
     with pytest.raises(ValueError) as info:
         Attack(name, **settings_)
@@ -165,13 +187,16 @@ class CountingModel(nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize(("name", "eps", "message"), [
-    ("pgd-linf", 1.5, "eps must lie in [0, 1]"),
-    ("pgd-linf", -0.1, "eps must lie in [0, 1]"),
-    ("pgd-l2", 8.5, "eps must lie in [0, 8]"),
-    ("pgd-l2", None, "needs eps"),
-    ("deepfool-l2", 0.5, "takes no eps"),
-])
+@pytest.mark.parametrize(
+    ("name", "eps", "message"),
+    [
+        ("pgd-linf", 1.5, "eps must lie in [0, 1]"),
+        ("pgd-linf", -0.1, "eps must lie in [0, 1]"),
+        ("pgd-l2", 8.5, "eps must lie in [0, 8]"),
+        ("pgd-l2", None, "needs eps"),
+        ("deepfool-l2", 0.5, "takes no eps"),
+    ],
+)
 def test_bad_eps_rejected_before_running(digits, name: str, eps: float | None, message: str) -> None:
     model, x, y = digits
     counting = CountingModel(model)
@@ -216,10 +241,14 @@ def test_table_records_failing_batch_and_goes_on(digits) -> None:
 
 def test_table_columns_match_single_runs(digits) -> None:
     model, x, y = digits
-    table = attack_table(model, x, y, [Attack("pgd-l2", steps=10), "fmn-linf"], {"l2": [0.5, 1.0]},
-                         batch_size=40, seed=3)
-    expected = {"label", "clean_pred"} | {column(f, "fmn-linf") for f in FIELDS} | {
-        column(f, "pgd-l2", e) for f in FIELDS for e in (0.5, 1.0)}
+    table = attack_table(
+        model, x, y, [Attack("pgd-l2", steps=10), "fmn-linf"], {"l2": [0.5, 1.0]}, batch_size=40, seed=3
+    )
+    expected = (
+        {"label", "clean_pred"}
+        | {column(f, "fmn-linf") for f in FIELDS}
+        | {column(f, "pgd-l2", e) for f in FIELDS for e in (0.5, 1.0)}
+    )
     assert set(table) == expected
     assert all(len(values) == len(x) for values in table.values())
     single = Attack("pgd-l2", steps=10).run(model, x[40:80], y[40:80], 1.0, seed=4)
@@ -241,7 +270,9 @@ def test_library_output_is_projected_and_reverified(digits) -> None:
     """A runner that returns examples far outside ball and box: we project, clip and re-check."""
     model, x, y = digits
     attack = Attack("pgd-linf")
-    attack.spec = dataclasses.replace(attack.spec, runner=lambda m, xs, ys, eps, s: xs + 3.0 * torch.randn_like(xs))
+    attack.spec = dataclasses.replace(
+        attack.spec, runner=lambda m, xs, ys, eps, s: xs + 3.0 * torch.randn_like(xs)
+    )
     result = attack.run(model, x, y, 0.05, seed=0)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert (result.x_adv.double() - x.double()).abs().max() <= 0.05
@@ -256,8 +287,12 @@ def test_library_output_is_projected_and_reverified(digits) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(norm=st.sampled_from(["l2", "linf"]), eps=st.floats(0.0, 2.0), scale=st.floats(0.0, 10.0),
-       seed=st.integers(0, 2**16))
+@given(
+    norm=st.sampled_from(["l2", "linf"]),
+    eps=st.floats(0.0, 2.0),
+    scale=st.floats(0.0, 10.0),
+    seed=st.integers(0, 2**16),
+)
 def test_projection_lands_in_box_and_ball(norm: str, eps: float, scale: float, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(4, 1, 5, 5, generator=generator)

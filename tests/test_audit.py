@@ -15,21 +15,32 @@ TOL = 1e-4
 
 
 def record(certificates: dict) -> dict:
-    return {"run": {"dataset": "digits", "name": "m", "arch": "mlp", "seed": 0}, "method": "m",
-            "config": {"evaluation": {"audit_tolerance": TOL}},
-            "certify": {"certificates": certificates}}
+    return {
+        "run": {"dataset": "digits", "name": "m", "arch": "mlp", "seed": 0},
+        "method": "m",
+        "config": {"evaluation": {"audit_tolerance": TOL}},
+        "certify": {"certificates": certificates},
+    }
 
 
 def points(n: int, prediction: int = 0) -> pd.DataFrame:
-    return pd.DataFrame({"index": np.arange(10, 10 + n), "label": np.zeros(n, int),
-                         "prediction": np.full(n, prediction), "margin": np.ones(n)})
+    return pd.DataFrame(
+        {
+            "index": np.arange(10, 10 + n),
+            "label": np.zeros(n, int),
+            "prediction": np.full(n, prediction),
+            "margin": np.ones(n),
+        }
+    )
 
 
-def rows(kind: str, evaluation: str, norm: str, eps: float | None, n: int, prediction: int = 0,
-         **fields) -> pd.DataFrame:
+def rows(
+    kind: str, evaluation: str, norm: str, eps: float | None, n: int, prediction: int = 0, **fields
+) -> pd.DataFrame:
     """The tidy per-sample rows of one certificate or attack at ε (``None``: without ε)."""
-    return points(n, prediction).assign(kind=kind, evaluation=evaluation, norm=norm,
-                                        eps=np.nan if eps is None else eps, **fields)
+    return points(n, prediction).assign(
+        kind=kind, evaluation=evaluation, norm=norm, eps=np.nan if eps is None else eps, **fields
+    )
 
 
 def tidy(*parts: pd.DataFrame, n: int, prediction: int = 0) -> pd.DataFrame:
@@ -38,15 +49,30 @@ def tidy(*parts: pd.DataFrame, n: int, prediction: int = 0) -> pd.DataFrame:
     return table.reindex(columns=list(SAMPLE_DTYPES)).astype(SAMPLE_DTYPES)
 
 
-def table(radius: list[float], adv_l2: list[float], prediction: int = 0,
-          status: str | None = None) -> pd.DataFrame:
+def table(
+    radius: list[float], adv_l2: list[float], prediction: int = 0, status: str | None = None
+) -> pd.DataFrame:
     """An ℓ2 radius certificate ``lip`` (status at ε = 0.5) and a minimum-norm ℓ2 attack ``df``."""
     n = len(radius)
     statuses = [status or ("certified" if r > 0.5 else "not_certified") for r in radius]
-    return tidy(rows("certificate", "lip", "l2", None, n, prediction, radius=radius),
-                rows("certificate", "lip", "l2", 0.5, n, prediction, status=statuses),
-                rows("attack", "df", "l2", None, n, prediction, success=np.isfinite(adv_l2), error=False,
-                     adv_l2=adv_l2, adv_linf=np.asarray(adv_l2) / 4), n=n, prediction=prediction)
+    return tidy(
+        rows("certificate", "lip", "l2", None, n, prediction, radius=radius),
+        rows("certificate", "lip", "l2", 0.5, n, prediction, status=statuses),
+        rows(
+            "attack",
+            "df",
+            "l2",
+            None,
+            n,
+            prediction,
+            success=np.isfinite(adv_l2),
+            error=False,
+            adv_l2=adv_l2,
+            adv_linf=np.asarray(adv_l2) / 4,
+        ),
+        n=n,
+        prediction=prediction,
+    )
 
 
 LIP = {"lip": {"norm": "l2", "applicable": True}}
@@ -73,12 +99,14 @@ def test_tolerance_is_tiny_and_favours_the_certificate() -> None:
 
 def test_certified_at_eps_but_broken_by_an_eps_attack() -> None:
     certificates = {"ibp": {"norm": "linf", "applicable": True}}
+
     def samples(error: bool) -> pd.DataFrame:
-        return tidy(rows("certificate", "ibp", "linf", 0.1, 2, status=["certified", "not_certified"]),
-                    rows("attack", "pgd", "linf", 0.1, 2, success=True, error=error, adv_l2=0.5,
-                         adv_linf=0.1),
-                    rows("attack", "pgd", "linf", 0.2, 2, success=True, error=False, adv_l2=0.9,
-                         adv_linf=0.2), n=2)
+        return tidy(
+            rows("certificate", "ibp", "linf", 0.1, 2, status=["certified", "not_certified"]),
+            rows("attack", "pgd", "linf", 0.1, 2, success=True, error=error, adv_l2=0.5, adv_linf=0.1),
+            rows("attack", "pgd", "linf", 0.2, 2, success=True, error=False, adv_l2=0.9, adv_linf=0.2),
+            n=2,
+        )
 
     found = audit_run(record(certificates), samples(error=False))
     assert found[0]["violations"] == 1 and found[0]["samples"] == "10"
@@ -111,12 +139,14 @@ def test_verdict_names_method_certificate_and_samples(tmp_path: Path) -> None:
 
 def test_attacks_of_the_other_norm_are_measured_in_the_certificate_norm() -> None:
     """An ℓ∞ attack's example is checked against an ℓ2 certificate by its ℓ2 size (an ℓ∞ ε is no ℓ2 ε)."""
+
     def samples(adv_l2: float) -> pd.DataFrame:
-        return tidy(rows("certificate", "lip", "l2", None, 1, radius=1.0),
-                    rows("certificate", "lip", "l2", 0.5, 1, status="certified"),
-                    rows("attack", "pgd", "linf", 0.5, 1, success=True, error=False, adv_l2=adv_l2,
-                         adv_linf=0.5),
-                    n=1)
+        return tidy(
+            rows("certificate", "lip", "l2", None, 1, radius=1.0),
+            rows("certificate", "lip", "l2", 0.5, 1, status="certified"),
+            rows("attack", "pgd", "linf", 0.5, 1, success=True, error=False, adv_l2=adv_l2, adv_linf=0.5),
+            n=1,
+        )
 
     inside = audit_run(record(LIP), samples(adv_l2=0.4))[0]
     assert (inside["violations"], inside["attacks"]) == (1, "pgd@0.5; pgd@0.5 vs ε=0.5")

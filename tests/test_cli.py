@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def certbench_command(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "certbench", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "certbench", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def one_line_error(capsys: pytest.CaptureFixture, code: int, start: str = "certbench: ") -> str:
@@ -38,8 +39,18 @@ def test_python_dash_m_and_version() -> None:
     assert result.stdout.strip() == f"certbench {metadata.version('certbench')}"
     helped = certbench_command("--help")
     assert helped.returncode == 0
-    for command in ("train", "certify", "attack", "audit", "collect", "tables", "figures", "check-config",
-                    "run", *cli.WORKFLOW_STEPS):
+    for command in (
+        "train",
+        "certify",
+        "attack",
+        "audit",
+        "collect",
+        "tables",
+        "figures",
+        "check-config",
+        "run",
+        *cli.WORKFLOW_STEPS,
+    ):
         assert command in helped.stdout
 
 
@@ -79,8 +90,15 @@ def test_missing_run_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_certify_run_dir_nonexistent_from_the_shell(tmp_path: Path) -> None:
     """The issue's example, as a person types it: no traceback about a missing hash file."""
     write_json(tmp_path / "run.json", {})
-    result = certbench_command("certify", "--run-config", str(tmp_path / "run.json"), "--run-dir", "/nonexistent",
-                               "--out", str(tmp_path / "certify.json"))
+    result = certbench_command(
+        "certify",
+        "--run-config",
+        str(tmp_path / "run.json"),
+        "--run-dir",
+        "/nonexistent",
+        "--out",
+        str(tmp_path / "certify.json"),
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "certbench: --run-dir /nonexistent: no such directory"
 
@@ -101,9 +119,14 @@ def test_check_config_errors_are_one_line(tmp_path: Path, capsys: pytest.Capture
     code = cli.main(["check-config", str(tmp_path / "list.yaml")])
     assert "must be a mapping" in one_line_error(capsys, code)
     code = cli.main(["check-config", str(REPO / "config/smoke.yaml"), "--config", "training.epochs=0"])
-    assert one_line_error(capsys, code) == "certbench: config error: training.epochs: 0 is less than the minimum of 1"
+    assert (
+        one_line_error(capsys, code)
+        == "certbench: config error: training.epochs: 0 is less than the minimum of 1"
+    )
     code = cli.main(["check-config", str(REPO / "config/smoke.yaml"), "--config", "training..epochs=1"])
-    assert one_line_error(capsys, code).startswith("certbench: config error: --config training..epochs=1: expected")
+    assert one_line_error(capsys, code).startswith(
+        "certbench: config error: --config training..epochs=1: expected"
+    )
 
 
 def test_check_config_nope_from_the_shell() -> None:
@@ -113,7 +136,9 @@ def test_check_config_nope_from_the_shell() -> None:
 
 
 def test_check_config_accepts_typed_dotted_overrides(capsys: pytest.CaptureFixture) -> None:
-    code = cli.main(["check-config", str(REPO / "config/smoke.yaml"), "--config", "training.epochs=3", "seeds=[0, 1]"])
+    code = cli.main(
+        ["check-config", str(REPO / "config/smoke.yaml"), "--config", "training.epochs=3", "seeds=[0, 1]"]
+    )
     assert code == 0 and capsys.readouterr().out.strip().endswith("smoke.yaml: valid")
 
 
@@ -121,7 +146,9 @@ def test_audit_over_no_records_fails_with_a_message(tmp_path: Path, capsys: pyte
     code = cli.main(["audit", "--out", str(tmp_path / "audit.csv")])
     assert "audit: no records given" in one_line_error(capsys, code)
     assert code == 2 and not (tmp_path / "audit.csv").exists()
-    code = cli.main(["audit", "--out", str(tmp_path / "audit.csv"), str(tmp_path / "missing" / "record.json")])
+    code = cli.main(
+        ["audit", "--out", str(tmp_path / "audit.csv"), str(tmp_path / "missing" / "record.json")]
+    )
     assert "record.json: no such file" in one_line_error(capsys, code)
 
 
@@ -136,11 +163,29 @@ def test_audit_of_runs_that_all_diverged_says_so(tmp_path: Path, capsys: pytest.
 
 
 def test_tables_and_figures_name_a_missing_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = cli.main(["tables", "--summary", str(tmp_path / "s.csv"), "--audit", str(tmp_path / "a.csv"),
-                     "--out-dir", str(tmp_path)])
+    code = cli.main(
+        [
+            "tables",
+            "--summary",
+            str(tmp_path / "s.csv"),
+            "--audit",
+            str(tmp_path / "a.csv"),
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert one_line_error(capsys, code) == f"certbench: --summary {tmp_path / 's.csv'}: no such file"
-    code = cli.main(["figures", "--summary", str(tmp_path), "--radii", str(tmp_path / "r.csv"),
-                     "--out-dir", str(tmp_path)])
+    code = cli.main(
+        [
+            "figures",
+            "--summary",
+            str(tmp_path),
+            "--radii",
+            str(tmp_path / "r.csv"),
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert one_line_error(capsys, code) == f"certbench: --summary {tmp_path}: not a file"
 
 
@@ -152,16 +197,33 @@ def test_run_checks_configfiles_before_snakemake(tmp_path: Path, capsys: pytest.
 
 
 def test_run_nests_dotted_config_keys() -> None:
-    args = cli.snakemake_args(["--cores", "2", "--configfile", str(REPO / "config/smoke.yaml"), "--config",
-                               "training.epochs=3", "seeds=[0]", "training.lr_schedule.type=step", "-n"])
+    args = cli.snakemake_args(
+        [
+            "--cores",
+            "2",
+            "--configfile",
+            str(REPO / "config/smoke.yaml"),
+            "--config",
+            "training.epochs=3",
+            "seeds=[0]",
+            "training.lr_schedule.type=step",
+            "-n",
+        ]
+    )
     assert args[:4] == ["--cores", "2", "--configfile", str(REPO / "config/smoke.yaml")]
-    assert args[4:] == ["--config", 'training={"epochs": "3"}', "seeds=[0]",
-                        'training={"lr_schedule": {"type": "step"}}', "-n"]
+    assert args[4:] == [
+        "--config",
+        'training={"epochs": "3"}',
+        "seeds=[0]",
+        'training={"lr_schedule": {"type": "step"}}',
+        "-n",
+    ]
     assert json.loads(args[5].partition("=")[2]) == {"epochs": "3"}
 
 
-def test_figures_takes_the_history_and_the_published_figures(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_figures_takes_the_history_and_the_published_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`certbench figures` passes --history and --published on (training curves, ours vs published),
     as `python -m certbench.figures` does, and names either one when it is missing."""
     import certbench.figures
@@ -172,12 +234,31 @@ def test_figures_takes_the_history_and_the_published_figures(tmp_path: Path, cap
         (tmp_path / f"{name}.csv").write_text("dataset\n")
     inputs = ["--summary", str(tmp_path / "summary.csv"), "--radii", str(tmp_path / "radii.csv")]
     out = ["--out-dir", str(tmp_path / "figures")]
-    assert cli.main(["figures", *inputs, "--history", str(tmp_path / "history.csv"),
-                     "--published", str(tmp_path / "published.csv"), *out]) == 0
+    assert (
+        cli.main(
+            [
+                "figures",
+                *inputs,
+                "--history",
+                str(tmp_path / "history.csv"),
+                "--published",
+                str(tmp_path / "published.csv"),
+                *out,
+            ]
+        )
+        == 0
+    )
     assert cli.main(["figures", *inputs, *out]) == 0
-    assert calls == [(tmp_path / "summary.csv", tmp_path / "radii.csv", tmp_path / "figures",
-                      tmp_path / "history.csv", tmp_path / "published.csv"),
-                     (tmp_path / "summary.csv", tmp_path / "radii.csv", tmp_path / "figures", None, None)]
+    assert calls == [
+        (
+            tmp_path / "summary.csv",
+            tmp_path / "radii.csv",
+            tmp_path / "figures",
+            tmp_path / "history.csv",
+            tmp_path / "published.csv",
+        ),
+        (tmp_path / "summary.csv", tmp_path / "radii.csv", tmp_path / "figures", None, None),
+    ]
     code = cli.main(["figures", *inputs, "--history", str(tmp_path / "nope.csv"), *out])
     assert one_line_error(capsys, code) == f"certbench: --history {tmp_path / 'nope.csv'}: no such file"
     code = cli.main(["figures", *inputs, "--published", str(tmp_path / "nope.csv"), *out])
@@ -185,8 +266,9 @@ def test_figures_takes_the_history_and_the_published_figures(tmp_path: Path, cap
     assert len(calls) == 2
 
 
-def test_run_config_writes_the_resolved_config_with_its_hash(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_run_config_writes_the_resolved_config_with_its_hash(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from certbench.storage import read_json
 
     resolved = {"run": {"dataset": "digits", "seed": 0}, "training": {"lr": 0.001}, "note": "it's"}
@@ -214,9 +296,10 @@ def test_config_snapshot_is_the_validated_config_in_its_order(tmp_path: Path) ->
 def test_published_writes_the_published_table(tmp_path: Path) -> None:
     from certbench.tables import published_table
 
-    experiments = [{"name": "lmt", "arch": "mlp",
-                    "published": {"digits": {"clean": 90.0, "certified:l2@0.5": 41.5}}},
-                   {"name": "standard", "arch": "mlp"}]
+    experiments = [
+        {"name": "lmt", "arch": "mlp", "published": {"digits": {"clean": 90.0, "certified:l2@0.5": 41.5}}},
+        {"name": "standard", "arch": "mlp"},
+    ]
     out = tmp_path / "published.csv"
     assert cli.main(["published", "--experiments", json.dumps(experiments), "--out", str(out)]) == 0
     assert out.read_text() == published_table(experiments).to_csv(index=False)
@@ -224,8 +307,8 @@ def test_published_writes_the_published_table(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("message", [None, "certificate soundness audit FAILED:\ndigits/lmt/mlp/seed0: …"])
 def test_audit_check_writes_its_file_only_when_the_audit_found_nothing(
-        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-        message: str | None) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, message: str | None
+) -> None:
     """A verdict (the audit's message) fails the step with exit status 1 and goes to stdout, which
     Snakemake shows, so a failed DAG names what failed; no verdict writes the file the DAG waits for."""
     import certbench.audit
@@ -244,23 +327,68 @@ def test_audit_check_writes_its_file_only_when_the_audit_found_nothing(
     assert one_line_error(capsys, code) == f"certbench: --audit {tmp_path / 'nope.csv'}: no such file"
 
 
-@pytest.mark.parametrize(("command", "module", "function", "argv", "inputs", "call"), [
-    ("record", "certbench.collect", "assemble",
-     ["--run-config", "run.json", "--train", "train.json", "--certify", "certify.json",
-      "--attack", "attack.json", "--out", "record.json", "--samples", "samples.csv"],
-     ["run.json", "train.json", "certify.json", "attack.json"],
-     ("run.json", "train.json", "certify.json", "attack.json", "record.json", "samples.csv")),
-    ("history", "certbench.collect", "history",
-     ["--out", "history.csv", "a.json", "b.json"], ["a.json", "b.json"],
-     (["a.json", "b.json"], "history.csv")),
-    ("front-page", "certbench.frontpage", "write_front_page",
-     ["--overview", "workflow.rst", "--summary", "summary.csv", "--audit", "audit.csv", "--out", "front.rst"],
-     ["workflow.rst", "summary.csv", "audit.csv"], ("workflow.rst", "summary.csv", "audit.csv", "front.rst")),
-])
-def test_workflow_steps_make_one_library_call(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                              monkeypatch: pytest.MonkeyPatch, command: str, module: str,
-                                              function: str, argv: list[str], inputs: list[str],
-                                              call: tuple) -> None:
+@pytest.mark.parametrize(
+    ("command", "module", "function", "argv", "inputs", "call"),
+    [
+        (
+            "record",
+            "certbench.collect",
+            "assemble",
+            [
+                "--run-config",
+                "run.json",
+                "--train",
+                "train.json",
+                "--certify",
+                "certify.json",
+                "--attack",
+                "attack.json",
+                "--out",
+                "record.json",
+                "--samples",
+                "samples.csv",
+            ],
+            ["run.json", "train.json", "certify.json", "attack.json"],
+            ("run.json", "train.json", "certify.json", "attack.json", "record.json", "samples.csv"),
+        ),
+        (
+            "history",
+            "certbench.collect",
+            "history",
+            ["--out", "history.csv", "a.json", "b.json"],
+            ["a.json", "b.json"],
+            (["a.json", "b.json"], "history.csv"),
+        ),
+        (
+            "front-page",
+            "certbench.frontpage",
+            "write_front_page",
+            [
+                "--overview",
+                "workflow.rst",
+                "--summary",
+                "summary.csv",
+                "--audit",
+                "audit.csv",
+                "--out",
+                "front.rst",
+            ],
+            ["workflow.rst", "summary.csv", "audit.csv"],
+            ("workflow.rst", "summary.csv", "audit.csv", "front.rst"),
+        ),
+    ],
+)
+def test_workflow_steps_make_one_library_call(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    module: str,
+    function: str,
+    argv: list[str],
+    inputs: list[str],
+    call: tuple,
+) -> None:
     """The subcommands of the DAG's bookkeeping rules pass their paths on, in order, to one library
     function, and name a missing input in one line before calling it."""
     import importlib

@@ -20,22 +20,32 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_filled(smoke_config: dict) -> None:
     filled = cfg.validate_schema(smoke_config)
     assert filled["training"]["optimizer"] == "adam"
-    assert filled["training"]["lr_schedule"] == {"type": "constant", "milestones": [], "gamma": 0.1, "start_epoch": 0}
+    assert filled["training"]["lr_schedule"] == {
+        "type": "constant",
+        "milestones": [],
+        "gamma": 0.1,
+        "start_epoch": 0,
+    }
     assert filled["evaluation"]["audit_tolerance"] == 1e-4
     assert filled["experiments"][0]["name"] == "standard"
     assert smoke_config.get("data") is None  # the caller's dict is not modified
 
 
-@pytest.mark.parametrize(("change", "key", "words"), [
-    (lambda c: c["datasets"].update({"nope": {}}), "datasets.nope", "allowed: cifar10, digits"),
-    (lambda c: c["datasets"]["digits"].update(eps_linf=[1.5]), "datasets.digits.eps_linf[0]", "maximum"),
-    (lambda c: c["datasets"]["digits"].update(eps_linf=[-0.1]), "datasets.digits.eps_linf[0]", "minimum"),
-    (lambda c: c["training"].update(epochs=0), "training.epochs", "minimum"),
-    (lambda c: c.pop("seeds"), "<root>", "'seeds' is a required property"),
-    (lambda c: c["training"].update(optimizer="rmsprop"), "training.optimizer", "adam"),
-    (lambda c: c.update(bogus=1), "bogus", "unknown key; allowed: results_dir"),
-])
-def test_bad_values_fail_with_one_line_naming_the_key(smoke_config: dict, change, key: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (lambda c: c["datasets"].update({"nope": {}}), "datasets.nope", "allowed: cifar10, digits"),
+        (lambda c: c["datasets"]["digits"].update(eps_linf=[1.5]), "datasets.digits.eps_linf[0]", "maximum"),
+        (lambda c: c["datasets"]["digits"].update(eps_linf=[-0.1]), "datasets.digits.eps_linf[0]", "minimum"),
+        (lambda c: c["training"].update(epochs=0), "training.epochs", "minimum"),
+        (lambda c: c.pop("seeds"), "<root>", "'seeds' is a required property"),
+        (lambda c: c["training"].update(optimizer="rmsprop"), "training.optimizer", "adam"),
+        (lambda c: c.update(bogus=1), "bogus", "unknown key; allowed: results_dir"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_key(
+    smoke_config: dict, change, key: str, words: str
+) -> None:
     change(smoke_config)
     with pytest.raises(ConfigError) as error:
         cfg.validate_schema(smoke_config)
@@ -47,18 +57,25 @@ def test_bad_values_fail_with_one_line_naming_the_key(smoke_config: dict, change
 
 def test_duplicate_experiment_names_are_refused(smoke_config: dict) -> None:
     smoke_config["experiments"].append(dict(smoke_config["experiments"][0]))
-    with pytest.raises(ConfigError, match=r"experiments\[1\]\.name: 'standard' on 'mlp' and 'digits' repeats"):
+    with pytest.raises(
+        ConfigError, match=r"experiments\[1\]\.name: 'standard' on 'mlp' and 'digits' repeats"
+    ):
         cfg.validate_schema(smoke_config)
 
 
 def test_runs_and_resolution(smoke_config: dict) -> None:
     smoke_config["seeds"] = [0, 1]
-    smoke_config["experiments"].append({"name": "wd", "method": "standard", "arch": "mlp",
-                                        "training": {"weight_decay": 0.01}})
+    smoke_config["experiments"].append(
+        {"name": "wd", "method": "standard", "arch": "mlp", "training": {"weight_decay": 0.01}}
+    )
     filled = cfg.validate_schema(smoke_config)
     runs = cfg.runs(filled)
-    assert [r.path for r in runs] == ["digits/standard/mlp/seed0", "digits/standard/mlp/seed1",
-                                      "digits/wd/mlp/seed0", "digits/wd/mlp/seed1"]
+    assert [r.path for r in runs] == [
+        "digits/standard/mlp/seed0",
+        "digits/standard/mlp/seed1",
+        "digits/wd/mlp/seed0",
+        "digits/wd/mlp/seed1",
+    ]
     resolved = cfg.resolve_run(filled, runs[2])
     assert resolved["training"]["weight_decay"] == 0.01
     assert resolved["training"]["epochs"] == 2
@@ -67,9 +84,13 @@ def test_runs_and_resolution(smoke_config: dict) -> None:
 
 
 def _registry_check(config: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "certbench.catalogue", "check-config"],
-                          input=json.dumps(cfg.validate_schema(config)), capture_output=True, text=True,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "certbench.catalogue", "check-config"],
+        input=json.dumps(cfg.validate_schema(config)),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def test_registry_check_names_unknown_method_arch_and_parameters(smoke_config: dict) -> None:
@@ -79,9 +100,15 @@ def test_registry_check_names_unknown_method_arch_and_parameters(smoke_config: d
 
     for change, pattern in [
         (lambda e: e.update(method="nope"), r"method: unknown method 'nope'; known: .*standard"),
-        (lambda e: e.update(arch="nope"), r"experiments\[0\]\.arch: unknown architecture 'nope'; allowed: .*mlp"),
-        (lambda e: e.update(arch_params={"depth": 3}), r"experiments\[0\]\.arch_params\.depth: unknown key; "
-                                                        r"allowed: widths, activation, input_pool"),
+        (
+            lambda e: e.update(arch="nope"),
+            r"experiments\[0\]\.arch: unknown architecture 'nope'; allowed: .*mlp",
+        ),
+        (
+            lambda e: e.update(arch_params={"depth": 3}),
+            r"experiments\[0\]\.arch_params\.depth: unknown key; "
+            r"allowed: widths, activation, input_pool",
+        ),
         (lambda e: e.update(params={"c": 1}), r"experiments\[0\]\.params\.c: unknown key; allowed: none"),
     ]:
         config = json.loads(json.dumps(smoke_config))
@@ -92,23 +119,37 @@ def test_registry_check_names_unknown_method_arch_and_parameters(smoke_config: d
     config["evaluation"] = {"attacks": ["nope"]}
     result = _registry_check(config)
     assert result.returncode == 2
-    assert re.fullmatch(r"config error: evaluation\.attacks\[0\]: unknown attack 'nope'; allowed: .*",
-                        result.stderr.strip().splitlines()[-1])
+    assert re.fullmatch(
+        r"config error: evaluation\.attacks\[0\]: unknown attack 'nope'; allowed: .*",
+        result.stderr.strip().splitlines()[-1],
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize(("where", "key"), [
-    (lambda c, v: c["experiments"][0].update(params={"weight_decay": v}, method="weight-decay"),
-     r"experiments\[0\]\.params\.weight_decay"),
-    (lambda c, v: c["experiments"][0].update(arch_params={"widths": [8, v]}),
-     r"experiments\[0\]\.arch_params\.widths\[1\]"),
-    (lambda c, v: c["evaluation"].update(certificate_params={"lipsdp-l2": {"time_limit": v}}),
-     r"evaluation\.certificate_params\.lipsdp-l2\.time_limit"),
-    (lambda c, v: c["evaluation"].update(attack_params={"cw-l2": {"stepsize": v}}),
-     r"evaluation\.attack_params\.cw-l2\.stepsize"),
-])
-def test_non_finite_parameters_refused_for_every_kind(smoke_config: dict, where, key: str,
-                                                       value: float) -> None:
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [
+        (
+            lambda c, v: c["experiments"][0].update(params={"weight_decay": v}, method="weight-decay"),
+            r"experiments\[0\]\.params\.weight_decay",
+        ),
+        (
+            lambda c, v: c["experiments"][0].update(arch_params={"widths": [8, v]}),
+            r"experiments\[0\]\.arch_params\.widths\[1\]",
+        ),
+        (
+            lambda c, v: c["evaluation"].update(certificate_params={"lipsdp-l2": {"time_limit": v}}),
+            r"evaluation\.certificate_params\.lipsdp-l2\.time_limit",
+        ),
+        (
+            lambda c, v: c["evaluation"].update(attack_params={"cw-l2": {"stepsize": v}}),
+            r"evaluation\.attack_params\.cw-l2\.stepsize",
+        ),
+    ],
+)
+def test_non_finite_parameters_refused_for_every_kind(
+    smoke_config: dict, where, key: str, value: float
+) -> None:
     """NaN and ±inf are refused in one place (:func:`certbench.config.check_params`) for every kind."""
     from certbench.catalogue import check_config
 
@@ -122,14 +163,22 @@ def test_parameters_of_every_kind_are_checked_with_one_line(smoke_config: dict) 
     from certbench.catalogue import check_config
 
     for change, pattern in [
-        (lambda c: c["evaluation"].update(certificate_params={"lipschitz-l2": {"batch_size": 0}}),
-         r"evaluation\.certificate_params\.lipschitz-l2\.batch_size: 0 is less than the minimum of 1"),
-        (lambda c: c["evaluation"].update(certificate_params={"ibp": {"steps": 3}}),
-         r"evaluation\.certificate_params\.ibp\.steps: unknown key; allowed: batch_size"),
-        (lambda c: c["evaluation"].update(attack_params={"pgd-l2": {"random_start": 1}}),
-         r"evaluation\.attack_params\.pgd-l2\.random_start: 1 is not of type 'boolean'"),
-        (lambda c: c["experiments"][0].update(arch="wrn-16-4", arch_params={"dropout": 1.0}),
-         r"experiments\[0\]\.arch_params\.dropout: 1\.0 is greater than or equal to the maximum of 1"),
+        (
+            lambda c: c["evaluation"].update(certificate_params={"lipschitz-l2": {"batch_size": 0}}),
+            r"evaluation\.certificate_params\.lipschitz-l2\.batch_size: 0 is less than the minimum of 1",
+        ),
+        (
+            lambda c: c["evaluation"].update(certificate_params={"ibp": {"steps": 3}}),
+            r"evaluation\.certificate_params\.ibp\.steps: unknown key; allowed: batch_size",
+        ),
+        (
+            lambda c: c["evaluation"].update(attack_params={"pgd-l2": {"random_start": 1}}),
+            r"evaluation\.attack_params\.pgd-l2\.random_start: 1 is not of type 'boolean'",
+        ),
+        (
+            lambda c: c["experiments"][0].update(arch="wrn-16-4", arch_params={"dropout": 1.0}),
+            r"experiments\[0\]\.arch_params\.dropout: 1\.0 is greater than or equal to the maximum of 1",
+        ),
     ]:
         config = json.loads(json.dumps(smoke_config))
         change(config)
@@ -145,8 +194,11 @@ def test_method_module_that_fails_to_import_is_named(tmp_path: Path, smoke_confi
     broken = tmp_path / "broken_method.py"
     broken.write_text("import package_that_does_not_exist\n")
     monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
-    with pytest.raises(ConfigError, match=r"methods\.broken_method failed to import: ModuleNotFoundError: "
-                                          r"No module named 'package_that_does_not_exist'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"methods\.broken_method failed to import: ModuleNotFoundError: "
+        r"No module named 'package_that_does_not_exist'",
+    ):
         get_method("broken-method")
 
 

@@ -40,7 +40,7 @@ def check_split(name: str, split: tuple, n_train: int, n_test: int) -> None:
     for dataset in (train, test):
         x, y = dataset[0]
         assert tuple(x.shape) == spec.shape and x.dtype == torch.float32
-        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
         assert 0 <= int(y) < spec.num_classes
 
 
@@ -60,10 +60,15 @@ def test_mnist_idx_files(tmp_path: Path, compress: bool) -> None:
     write_mnist_like(tmp_path / "MNIST" / "raw", 12, 5, compress)
     _, split = load_split("mnist", tmp_path)
     check_split("mnist", split, 12, 5)
-    raw = gzip.decompress((tmp_path / "MNIST/raw/t10k-images-idx3-ubyte.gz").read_bytes()) if compress else \
-        (tmp_path / "MNIST/raw/t10k-images-idx3-ubyte").read_bytes()
-    assert torch.equal(split[1].tensors[0][0, 0], torch.tensor(np.frombuffer(raw[16:16 + 784], np.uint8)
-                                                               .reshape(28, 28)).float() / 255)
+    raw = (
+        gzip.decompress((tmp_path / "MNIST/raw/t10k-images-idx3-ubyte.gz").read_bytes())
+        if compress
+        else (tmp_path / "MNIST/raw/t10k-images-idx3-ubyte").read_bytes()
+    )
+    assert torch.equal(
+        split[1].tensors[0][0, 0],
+        torch.tensor(np.frombuffer(raw[16 : 16 + 784], np.uint8).reshape(28, 28)).float() / 255,
+    )
 
 
 def test_fashion_mnist_from_data_dir(tmp_path: Path) -> None:
@@ -72,8 +77,10 @@ def test_fashion_mnist_from_data_dir(tmp_path: Path) -> None:
     check_split("fashion-mnist", split, 7, 3)
 
 
-@pytest.mark.skipif(not (DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").is_file(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_real_fashion_mnist(tmp_path: Path) -> None:
     spec, split = load_split("fashion-mnist", tmp_path)
     check_split("fashion-mnist", split, 60000, 10000)
@@ -84,8 +91,12 @@ def test_real_fashion_mnist(tmp_path: Path) -> None:
 def write_cifar(folder: Path, per_batch: int) -> None:
     folder.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"batch_label": "x", "labels": RNG.integers(0, 10, per_batch).tolist(),
-                 "data": RNG.integers(0, 256, (per_batch, 3072)).astype(np.uint8), "filenames": ["a"] * per_batch}
+        batch = {
+            "batch_label": "x",
+            "labels": RNG.integers(0, 10, per_batch).tolist(),
+            "data": RNG.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
+            "filenames": ["a"] * per_batch,
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
 
 
@@ -114,7 +125,10 @@ def write_svhn(folder: Path) -> None:
     folder.mkdir(parents=True)
     for split, n in (("train", 6), ("test", 2)):
         labels = np.array([[10], [3]] * (n // 2), dtype=np.uint8)
-        savemat(folder / f"{split}_32x32.mat", {"X": RNG.integers(0, 256, (32, 32, 3, n)).astype(np.uint8), "y": labels})
+        savemat(
+            folder / f"{split}_32x32.mat",
+            {"X": RNG.integers(0, 256, (32, 32, 3, n)).astype(np.uint8), "y": labels},
+        )
 
 
 def test_svhn_mat_files(tmp_path: Path) -> None:
@@ -142,13 +156,23 @@ def test_tinyimagenet_imagefolder(tmp_path: Path) -> None:
     assert tuple(x.shape) == (3, 64, 64) and 0 <= float(x.min()) <= float(x.max()) <= 1
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("mnist", r"data set 'mnist' not found: expected train-images-idx3-ubyte\[\.gz\].* in one of .*/mnist, "
-              r".*/MNIST/raw; set data\.dir .* or data\.download: true"),
-    ("cifar10", r"data set 'cifar10' not found: expected data_batch_1, .*test_batch in one of .*cifar-10-batches-py"),
-    ("svhn", r"data set 'svhn' not found: expected train_32x32\.mat, test_32x32\.mat"),
-    ("tinyimagenet", r"data set 'tinyimagenet' not found"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "mnist",
+            r"data set 'mnist' not found: expected train-images-idx3-ubyte\[\.gz\].* in one of .*/mnist, "
+            r".*/MNIST/raw; set data\.dir .* or data\.download: true",
+        ),
+        (
+            "cifar10",
+            r"data set 'cifar10' not found: expected data_batch_1, .*test_batch in one of "
+            r".*cifar-10-batches-py",
+        ),
+        ("svhn", r"data set 'svhn' not found: expected train_32x32\.mat, test_32x32\.mat"),
+        ("tinyimagenet", r"data set 'tinyimagenet' not found"),
+    ],
+)
 def test_missing_data_set_says_what_where_and_how(tmp_path: Path, name: str, expected: str) -> None:
     with pytest.raises(DatasetNotFoundError, match=expected):
         load_split(name, tmp_path / "empty")
@@ -188,7 +212,7 @@ def test_every_loader_returns_data_matching_its_spec(tmp_path: Path, name: str) 
         for index in sorted({0, len(dataset) - 1}):
             x, y = dataset[index]
             assert tuple(x.shape) == spec.shape and x.dtype == torch.float32
-            assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+            assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
             assert 0 <= int(y) < spec.num_classes
 
 
@@ -210,8 +234,10 @@ def test_data_set_names_are_known_without_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from certbench.data import DATASETS; names = DATASETS.names(); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print(len(names))")
+    code = (
+        "import sys; from certbench.data import DATASETS; names = DATASETS.names(); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print(len(names))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) == len(DATASETS.names())

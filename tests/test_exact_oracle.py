@@ -62,6 +62,7 @@ SLACK = 1e-9
 
 # --- networks -----------------------------------------------------------------------------------
 
+
 def random_point(rng: np.random.Generator, n: int) -> np.ndarray:
     """A float32 point of [0, 1]ⁿ, each coordinate on the boundary (0 or 1) with probability 0.2."""
     p = rng.random(n)
@@ -81,8 +82,9 @@ def prefix64(model: nn.Sequential, k: int, point: np.ndarray) -> np.ndarray:
     return head(torch.from_numpy(point[None]).view(1, 1, 1, -1)).flatten().numpy()
 
 
-def relu_model(rng: np.random.Generator, n: int, k: int, hidden: list[int], pattern: str,
-               pivot: np.ndarray) -> nn.Sequential:
+def relu_model(
+    rng: np.random.Generator, n: int, k: int, hidden: list[int], pattern: str, pivot: np.ndarray
+) -> nn.Sequential:
     modules: list[nn.Module] = []
     if "scales" in pattern or rng.random() < 0.7:
         std = 10 ** rng.uniform(-3, 0) if "scales" in pattern else rng.uniform(0.1, 1.0)
@@ -116,12 +118,16 @@ def relu_model(rng: np.random.Generator, n: int, k: int, hidden: list[int], patt
     return model
 
 
-def linf_model(rng: np.random.Generator, n: int, k: int, head: bool, pattern: str,
-               pivot: np.ndarray) -> nn.Sequential:
+def linf_model(
+    rng: np.random.Generator, n: int, k: int, head: bool, pattern: str, pivot: np.ndarray
+) -> nn.Sequential:
     modules: list[nn.Module] = []
     lo, hi = 0.0, 1.0
     if "scales" in pattern or rng.random() < 0.7:
-        mean, std = rng.uniform(0, 1), (10 ** rng.uniform(-3, 0) if "scales" in pattern else rng.uniform(0.2, 1.0))
+        mean, std = (
+            rng.uniform(0, 1),
+            (10 ** rng.uniform(-3, 0) if "scales" in pattern else rng.uniform(0.2, 1.0)),
+        )
         modules.append(Normalize([mean], [std]))
         lo, hi = -mean / std, (1 - mean) / std
     modules.append(nn.Flatten())
@@ -131,7 +137,9 @@ def linf_model(rng: np.random.Generator, n: int, k: int, head: bool, pattern: st
     def linf(a: int, b: int, bias: bool) -> LinfDist:
         layer = LinfDist(a, b, bias=bias)
         with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(rng.uniform(lo - 0.2 * spread, hi + 0.2 * spread, size=(b, a))))
+            layer.weight.copy_(
+                torch.from_numpy(rng.uniform(lo - 0.2 * spread, hi + 0.2 * spread, size=(b, a)))
+            )
             if bias:
                 layer.bias.copy_(torch.from_numpy(0.2 * spread * rng.standard_normal(b)))
         return layer
@@ -143,7 +151,13 @@ def linf_model(rng: np.random.Generator, n: int, k: int, head: bool, pattern: st
 
     if head:
         hidden = int(rng.integers(2, 5))
-        modules += [linf(n, width, False), shift(width), nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, k)]
+        modules += [
+            linf(n, width, False),
+            shift(width),
+            nn.Linear(width, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, k),
+        ]
         for m in modules[-3::2]:
             weight = rng.standard_normal(tuple(m.weight.shape)) / math.sqrt(m.in_features)
             bias = 0.3 * rng.standard_normal(m.out_features)
@@ -202,7 +216,7 @@ class Case:
     seed: int
     model: nn.Sequential
     net: Network
-    x: np.ndarray       # (3, n) float64 values of float32 inputs
+    x: np.ndarray  # (3, n) float64 values of float32 inputs
     y: np.ndarray
     oracles: dict[str, list[SampleOracle]] = field(default_factory=dict)
 
@@ -215,8 +229,14 @@ class Case:
             if norm == "linf":
                 self.oracles[norm] = [self.net.linf(x, int(y)) for x, y in zip(self.x, self.y)]
             else:
-                starts = [[] if o.counterexample is None else [o.counterexample.point] for o in self.oracle("linf")] \
-                    if "linf-dist" in self.family else [[]] * len(self.x)
+                starts = (
+                    [
+                        [] if o.counterexample is None else [o.counterexample.point]
+                        for o in self.oracle("linf")
+                    ]
+                    if "linf-dist" in self.family
+                    else [[]] * len(self.x)
+                )
                 self.oracles[norm] = [self.net.l2(x, int(y), s) for x, y, s in zip(self.x, self.y, starts)]
         return self.oracles[norm]
 
@@ -249,6 +269,7 @@ def cases(family: str) -> list[Case]:
 
 # --- certificates against the oracle -----------------------------------------------------------
 
+
 def eps_list(oracles: list[SampleOracle], norm: str) -> list[float]:
     """ε around every sample's exact distance, both sides, and just past its verified counterexample."""
     values = set()
@@ -264,15 +285,18 @@ def eps_list(oracles: list[SampleOracle], norm: str) -> list[float]:
 def inside_float32_box(x: np.ndarray, point: np.ndarray, eps: float) -> bool:
     """Whether ``point`` lies in the box ``input_box`` builds in float32 around x."""
     centre = torch.from_numpy(x.astype(np.float32))
-    lower, upper = (centre - eps).clamp(0.0, 1.0).double().numpy(), (centre + eps).clamp(0.0, 1.0).double().numpy()
+    lower, upper = (
+        (centre - eps).clamp(0.0, 1.0).double().numpy(),
+        (centre + eps).clamp(0.0, 1.0).double().numpy(),
+    )
     return bool(np.all(point >= lower) and np.all(point <= upper))
 
 
 @dataclass
 class Outcome:
     applicable: list[str] = field(default_factory=list)  # the nets it applied to
-    claims: int = 0        # positive radii and certified (sample, ε) on samples with a counterexample
-    errors: int = 0        # (sample, ε) with status "error"
+    claims: int = 0  # positive radii and certified (sample, ε) on samples with a counterexample
+    errors: int = 0  # (sample, ε) with status "error"
     violations: list[str] = field(default_factory=list)
 
 
@@ -281,15 +305,17 @@ def excess(claim: float, distance: float) -> str:
 
 
 def check(name: str, norm: str, c: Case, result, oracles: list[SampleOracle], outcome: Outcome) -> None:
-    for e, status in result.status.items():
+    for _, status in result.status.items():
         outcome.errors += int(np.sum(status == ERROR))
     for i, o in enumerate(oracles):
         found = o.counterexample
         if found is None:
             continue
         d = found.distance
-        where = (f"{name} on {c.label}, sample {i} (x={c.x[i].tolist()}, y={int(c.y[i])}): exact distance "
-                 f"{o.estimate:.9g}, verified counterexample at {d:.9g} ({found.arithmetic} arithmetic)")
+        where = (
+            f"{name} on {c.label}, sample {i} (x={c.x[i].tolist()}, y={int(c.y[i])}): exact distance "
+            f"{o.estimate:.9g}, verified counterexample at {d:.9g} ({found.arithmetic} arithmetic)"
+        )
         if result.radius is not None:
             r = float(result.radius[i])
             outcome.claims += int(r > 0)
@@ -303,8 +329,11 @@ def check(name: str, norm: str, c: Case, result, oracles: list[SampleOracle], ou
                 note = ""
                 if result.radius is None and norm == "linf":
                     inside = inside_float32_box(c.x[i], found.point, e)
-                    note = ("; counterexample inside the float32 box it bounded" if inside
-                            else "; counterexample outside the float32-rounded box it bounded")
+                    note = (
+                        "; counterexample inside the float32 box it bounded"
+                        if inside
+                        else "; counterexample outside the float32-rounded box it bounded"
+                    )
                 outcome.violations.append(f"{where}: certified at eps {e:.9g} ({excess(e, d)}){note}")
 
 
@@ -317,8 +346,9 @@ def run(name: str, family: str) -> Outcome:
             continue
         outcome.applicable.append(c.label)
         oracles = c.oracle(certificate.norm)
-        result = certificate.certify(c.model, as_input(c.x), torch.from_numpy(c.y).long(),
-                                     eps_list(oracles, certificate.norm))
+        result = certificate.certify(
+            c.model, as_input(c.x), torch.from_numpy(c.y).long(), eps_list(oracles, certificate.norm)
+        )
         check(name, certificate.norm, c, result, oracles, outcome)
     return outcome
 
@@ -330,8 +360,10 @@ def test_certificate_never_claims_beyond_the_exact_distance(name: str, family: s
     outcome = run(name, family)
     if not outcome.applicable:
         pytest.skip(f"'{name}' applies to no {family} net")
-    assert not outcome.violations, (f"{len(outcome.violations)} overclaims by '{name}' on {family} nets:\n"
-                                     + "\n".join(outcome.violations))
+    assert not outcome.violations, (
+        f"{len(outcome.violations)} overclaims by '{name}' on {family} nets:\n"
+        + "\n".join(outcome.violations)
+    )
 
 
 @pytest.mark.parametrize("name", CERTIFICATES.names())
@@ -341,11 +373,17 @@ def test_every_certificate_meets_the_oracle(name: str) -> None:
     outcomes = {family: run(name, family) for family in FAMILIES}
     nets = sum(len(o.applicable) for o in outcomes.values())
     if name in NOT_EXERCISED:
-        assert nets == 0, f"'{name}' is listed as not exercised ({NOT_EXERCISED[name]}) but applies to {nets} nets"
+        assert nets == 0, (
+            f"'{name}' is listed as not exercised ({NOT_EXERCISED[name]}) but applies to {nets} nets"
+        )
         return
-    assert nets > 0, (f"'{name}' applies to none of the tiny families {FAMILIES}: add a family it applies to, "
-                      "or list it in NOT_EXERCISED with the reason")
-    assert sum(o.claims for o in outcomes.values()) > 0, f"'{name}' certified nothing on {nets} nets: a vacuous test"
+    assert nets > 0, (
+        f"'{name}' applies to none of the tiny families {FAMILIES}: add a family it applies to, "
+        "or list it in NOT_EXERCISED with the reason"
+    )
+    assert sum(o.claims for o in outcomes.values()) > 0, (
+        f"'{name}' certified nothing on {nets} nets: a vacuous test"
+    )
 
 
 def test_oracle_is_tight_on_a_grid() -> None:
@@ -364,14 +402,22 @@ def test_oracle_is_tight_on_a_grid() -> None:
                 other = grid[labels != c.y[i]]
                 for norm, order in (("linf", math.inf), ("l2", 2)):
                     o = c.oracle(norm)[i]
-                    nearest = float(np.linalg.norm(other - c.x[i], ord=order, axis=1).min()) if len(other) else math.inf
+                    nearest = (
+                        float(np.linalg.norm(other - c.x[i], ord=order, axis=1).min())
+                        if len(other)
+                        else math.inf
+                    )
                     if nearest == math.inf:
                         continue
                     checked += 1
-                    assert o.counterexample is not None, f"{c.label} sample {i} {norm}: no counterexample verified"
+                    assert o.counterexample is not None, (
+                        f"{c.label} sample {i} {norm}: no counterexample verified"
+                    )
                     assert o.verified <= o.estimate * (1 + 1e-4) + 1e-12, f"{c.label} sample {i} {norm}: {o}"
-                    assert nearest >= o.estimate * (1 - 1e-6) - 1e-12 or not o.exact, \
+                    assert nearest >= o.estimate * (1 - 1e-6) - 1e-12 or not o.exact, (
                         f"{c.label} sample {i} {norm}: grid point at {nearest} below the optimum {o.estimate}"
-                    assert nearest <= o.verified + 2 * 2.5e-3 * math.sqrt(2), \
+                    )
+                    assert nearest <= o.verified + 2 * 2.5e-3 * math.sqrt(2), (
                         f"{c.label} sample {i} {norm}: oracle {o.verified} far above the grid's {nearest}"
+                    )
     assert checked >= 8

@@ -22,8 +22,12 @@ from certbench.labels import experiment_label, styles
 from certbench.outputs import FIGURE_NAMES
 from certbench.plotting.bounds import run_curves
 
-EXPERIMENTS = [("lmt", "lmt", "cnn-small"), ("ibp", "ibp", "cnn-small"), ("standard", "standard", "mlp"),
-               ("standard", "standard", "cnn-small")]
+EXPERIMENTS = [
+    ("lmt", "lmt", "cnn-small"),
+    ("ibp", "ibp", "cnn-small"),
+    ("standard", "standard", "mlp"),
+    ("standard", "standard", "cnn-small"),
+]
 
 
 def synthetic(tmp_path: Path) -> dict[str, Path]:
@@ -33,34 +37,91 @@ def synthetic(tmp_path: Path) -> dict[str, Path]:
     summary, radii, history = [], [], []
     for name, method, arch in EXPERIMENTS:
         for seed in (0, 1):
-            run = {"dataset": "digits", "name": name, "method": method, "arch": arch, "seed": seed,
-                   "status": "ok", "seconds_per_epoch": 1.0 + seed}
-            summary += [{**run, "metric": "clean_accuracy", "kind": "clean", "value": 0.9 - 0.1 * seed},
-                        {**run, "metric": "lipschitz_bound", "kind": "certificate",
-                         "evaluation": "lipschitz-l2", "norm": "l2", "value": 3.0 + seed}]
-            summary += [{**run, "metric": metric, "kind": kind, "evaluation": ANY, "norm": norm, "eps": eps,
-                         "value": value}
-                        for metric, kind, norm, eps, value in [
-                            ("certified_accuracy", "certificate", "l2", 0.5, 0.3),
-                            ("certified_accuracy", "certificate", "linf", 0.1, 0.4),
-                            ("robust_accuracy", "attack", "l2", 0.5, 0.6),
-                            ("robust_accuracy", "attack", "linf", 0.1, 0.7)]]
+            run = {
+                "dataset": "digits",
+                "name": name,
+                "method": method,
+                "arch": arch,
+                "seed": seed,
+                "status": "ok",
+                "seconds_per_epoch": 1.0 + seed,
+            }
+            summary += [
+                {**run, "metric": "clean_accuracy", "kind": "clean", "value": 0.9 - 0.1 * seed},
+                {
+                    **run,
+                    "metric": "lipschitz_bound",
+                    "kind": "certificate",
+                    "evaluation": "lipschitz-l2",
+                    "norm": "l2",
+                    "value": 3.0 + seed,
+                },
+            ]
+            summary += [
+                {
+                    **run,
+                    "metric": metric,
+                    "kind": kind,
+                    "evaluation": ANY,
+                    "norm": norm,
+                    "eps": eps,
+                    "value": value,
+                }
+                for metric, kind, norm, eps, value in [
+                    ("certified_accuracy", "certificate", "l2", 0.5, 0.3),
+                    ("certified_accuracy", "certificate", "linf", 0.1, 0.4),
+                    ("robust_accuracy", "attack", "l2", 0.5, 0.6),
+                    ("robust_accuracy", "attack", "linf", 0.1, 0.7),
+                ]
+            ]
             for norm in ("l2", "linf"):
                 radius = rng.uniform(0, 1, 20)
-                radii.append(pd.DataFrame({
-                    "method": method, "seed": seed, "arch": arch, "name": name, "dataset": "digits",
-                    "index": range(20), "norm": norm, "certified_radius": radius,
-                    "radius_bound": np.nan if name == "ibp" else radius,
-                    "adversarial_norm": radius + rng.uniform(0, 1, 20)}))
-            history += [{"dataset": "digits", "name": name, "arch": arch, "seed": seed, "method": method,
-                         "status": "ok", "epoch": e, "loss": 2.0 / e, "train_accuracy": 0.5 + 0.1 * e, "lr": 0.01}
-                        for e in range(1, 4)]
+                radii.append(
+                    pd.DataFrame(
+                        {
+                            "method": method,
+                            "seed": seed,
+                            "arch": arch,
+                            "name": name,
+                            "dataset": "digits",
+                            "index": range(20),
+                            "norm": norm,
+                            "certified_radius": radius,
+                            "radius_bound": np.nan if name == "ibp" else radius,
+                            "adversarial_norm": radius + rng.uniform(0, 1, 20),
+                        }
+                    )
+                )
+            history += [
+                {
+                    "dataset": "digits",
+                    "name": name,
+                    "arch": arch,
+                    "seed": seed,
+                    "method": method,
+                    "status": "ok",
+                    "epoch": e,
+                    "loss": 2.0 / e,
+                    "train_accuracy": 0.5 + 0.1 * e,
+                    "lr": 0.01,
+                }
+                for e in range(1, 4)
+            ]
     paths = {key: tmp_path / f"{key}.csv" for key in ("summary", "radii", "history", "published")}
     pd.DataFrame(summary, columns=SUMMARY_COLUMNS).to_csv(paths["summary"], index=False)
     pd.concat(radii).to_csv(paths["radii"], index=False)
     pd.DataFrame(history).to_csv(paths["history"], index=False)
-    pd.DataFrame([{"dataset": "digits", "name": "lmt", "arch": "cnn-small", "paper:clean": 95.0,
-                   "paper:certified@0.1": 50.0}]).to_csv(paths["published"], index=False)
+    pd.DataFrame(
+        [
+            {
+                "dataset": "digits",
+                "name": "lmt",
+                "arch": "cnn-small",
+                "paper:clean": 95.0,
+                "paper:certified@0.1": 50.0,
+            }
+        ]
+    ).to_csv(paths["published"], index=False)
     return paths
 
 
@@ -98,16 +159,36 @@ def samples() -> pd.DataFrame:
     """A tidy per-sample table: an ℓ2 radius certificate and an ℓ∞ fixed-ε one at ε = 0.1 and 0.3;
     the third sample is misclassified."""
     points = pd.DataFrame({"index": [0, 1, 2], "label": [0, 1, 2], "prediction": [0, 1, 0], "margin": 1.0})
-    return pd.concat([points.assign(kind="clean"),
-                      points.assign(kind="certificate", evaluation="lipschitz-l2", norm="l2",
-                                    radius=[0.8, 0.05, 0.9]),
-                      points.assign(kind="certificate", evaluation="lipschitz-l2", norm="l2", eps=0.5,
-                                    status=["certified", "not_certified", "certified"]),
-                      points.assign(kind="certificate", evaluation="linf-dist", norm="linf", eps=0.1,
-                                    status="certified"),
-                      points.assign(kind="certificate", evaluation="linf-dist", norm="linf", eps=0.3,
-                                    status=["not_certified", "certified", "not_certified"])],
-                     ignore_index=True).reindex(columns=list(SAMPLE_DTYPES)).astype(SAMPLE_DTYPES)
+    return (
+        pd.concat(
+            [
+                points.assign(kind="clean"),
+                points.assign(
+                    kind="certificate", evaluation="lipschitz-l2", norm="l2", radius=[0.8, 0.05, 0.9]
+                ),
+                points.assign(
+                    kind="certificate",
+                    evaluation="lipschitz-l2",
+                    norm="l2",
+                    eps=0.5,
+                    status=["certified", "not_certified", "certified"],
+                ),
+                points.assign(
+                    kind="certificate", evaluation="linf-dist", norm="linf", eps=0.1, status="certified"
+                ),
+                points.assign(
+                    kind="certificate",
+                    evaluation="linf-dist",
+                    norm="linf",
+                    eps=0.3,
+                    status=["not_certified", "certified", "not_certified"],
+                ),
+            ],
+            ignore_index=True,
+        )
+        .reindex(columns=list(SAMPLE_DTYPES))
+        .astype(SAMPLE_DTYPES)
+    )
 
 
 def test_linf_guarantees_count_as_l2_radii_and_l2_radii_as_linf_over_sqrt_n() -> None:
@@ -122,12 +203,25 @@ def test_linf_guarantees_count_as_l2_radii_and_l2_radii_as_linf_over_sqrt_n() ->
 
 
 def test_every_experiment_gets_its_own_colour_or_marker() -> None:
-    names = ["standard", "weight-decay", "spectral", "parseval", "lipschitz-reg", "lmt", "ibp", "crown-ibp",
-             "linf-dist", "linf-dist-head", "lipsdp-admm"]
+    names = [
+        "standard",
+        "weight-decay",
+        "spectral",
+        "parseval",
+        "lipschitz-reg",
+        "lmt",
+        "ibp",
+        "crown-ibp",
+        "linf-dist",
+        "linf-dist-head",
+        "lipsdp-admm",
+    ]
     triples = [(n, n, "cnn-small") for n in names] + [("standard", "standard", "mlp")]
     drawn = styles(triples)
     assert len({(s.color, s.marker) for s in drawn.values()}) == len(triples)
     assert len({drawn[(n, "cnn-small")].color for n in names}) == len(names)
     assert drawn[("standard", "mlp")].color == drawn[("standard", "cnn-small")].color
     assert drawn[("standard", "mlp")].marker != drawn[("standard", "cnn-small")].marker
-    assert experiment_label("linf-dist-head", "linf-dist-mlp+head") == "ℓ∞-dist net + MLP · ℓ∞-dist MLP + head"
+    assert (
+        experiment_label("linf-dist-head", "linf-dist-mlp+head") == "ℓ∞-dist net + MLP · ℓ∞-dist MLP + head"
+    )

@@ -20,8 +20,14 @@ from typing import IO
 import pytest
 
 from certbench import cli, gpu_slots
-from certbench.gpu_slots import (GPU_COUNT_ENV, LOCK_DIR_ENV, VISIBLE_DEVICES, GpuRequestError, claim_gpus,
-                                 gpu_count)
+from certbench.gpu_slots import (
+    GPU_COUNT_ENV,
+    LOCK_DIR_ENV,
+    VISIBLE_DEVICES,
+    GpuRequestError,
+    claim_gpus,
+    gpu_count,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LINE_TIMEOUT = 120  # seconds: only a safety net against a hung test, never what orders the jobs
@@ -40,8 +46,15 @@ class Job:
     """A subprocess that claims ``gpus`` GPUs and holds them until :meth:`release` or a kill."""
 
     def __init__(self, gpus: int, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", JOB, str(gpus)], cwd=REPO, env=env, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", JOB, str(gpus)],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self.stdout = _lines(self.process.stdout)
         self.stderr = _lines(self.process.stderr)
 
@@ -140,16 +153,25 @@ def test_slots_are_taken_among_assigned_devices(locks: Path, monkeypatch: pytest
     assert chosen == ["6", "2"]
 
 
-@pytest.mark.parametrize(("count", "assigned", "requested", "message"), [
-    ("1", None, 2, "requested 2 GPU(s) but this machine has 1"),
-    ("0", None, 1, "requested 1 GPU(s) but this machine has 0"),
-    ("4", "", 1, "requested 1 GPU(s) but CUDA_VISIBLE_DEVICES='' lists 0"),
-    ("4", "0,1", 3, "requested 3 GPU(s) but CUDA_VISIBLE_DEVICES='0,1' lists 2"),
-    ("two", None, 1, "CERTBENCH_GPU_COUNT='two': expected a count of GPUs"),
-    ("1", None, -1, "requested -1 GPUs: expected 0 or more"),
-])
-def test_requests_that_cannot_be_met_fail(locks: Path, monkeypatch: pytest.MonkeyPatch, count: str,
-                                          assigned: str | None, requested: int, message: str) -> None:
+@pytest.mark.parametrize(
+    ("count", "assigned", "requested", "message"),
+    [
+        ("1", None, 2, "requested 2 GPU(s) but this machine has 1"),
+        ("0", None, 1, "requested 1 GPU(s) but this machine has 0"),
+        ("4", "", 1, "requested 1 GPU(s) but CUDA_VISIBLE_DEVICES='' lists 0"),
+        ("4", "0,1", 3, "requested 3 GPU(s) but CUDA_VISIBLE_DEVICES='0,1' lists 2"),
+        ("two", None, 1, "CERTBENCH_GPU_COUNT='two': expected a count of GPUs"),
+        ("1", None, -1, "requested -1 GPUs: expected 0 or more"),
+    ],
+)
+def test_requests_that_cannot_be_met_fail(
+    locks: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    count: str,
+    assigned: str | None,
+    requested: int,
+    message: str,
+) -> None:
     monkeypatch.setenv(GPU_COUNT_ENV, count)
     if assigned is not None:
         monkeypatch.setenv(VISIBLE_DEVICES, assigned)
@@ -175,9 +197,11 @@ def test_gpu_count_from_nvidia_smi_then_the_driver(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(gpu_slots, "NVIDIA_PROC_GPUS", proc)
     assert gpu_count() == 3  # no nvidia-smi on PATH: the driver's entries
     nvidia_smi = bin_dir / "nvidia-smi"
-    nvidia_smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-a)'\n"
-                          "echo '  MIG 1g.18gb Device 0: (UUID: MIG-b)'\n"
-                          "echo 'GPU 1: NVIDIA H200 (UUID: GPU-c)'\n")
+    nvidia_smi.write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-a)'\n"
+        "echo '  MIG 1g.18gb Device 0: (UUID: MIG-b)'\n"
+        "echo 'GPU 1: NVIDIA H200 (UUID: GPU-c)'\n"
+    )
     nvidia_smi.chmod(0o755)
     assert gpu_count() == 2
     monkeypatch.setenv(GPU_COUNT_ENV, "5")
@@ -189,8 +213,9 @@ class FirstTorchUse(Exception):
 
 
 @pytest.mark.parametrize(("gpus", "expected"), [([], "7"), (["--gpus", "0"], ""), (["--gpus", "1"], "0")])
-def test_the_cli_claims_gpus_before_torch(locks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          gpus: list[str], expected: str) -> None:
+def test_the_cli_claims_gpus_before_torch(
+    locks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus: list[str], expected: str
+) -> None:
     monkeypatch.setenv(GPU_COUNT_ENV, "8")
     if not gpus:
         monkeypatch.setenv(VISIBLE_DEVICES, "7")
@@ -208,15 +233,17 @@ def test_the_cli_claims_gpus_before_torch(locks: Path, tmp_path: Path, monkeypat
     assert seen == [expected]
 
 
-def test_the_cli_reports_an_impossible_request_in_one_line(locks: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture) -> None:
+def test_the_cli_reports_an_impossible_request_in_one_line(
+    locks: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.setenv(GPU_COUNT_ENV, "1")
     run_config = tmp_path / "run.json"
     run_config.write_text("{}")
-    code = cli.main(["train", "--run-config", str(run_config), "--out-dir", str(tmp_path / "run"),
-                     "--gpus", "2"])
+    code = cli.main(
+        ["train", "--run-config", str(run_config), "--out-dir", str(tmp_path / "run"), "--gpus", "2"]
+    )
     assert code == 2
     assert capsys.readouterr().err.splitlines() == [
         "certbench: requested 2 GPU(s) but this machine has 1 (nvidia-smi -L; CERTBENCH_GPU_COUNT overrides "
-        "it)"]
+        "it)"
+    ]

@@ -72,6 +72,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- the layer ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 8.0, 100.0, INF])
 def test_forward_and_gradients_match_naive_formula_in_float64(p: float) -> None:
     torch.manual_seed(0)
@@ -85,8 +86,9 @@ def test_forward_and_gradients_match_naive_formula_in_float64(p: float) -> None:
         assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
-def assert_float32_matches_float64(b: int, n_in: int, n_out: int, p: float, value_tolerance: float,
-                                   gradient_tolerance: float) -> None:
+def assert_float32_matches_float64(
+    b: int, n_in: int, n_out: int, p: float, value_tolerance: float, gradient_tolerance: float
+) -> None:
     """The layer in float32 against the naive formula in float64: values and both gradients."""
     x, w = torch.randn(b, n_in, dtype=torch.float64), torch.randn(n_out, n_in, dtype=torch.float64)
     g = torch.randn(b, n_out, dtype=torch.float64)
@@ -94,14 +96,20 @@ def assert_float32_matches_float64(b: int, n_in: int, n_out: int, p: float, valu
     x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
     y, reference = lp_distance(x32, w32, p), naive_scaled(x64, w64, p)
     assert relative_error(y, reference) < value_tolerance
-    for ours, theirs in zip(torch.autograd.grad(y, (x32, w32), g.float()),
-                            torch.autograd.grad(reference, (x64, w64), g)):
+    for ours, theirs in zip(
+        torch.autograd.grad(y, (x32, w32), g.float()), torch.autograd.grad(reference, (x64, w64), g)
+    ):
         assert relative_error(ours, theirs) < gradient_tolerance
 
 
 @settings(max_examples=25)
-@given(b=st.integers(1, 9), n_in=st.integers(1, 40), n_out=st.integers(1, 20),
-       p=st.sampled_from([1.0, 2.0, 3.5, 8.0, 8.7, 100.0, INF]), seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 9),
+    n_in=st.integers(1, 40),
+    n_out=st.integers(1, 20),
+    p=st.sampled_from([1.0, 2.0, 3.5, 8.0, 8.7, 100.0, INF]),
+    seed=st.integers(0, 2**16),
+)
 def test_float32_kernel_matches_naive_formula(b: int, n_in: int, n_out: int, p: float, seed: int) -> None:
     """Any shape (tails shorter than a vector, single rows) through the default float32 path."""
     torch.manual_seed(seed)
@@ -186,6 +194,7 @@ def test_mean_shift_uses_batch_mean_in_training_and_running_mean_in_eval() -> No
 
 # --- interval bounds ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("p", [1.0, 3.0, 8.0, INF])
 def test_layer_interval_bounds_are_exact(p: float) -> None:
     """Each bound is attained at a point of the box, and no sampled point leaves them."""
@@ -200,8 +209,8 @@ def test_layer_interval_bounds_are_exact(p: float) -> None:
     for j in range(5):  # the maximiser is a corner, the minimiser the projection of w_j
         far = torch.where((lower - w[j]).abs() >= (upper - w[j]).abs(), lower, upper)
         near = torch.minimum(torch.maximum(w[j].expand_as(lower), lower), upper)
-        assert torch.allclose(naive(far, w[j:j + 1], p)[:, 0], hi[:, j])
-        assert torch.allclose(naive(near, w[j:j + 1], p)[:, 0], lo[:, j])
+        assert torch.allclose(naive(far, w[j : j + 1], p)[:, 0], hi[:, j])
+        assert torch.allclose(naive(near, w[j : j + 1], p)[:, 0], lo[:, j])
 
 
 def test_network_interval_bounds_contain_sampled_outputs() -> None:
@@ -221,6 +230,7 @@ def test_network_interval_bounds_contain_sampled_outputs() -> None:
 
 
 # --- Lipschitz constant --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("p", [INF, 8.0])
 def test_network_is_lipschitz_in_linf_with_normalisation(p: float) -> None:
@@ -245,6 +255,7 @@ def test_network_is_lipschitz_in_linf_with_normalisation(p: float) -> None:
 
 
 # --- the methods ------------------------------------------------------------------------------
+
 
 def make_method(name: str, params: dict, epochs: int = 20, eps: tuple[float, ...] = (0.1,)):
     context = RunContext(DIGITS, epochs, eps, (0.5,), torch.device("cpu"))
@@ -277,16 +288,19 @@ def test_default_epochs_follow_the_paper_proportions() -> None:
     assert make_method("linf-dist-head", {}).eps_train == pytest.approx(0.11)
 
 
-@pytest.mark.parametrize("name, params, message", [
-    ("linf-dist", {"p_start": 0.5}, "params.p_start"),
-    ("linf-dist", {"p_start": 100, "p_end": 8}, "params.p_start"),
-    ("linf-dist", {"eps_train": 0.05}, "params.eps_train"),
-    ("linf-dist", {"loss": "v1", "eps_train": 0.08}, "params.eps_train"),
-    ("linf-dist", {"epochs": [0, 5, 3, 10]}, "params.epochs"),
-    ("linf-dist", {"epochs": [0, 0, 5, 30]}, "params.epochs"),
-    ("linf-dist-head", {"epochs": [2, 1, 3, 4]}, "params.epochs"),
-    ("linf-dist", {"loss": "v3"}, "params.loss"),
-])
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("linf-dist", {"p_start": 0.5}, "params.p_start"),
+        ("linf-dist", {"p_start": 100, "p_end": 8}, "params.p_start"),
+        ("linf-dist", {"eps_train": 0.05}, "params.eps_train"),
+        ("linf-dist", {"loss": "v1", "eps_train": 0.08}, "params.eps_train"),
+        ("linf-dist", {"epochs": [0, 5, 3, 10]}, "params.epochs"),
+        ("linf-dist", {"epochs": [0, 0, 5, 30]}, "params.epochs"),
+        ("linf-dist-head", {"epochs": [2, 1, 3, 4]}, "params.epochs"),
+        ("linf-dist", {"loss": "v3"}, "params.loss"),
+    ],
+)
 def test_bad_parameters_are_config_errors(name: str, params: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make_method(name, params)
@@ -296,14 +310,20 @@ def test_head_weight_decay_reaches_only_the_head() -> None:
     method = make_method("linf-dist-head", {"head_weight_decay": 0.5})
     model = method.build_model("linf-dist-mlp+head", {"depth": 2, "width": 8, "hidden": 4})
     trunk, head = split_trunk(model)
-    optimizer = make_optimizer(method.parameter_groups(model),
-                               {"optimizer": "adamw", "lr": 0.1, "weight_decay": 0.0, "betas": [0.9, 0.99],
-                                "adam_eps": 1e-10})
+    optimizer = make_optimizer(
+        method.parameter_groups(model),
+        {"optimizer": "adamw", "lr": 0.1, "weight_decay": 0.0, "betas": [0.9, 0.99], "adam_eps": 1e-10},
+    )
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()  # zero gradients: only the decoupled decay moves a parameter, by the factor 1 − lr·wd
-    head_names = {f"{len(trunk)}.weight", f"{len(trunk)}.bias", f"{len(trunk) + 2}.weight", f"{len(trunk) + 2}.bias"}
+    head_names = {
+        f"{len(trunk)}.weight",
+        f"{len(trunk)}.bias",
+        f"{len(trunk) + 2}.weight",
+        f"{len(trunk) + 2}.bias",
+    }
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name] * (0.95 if name in head_names else 1.0)), name
     assert sum(1 for _ in head.parameters()) == len(head_names)
@@ -323,8 +343,10 @@ def test_methods_refuse_the_other_architecture() -> None:
 
 # --- training on digits and the certificates -----------------------------------------------------
 
-def pgd_finds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int = 40,
-              restarts: int = 3) -> torch.Tensor:
+
+def pgd_finds(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int = 40, restarts: int = 3
+) -> torch.Tensor:
     """Which points a margin-loss PGD-ℓ∞ (random start, step ε/4, projected onto the ball ∩ [0, 1])
     misclassifies within ``eps`` (per sample). Odd restarts take gradients at p = 8: ℓ∞-dist
     gradients are one-hot and a smooth surrogate moves every pixel."""
@@ -350,8 +372,9 @@ def digits() -> tuple[torch.Tensor, ...]:
     return (*train.tensors, *test.tensors)
 
 
-def train_on_digits(name: str, arch: str, arch_params: dict, params: dict, digits: tuple[torch.Tensor, ...],
-                    epochs: int = 20) -> nn.Module:
+def train_on_digits(
+    name: str, arch: str, arch_params: dict, params: dict, digits: tuple[torch.Tensor, ...], epochs: int = 20
+) -> nn.Module:
     torch.manual_seed(0)
     method = make_method(name, params, epochs=epochs)
     model = method.build_model(arch, arch_params)
@@ -362,7 +385,7 @@ def train_on_digits(name: str, arch: str, arch_params: dict, params: dict, digit
     for epoch in range(epochs):
         order = torch.randperm(len(x_train))
         for batch in range(batches):
-            idx = order[batch * 128:(batch + 1) * 128]
+            idx = order[batch * 128 : (batch + 1) * 128]
             out = method.loss(model, x_train[idx], y_train[idx], (epoch + batch / batches) / epochs)
             optimizer.zero_grad()
             out.loss.backward()
@@ -391,8 +414,9 @@ def test_linf_dist_net_trained_on_digits_is_certified_and_sound(digits, one_thre
 
 
 def test_head_variant_trained_on_digits_is_certified_and_sound(digits, one_thread) -> None:
-    model = train_on_digits("linf-dist-head", "linf-dist-mlp+head", {"depth": 2, "width": 128, "hidden": 64},
-                            {}, digits)
+    model = train_on_digits(
+        "linf-dist-head", "linf-dist-mlp+head", {"depth": 2, "width": 128, "hidden": 64}, {}, digits
+    )
     x, y = digits[2][:200], digits[3][:200]
     certificate = CERTIFICATES.get("linf-dist")()
     assert certificate.applies(model)

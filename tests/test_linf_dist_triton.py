@@ -37,13 +37,16 @@ from certbench.nn.linf_dist import lp_distance
 INF = math.inf
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 REPO = Path(__file__).resolve().parents[1]
-in_interpreter = pytest.mark.skipif(not INTERPRETED, reason="run in a fresh process with TRITON_INTERPRET=1 "
-                                                            "by test_kernels_in_the_triton_interpreter")
+in_interpreter = pytest.mark.skipif(
+    not INTERPRETED,
+    reason="run in a fresh process with TRITON_INTERPRET=1 by test_kernels_in_the_triton_interpreter",
+)
 IN_TEST_PROCESS = "runs in the test process, not in the interpreter"
 in_test_process = pytest.mark.skipif(INTERPRETED, reason=IN_TEST_PROCESS)
 
 
 # --- in the test process -----------------------------------------------------------------------
+
 
 @in_test_process
 def test_kernels_in_the_triton_interpreter() -> None:
@@ -51,8 +54,17 @@ def test_kernels_in_the_triton_interpreter() -> None:
         pytest.skip("triton is not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_"))}
     env["TRITON_INTERPRET"] = "1"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::RuntimeWarning",
-               __file__]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "error::RuntimeWarning",
+        __file__,
+    ]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
@@ -90,8 +102,12 @@ def ptx_for_sm90(kernels: ModuleType, kernel: str, **constexprs: object) -> str:
     from triton.compiler import ASTSource, compile
 
     fn = getattr(kernels, kernel)
-    constexprs = {"BLOCK_B": kernels.BLOCK_B, "BLOCK_OUT": kernels.BLOCK_OUT, "BLOCK_IN": kernels.BLOCK_IN,
-                  **constexprs}
+    constexprs = {
+        "BLOCK_B": kernels.BLOCK_B,
+        "BLOCK_OUT": kernels.BLOCK_OUT,
+        "BLOCK_IN": kernels.BLOCK_IN,
+        **constexprs,
+    }
     types = {"p": "fp32", "e": "fp32", "index_ptr": "*i64"}
 
     def argument_type(name: str) -> str:
@@ -112,20 +128,29 @@ def float_operations(ptx: str) -> set[str]:
 
 @in_test_process
 @pytest.mark.parametrize("with_index", [True, False])
-def test_infinity_forward_compiles_to_subtraction_abs_and_max_only(compiled: ModuleType,
-                                                                   with_index: bool) -> None:
+def test_infinity_forward_compiles_to_subtraction_abs_and_max_only(
+    compiled: ModuleType, with_index: bool
+) -> None:
     """What the rounding enclosure of :mod:`certbench.bounds.rounding` assumes of the float32 forward
     pass at p = ∞: each difference rounded once, |·| and max exact (no multiply, fused or not)."""
-    ptx = ptx_for_sm90(compiled, "_forward_kernel", P_INT=-1, PTX_LOG2=True, P_IS_INF=True,
-                       WITH_INDEX=with_index, **({} if with_index else {"index_ptr": None}))
+    ptx = ptx_for_sm90(
+        compiled,
+        "_forward_kernel",
+        P_INT=-1,
+        PTX_LOG2=True,
+        P_IS_INF=True,
+        WITH_INDEX=with_index,
+        **({} if with_index else {"index_ptr": None}),
+    )
     assert float_operations(ptx) <= {"sub", "abs", "max", "setp", "selp", "mov"}
     assert {"sub", "abs", "max"} <= float_operations(ptx)
 
 
 @in_test_process
 def test_non_integer_powers_use_the_ptx_approximate_log2(compiled: ModuleType) -> None:
-    forward = ptx_for_sm90(compiled, "_forward_kernel", P_INT=-1, PTX_LOG2=True, P_IS_INF=False,
-                           WITH_INDEX=False, index_ptr=None)
+    forward = ptx_for_sm90(
+        compiled, "_forward_kernel", P_INT=-1, PTX_LOG2=True, P_IS_INF=False, WITH_INDEX=False, index_ptr=None
+    )
     weight_gradient = ptx_for_sm90(compiled, "_weight_gradient_kernel", E_INT=-1, PTX_LOG2=True)
     input_gradient = ptx_for_sm90(compiled, "_input_gradient_kernel", E_INT=7, PTX_LOG2=True)  # p = 8
     assert "lg2.approx.f32" in forward and "lg2.approx.f32" in weight_gradient
@@ -133,6 +158,7 @@ def test_non_integer_powers_use_the_ptx_approximate_log2(compiled: ModuleType) -
 
 
 # --- in the interpreter ------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def kernels() -> ModuleType:

@@ -1,4 +1,6 @@
-"""The layer-wise ℓ2 Lipschitz bounds of :mod:`certbench.bounds.lipschitz` hold and are tight where they should be."""
+"""The layer-wise ℓ2 Lipschitz bounds of :mod:`certbench.bounds.lipschitz` hold and are tight where
+they should be.
+"""
 
 from __future__ import annotations
 
@@ -27,11 +29,15 @@ def _operator_matrix(f, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _conv_case(draw: st.DrawFn) -> tuple[nn.Conv2d, tuple[int, int]]:
     groups = draw(st.sampled_from([1, 2]))
-    conv = nn.Conv2d(groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 3)),
-                     kernel_size=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
-                     stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-                     padding=(draw(st.integers(0, 2)), draw(st.integers(0, 2))),
-                     dilation=(draw(st.integers(1, 2)), draw(st.integers(1, 2))), groups=groups).double()
+    conv = nn.Conv2d(
+        groups * draw(st.integers(1, 2)),
+        groups * draw(st.integers(1, 3)),
+        kernel_size=(draw(st.integers(1, 4)), draw(st.integers(1, 4))),
+        stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        padding=(draw(st.integers(0, 2)), draw(st.integers(0, 2))),
+        dilation=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),
+        groups=groups,
+    ).double()
     extent = [d * (k - 1) + 1 - 2 * p for d, k, p in zip(conv.dilation, conv.kernel_size, conv.padding)]
     hw = (max(extent[0], 1) + draw(st.integers(0, 5)), max(extent[1], 1) + draw(st.integers(0, 5)))
     return conv, hw
@@ -119,7 +125,9 @@ def random_networks(draw: st.DrawFn, linear_only: bool = False) -> tuple[nn.Sequ
     torch.manual_seed(draw(st.integers(0, 2**16)))
     channels, h, w = draw(st.integers(1, 2)), draw(st.integers(4, 7)), draw(st.integers(4, 7))
     shape = input_shape = (channels, h, w)
-    layers: list[nn.Module] = [Normalize([0.5] * channels, [draw(st.floats(0.2, 1.0)) for _ in range(channels)])]
+    layers: list[nn.Module] = [
+        Normalize([0.5] * channels, [draw(st.floats(0.2, 1.0)) for _ in range(channels)])
+    ]
     kinds = ["conv", "bn", "avgpool", "residual", "dropout"] + ([] if linear_only else ["act", "maxpool"])
     for kind in draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=4)):
         c, hh, ww = shape
@@ -138,10 +146,24 @@ def random_networks(draw: st.DrawFn, linear_only: bool = False) -> tuple[nn.Sequ
             if min(hh, ww) < k:
                 continue
             pad = draw(st.integers(0, k // 2))
-            layer = (nn.MaxPool2d(k, s, pad, ceil_mode=draw(st.booleans())) if kind == "maxpool" else
-                     draw(st.sampled_from([nn.AvgPool2d(k, s, pad, count_include_pad=draw(st.booleans()),
-                                                        ceil_mode=draw(st.booleans())),
-                                           nn.AdaptiveAvgPool2d((max(hh // 2, 1), ww))])))
+            layer = (
+                nn.MaxPool2d(k, s, pad, ceil_mode=draw(st.booleans()))
+                if kind == "maxpool"
+                else draw(
+                    st.sampled_from(
+                        [
+                            nn.AvgPool2d(
+                                k,
+                                s,
+                                pad,
+                                count_include_pad=draw(st.booleans()),
+                                ceil_mode=draw(st.booleans()),
+                            ),
+                            nn.AdaptiveAvgPool2d((max(hh // 2, 1), ww)),
+                        ]
+                    )
+                )
+            )
         elif kind == "residual":
             body: list[nn.Module] = [nn.Conv2d(c, c, 3, 1, 1)]
             if not linear_only:
@@ -189,19 +211,23 @@ def _max_gradient_norm(model: nn.Module, shape: tuple[int, ...], samples: int = 
 
 @given(random_networks())
 @SETTINGS
-def test_bound_dominates_jacobians_of_random_networks(case: tuple[nn.Sequential, tuple[int, int, int]]) -> None:
+def test_bound_dominates_jacobians_of_random_networks(
+    case: tuple[nn.Sequential, tuple[int, int, int]],
+) -> None:
     model, shape = case
     bound = lip.LipschitzBound(model, shape).compute(exact=True)
     assert float(bound.total) >= _max_jacobian_norm(model, shape)
     assert float(bound.total) >= _max_gradient_norm(model, shape)
-    assert float(bound.total) == pytest.approx(float(bound.sub) * lip.linear_spectral_norm(model[-1].weight),
-                                               rel=1e-9)
+    assert float(bound.total) == pytest.approx(
+        float(bound.sub) * lip.linear_spectral_norm(model[-1].weight), rel=1e-9
+    )
 
 
 @given(random_networks(linear_only=True))
 @SETTINGS
 def test_bound_dominates_the_operator_norm_of_linear_networks(
-        case: tuple[nn.Sequential, tuple[int, int, int]]) -> None:
+    case: tuple[nn.Sequential, tuple[int, int, int]],
+) -> None:
     """Without nonlinearities the network is affine: compare with the exact norm of its matrix."""
     model, shape = case
     assert float(lip.LipschitzBound(model, shape).compute(exact=True).total) >= _affine_norm(model, shape)
@@ -230,19 +256,23 @@ def _identity_conv(scale: float) -> nn.Conv2d:
     return conv
 
 
-@pytest.mark.parametrize("layer, shape, x", [
-    (nn.ReLU(), (4,), torch.ones(4)),
-    (nn.LeakyReLU(2.0), (4,), -torch.ones(4)),
-    (nn.ELU(2.0), (4,), torch.full((4,), -1e-9)),
-    (nn.Sigmoid(), (4,), torch.zeros(4)),
-    (nn.Tanh(), (4,), torch.zeros(4)),
-    (nn.Softplus(), (4,), torch.full((4,), 40.0)),
-    (nn.MaxPool2d(3, 1), (1, 6, 6), _peak((1, 6, 6), (0, 2, 2))),
-    (nn.MaxPool2d(3, 2, 1), (1, 6, 6), _peak((1, 6, 6), (0, 3, 3))),
-    (nn.AdaptiveMaxPool2d(3), (1, 5, 5), _peak((1, 5, 5), (0, 1, 1))),
-    (Residual(_identity_conv(2.0), None, (0.5, 1.5)), (1, 3, 3), torch.rand(1, 3, 3)),
-    (Residual(_identity_conv(-2.0), _identity_conv(1.0), (0.5, -1.5)), (1, 3, 3), torch.rand(1, 3, 3)),
-], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+@pytest.mark.parametrize(
+    "layer, shape, x",
+    [
+        (nn.ReLU(), (4,), torch.ones(4)),
+        (nn.LeakyReLU(2.0), (4,), -torch.ones(4)),
+        (nn.ELU(2.0), (4,), torch.full((4,), -1e-9)),
+        (nn.Sigmoid(), (4,), torch.zeros(4)),
+        (nn.Tanh(), (4,), torch.zeros(4)),
+        (nn.Softplus(), (4,), torch.full((4,), 40.0)),
+        (nn.MaxPool2d(3, 1), (1, 6, 6), _peak((1, 6, 6), (0, 2, 2))),
+        (nn.MaxPool2d(3, 2, 1), (1, 6, 6), _peak((1, 6, 6), (0, 3, 3))),
+        (nn.AdaptiveMaxPool2d(3), (1, 5, 5), _peak((1, 5, 5), (0, 1, 1))),
+        (Residual(_identity_conv(2.0), None, (0.5, 1.5)), (1, 3, 3), torch.rand(1, 3, 3)),
+        (Residual(_identity_conv(-2.0), _identity_conv(1.0), (0.5, -1.5)), (1, 3, 3), torch.rand(1, 3, 3)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
+)
 def test_each_rule_is_attained(layer: nn.Module, shape: tuple[int, ...], x: torch.Tensor) -> None:
     """Each layer's constant is the Jacobian norm at some input, so no rule over- or under-counts."""
     model = nn.Sequential(layer).double().eval()
@@ -253,6 +283,7 @@ def test_each_rule_is_attained(layer: nn.Module, shape: tuple[int, ...], x: torc
 
 def test_pooling_and_normalisation_constants() -> None:
     """Max pool √overlap, average pool √overlap/k (the paper's values) and Normalize 1/min σ."""
+
     def bound(layer: nn.Module, shape: tuple[int, ...] = (1, 8, 8)) -> float:
         return float(lip.LipschitzBound(nn.Sequential(layer), shape).compute(exact=True).total)
 
@@ -267,14 +298,22 @@ def test_pooling_and_normalisation_constants() -> None:
 def test_training_bound_is_differentiable_and_vectors_persist() -> None:
     """Gradients reach conv, linear and BN weights; a resumed bound continues the same iteration."""
     torch.manual_seed(0)
-    model = nn.Sequential(Normalize([0.0], [1.0]), nn.Conv2d(1, 4, 3, 2, 1), _batchnorm(4), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(64, 10))
+    model = nn.Sequential(
+        Normalize([0.0], [1.0]),
+        nn.Conv2d(1, 4, 3, 2, 1),
+        _batchnorm(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
     bound = lip.LipschitzBound(model, (1, 8, 8))
     for _ in range(3):
         estimate = bound.compute()
     estimate.total.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (model[1].weight, model[2].weight,
-                                                                       model[5].weight))
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in (model[1].weight, model[2].weight, model[5].weight)
+    )
     state = bound.state_dict()
     assert set(state) == {"1", "5"}
     resumed = lip.LipschitzBound(model, (1, 8, 8))
@@ -289,9 +328,16 @@ class Custom(nn.Module):
         return 2 * x
 
 
-@pytest.mark.parametrize("layer, name", [(nn.GELU(), "GELU"), (Custom(), "Custom"), (nn.LayerNorm(4), "LayerNorm"),
-                                         (nn.BatchNorm1d(4, track_running_stats=False), "BatchNorm1d"),
-                                         (nn.Conv2d(1, 1, 3, padding_mode="circular"), "Conv2d")])
+@pytest.mark.parametrize(
+    "layer, name",
+    [
+        (nn.GELU(), "GELU"),
+        (Custom(), "Custom"),
+        (nn.LayerNorm(4), "LayerNorm"),
+        (nn.BatchNorm1d(4, track_running_stats=False), "BatchNorm1d"),
+        (nn.Conv2d(1, 1, 3, padding_mode="circular"), "Conv2d"),
+    ],
+)
 def test_unsupported_layers_raise_naming_the_type(layer: nn.Module, name: str) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Sequential(layer), nn.Linear(4, 2))
     with pytest.raises(lip.UnsupportedLayerError, match=f"layer type {name}"):
@@ -301,7 +347,8 @@ def test_unsupported_layers_raise_naming_the_type(layer: nn.Module, name: str) -
 
 
 def test_last_layer_split() -> None:
-    """L_sub stops below the last Linear even when dropout follows it; an activation after it disables the split."""
+    """L_sub stops below the last Linear even when dropout follows it; an activation after it disables
+    the split."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Dropout(0.1)).double()
     estimate = lip.LipschitzBound(model, (1, 2, 2)).compute(exact=True)

@@ -31,8 +31,15 @@ from certbench.data.rings2d import RINGS, make_rings2d
 from certbench.nn import Normalize
 
 
-def make_mlp(seed: int, shape: tuple[int, int, int], widths: tuple[int, ...], classes: int,
-             activation: type[nn.Module], std: tuple[float, ...], pool: int = 1) -> nn.Sequential:
+def make_mlp(
+    seed: int,
+    shape: tuple[int, int, int],
+    widths: tuple[int, ...],
+    classes: int,
+    activation: type[nn.Module],
+    std: tuple[float, ...],
+    pool: int = 1,
+) -> nn.Sequential:
     """Normalize → [AvgPool2d(pool)] → Flatten → (Linear → activation)* → Linear, in float64."""
     torch.manual_seed(seed)
     pooling = [nn.AvgPool2d(pool)] if pool > 1 else []
@@ -58,6 +65,7 @@ def random_weights(seed: int, dims: tuple[int, ...]) -> list[np.ndarray]:
 
 # --- LipSDP ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(5, 3), (3, 9)])
 def test_single_linear_layer_gives_spectral_norm(shape: tuple[int, int]) -> None:
     w = np.random.default_rng(0).standard_normal(shape) * 3
@@ -67,12 +75,15 @@ def test_single_linear_layer_gives_spectral_norm(shape: tuple[int, int]) -> None
     assert exact <= result.bound <= exact * (1 + 1e-6)
 
 
-@pytest.mark.parametrize("seed, shape, widths, activation, std", [
-    (0, (1, 2, 3), (8,), nn.ReLU, (0.5,)),
-    (1, (1, 2, 3), (8, 8), nn.ReLU, (0.3,)),
-    (2, (2, 1, 3), (10, 6), nn.Tanh, (0.5, 0.25)),
-    (3, (1, 4, 4), (12, 12), nn.Tanh, (1.0,)),
-])
+@pytest.mark.parametrize(
+    "seed, shape, widths, activation, std",
+    [
+        (0, (1, 2, 3), (8,), nn.ReLU, (0.5,)),
+        (1, (1, 2, 3), (8, 8), nn.ReLU, (0.3,)),
+        (2, (2, 1, 3), (10, 6), nn.Tanh, (0.5, 0.25)),
+        (3, (1, 4, 4), (12, 12), nn.Tanh, (1.0,)),
+    ],
+)
 def test_bound_between_sampled_gradients_and_norm_product(seed, shape, widths, activation, std) -> None:
     model = make_mlp(seed, shape, widths, 3, activation, std)
     weights = mlp_weights(model)
@@ -81,7 +92,7 @@ def test_bound_between_sampled_gradients_and_norm_product(seed, shape, widths, a
     lower = sampled_gradient_norm(model, shape)
     assert lower <= result.bound <= product_bound(weights) * (1 + 1e-9)
     # the returned (bound², T) is a certificate for the full, unreduced, unscaled weights
-    assert max_eigenvalue(lmi_matrix(weights, result.bound ** 2, result.multipliers)) <= 1e-9
+    assert max_eigenvalue(lmi_matrix(weights, result.bound**2, result.multipliers)) <= 1e-9
 
 
 def test_normalisation_is_folded_into_the_first_layer() -> None:
@@ -96,8 +107,11 @@ def lipschitz_lower_bound(weights: list[np.ndarray], samples: int = 2000) -> flo
     LipSDP-Neuron certificate √ρ is at least this (a lower bound computed without the LMI)."""
     rng = np.random.default_rng(1)
     best = 0.0
-    for draw in (lambda n: np.ones((1, n)), lambda n: rng.integers(0, 2, (samples, n)).astype(float),
-                 lambda n: rng.uniform(0, 1, (samples, n))):
+    for draw in (
+        lambda n: np.ones((1, n)),
+        lambda n: rng.integers(0, 2, (samples, n)).astype(float),
+        lambda n: rng.uniform(0, 1, (samples, n)),
+    ):
         jac = weights[0][None]
         for w in weights[1:]:
             jac = w[None] @ (draw(w.shape[1])[:, :, None] * jac)
@@ -118,11 +132,11 @@ def test_repair_makes_the_lmi_negative_semidefinite(seed: int) -> None:
     assert result.verified, result.message
     ts = result.multipliers
     lower = min_rho(weights, ts)
-    assert lower is not None and result.bound ** 2 >= lower
+    assert lower is not None and result.bound**2 >= lower
     # a deliberately infeasible ρ is caught
     assert max_eigenvalue(lmi_matrix(weights, 0.98 * lower, ts)) > 0
     assert not is_certified(weights, 0.98 * lower, ts)
-    assert not is_certified(weights, result.bound ** 2, [-t for t in ts])
+    assert not is_certified(weights, result.bound**2, [-t for t in ts])
 
     shrunk = [0.1 * t for t in ts]
     assert min_rho(weights, shrunk) is None  # T too small: no ρ works unless T is scaled up
@@ -154,7 +168,7 @@ def test_repair_makes_the_lmi_negative_semidefinite(seed: int) -> None:
         # ρ is the smallest certified value for that T (bisection down to the Schur-complement minimum),
         # up to round-off, which grows with the condition number of the hidden block K
         minimum = min_rho(weights, t)
-        hidden = lmi_matrix(weights, 0.0, t)[weights[0].shape[1]:, weights[0].shape[1]:]
+        hidden = lmi_matrix(weights, 0.0, t)[weights[0].shape[1] :, weights[0].shape[1] :]
         assert minimum is not None and minimum <= rho <= minimum * (1 + 1e-9 * np.linalg.cond(hidden))
         # √ρ bounds the Lipschitz constant, computed without the LMI
         assert math.sqrt(rho) >= true_lower
@@ -194,6 +208,7 @@ def test_mlp_structure_rejects_other_models() -> None:
 
 # --- the ADMM W̄-step ---------------------------------------------------------------------------
 
+
 def test_weight_step_enforces_the_bound_and_keeps_feasible_weights() -> None:
     weights = random_weights(6, (2, 10, 10, 3))
     weights = [3 * w for w in weights]
@@ -205,7 +220,7 @@ def test_weight_step_enforces_the_bound_and_keeps_feasible_weights() -> None:
     # W already satisfies a looser bound with these T: projecting it changes (almost) nothing
     loose = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=1.2 * result.bound)
     change = sum(np.sum((a - b) ** 2) for a, b in zip(loose.weights, weights))
-    assert change < 1e-6 * sum(np.sum(w ** 2) for w in weights)
+    assert change < 1e-6 * sum(np.sum(w**2) for w in weights)
     # penalising L² lowers the bound
     regularised = weight_step(weights, result.multipliers, rho_admm=1.0, mu=0.05)
     assert math.sqrt(regularised.rho) < 0.95 * result.bound
@@ -223,8 +238,10 @@ def test_weight_step_reduction_of_a_wide_first_layer() -> None:
 
 # --- MLPs that average-pool their input (Pauli et al. 2021) ------------------------------------
 
-POOLED = [(0, (2, 6, 6), 2, (8, 8), nn.ReLU, (0.5, 0.25)),
-          (1, (1, 7, 7), 3, (10,), nn.Tanh, (0.3,))]  # 7×7 with 3×3 windows drops a row and a column
+POOLED = [
+    (0, (2, 6, 6), 2, (8, 8), nn.ReLU, (0.5, 0.25)),
+    (1, (1, 7, 7), 3, (10,), nn.Tanh, (0.3,)),
+]  # 7×7 with 3×3 windows drops a row and a column
 
 
 def first_layer_jacobian(model: nn.Sequential, shape: tuple[int, int, int]) -> np.ndarray:
@@ -256,8 +273,12 @@ def test_only_tiling_poolings_are_accepted() -> None:
 
     assert is_mlp(model(nn.AvgPool2d(2), nn.Flatten()))
     assert is_mlp(model(nn.AvgPool2d((2, 3), divisor_override=5), nn.Flatten()))
-    for pooling in [nn.AvgPool2d(3, 2), nn.AvgPool2d(2, padding=1), nn.AvgPool2d(2, ceil_mode=True),
-                    nn.MaxPool2d(2)]:
+    for pooling in [
+        nn.AvgPool2d(3, 2),
+        nn.AvgPool2d(2, padding=1),
+        nn.AvgPool2d(2, ceil_mode=True),
+        nn.MaxPool2d(2),
+    ]:
         assert not is_mlp(model(pooling, nn.Flatten()))
     assert not is_mlp(model(nn.AvgPool2d(2)))  # no Flatten
 
@@ -272,12 +293,16 @@ def test_weight_step_carries_the_pooling_into_the_lmi() -> None:
     weights = [3 * w for w in structure.numpy_weights()]
     pixel = [weights[0] @ pool] + weights[1:]
     result = lipsdp(pixel)
-    enforced = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=result.bound / 2, input_map=pool)
+    enforced = weight_step(
+        weights, result.multipliers, rho_admm=1.0, max_bound=result.bound / 2, input_map=pool
+    )
     assert enforced.status == "ok" and enforced.weights[0].shape == (6, 16)
     assert lipsdp([enforced.weights[0] @ pool] + enforced.weights[1:]).bound <= result.bound / 2 * (1 + 1e-3)
-    loose = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=1.2 * result.bound, input_map=pool)
+    loose = weight_step(
+        weights, result.multipliers, rho_admm=1.0, max_bound=1.2 * result.bound, input_map=pool
+    )
     change = sum(np.sum((a - b) ** 2) for a, b in zip(loose.weights, weights))
-    assert change < 1e-6 * sum(np.sum(w ** 2) for w in weights)
+    assert change < 1e-6 * sum(np.sum(w**2) for w in weights)
     with pytest.raises(ValueError, match="orthogonal rows"):
         weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=1.0, input_map=pool + 0.1)
 
@@ -301,9 +326,11 @@ def test_certificate_on_a_pooled_mlp_survives_pgd() -> None:
     assert result.extra["lipschitz_bound"] <= product_bound([first] + mlp_weights(model, spec.shape)[1:])
     assert np.all(result.radius > 0)
     attack = Attack("pgd-l2", steps=100)
-    assert attack.run(model, x[:1], y[:1], 10 * float(result.radius[0]), seed=0).success[0]  # the attack has teeth
+    assert attack.run(model, x[:1], y[:1], 10 * float(result.radius[0]), seed=0).success[
+        0
+    ]  # the attack has teeth
     for i, radius in enumerate(result.radius):
-        run = attack.run(model, x[i:i + 1], y[i:i + 1], 0.999 * float(radius), seed=0)
+        run = attack.run(model, x[i : i + 1], y[i : i + 1], 0.999 * float(radius), seed=0)
         assert not run.success[0] and not run.error[0], f"point {i}: radius {radius} broken"
 
 
@@ -317,9 +344,16 @@ def test_admm_enforced_on_a_pooled_mlp_ends_below_the_bound() -> None:
         data = x[:600], y[:600]
     else:
         generator = torch.Generator().manual_seed(0)
-        data = torch.rand(600, 1, 28, 28, generator=generator), torch.randint(0, 10, (600,), generator=generator)
-    method, model = _admm_method({"variant": "enforced", "max_bound": 1.0, "rho_admm": 0.25, "tolerance": 0.01},
-                                 epochs=4, dataset="fashion-mnist", arch_params={"widths": [16], "input_pool": 2})
+        data = (
+            torch.rand(600, 1, 28, 28, generator=generator),
+            torch.randint(0, 10, (600,), generator=generator),
+        )
+    method, model = _admm_method(
+        {"variant": "enforced", "max_bound": 1.0, "rho_admm": 0.25, "tolerance": 0.01},
+        epochs=4,
+        dataset="fashion-mnist",
+        arch_params={"widths": [16], "input_pool": 2},
+    )
     _train(method, model, torch.optim.Adam(model.parameters(), lr=0.01), range(4), 4, batches=6, data=data)
     assert method._wbar[0].shape == (16, 196)  # the ADMM variables are the trained weights
     assert max(method._bounds) > 1.0  # the trained W alone would break the bound
@@ -327,6 +361,7 @@ def test_admm_enforced_on_a_pooled_mlp_ends_below_the_bound() -> None:
 
 
 # --- rings2d -----------------------------------------------------------------------------------
+
 
 def test_rings2d_is_balanced_deterministic_and_separated() -> None:
     x, y = make_rings2d(301, seed=3)
@@ -343,6 +378,7 @@ def test_rings2d_is_balanced_deterministic_and_separated() -> None:
 
 # --- the lipsdp-l2 certificate -----------------------------------------------------------------
 
+
 def test_certificate_radius_is_sound_and_failures_are_errors() -> None:
     from certbench.certificates import CERTIFICATES, ERROR
 
@@ -352,7 +388,9 @@ def test_certificate_radius_is_sound_and_failures_are_errors() -> None:
     y[:8] = (y[:8] + 1) % 3  # some misclassified points
     certificate = CERTIFICATES.get("lipsdp-l2")(time_limit=60)
     assert certificate.applies(model)
-    assert not certificate.applies(nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)))
+    assert not certificate.applies(
+        nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3))
+    )
     result = certificate.certify(model, x, y, [0.01, 0.1])
     bound = lipsdp(mlp_weights(model)).bound
     assert result.extra["lipschitz_bound"] == pytest.approx(bound) and result.extra["solve_seconds"] > 0
@@ -369,7 +407,6 @@ def test_certificate_radius_is_sound_and_failures_are_errors() -> None:
         assert np.array_equal(status == "certified", result.radius > eps)
     late = type(certificate)(time_limit=1e-4).certify(model, x, y, [0.01])
     assert late.radius is None and np.all(late.status[0.01] == ERROR) and "time_limit" in late.errors[0]
-
 
 
 def test_certificate_is_never_looser_than_the_product_of_norms_on_a_trained_mlp() -> None:
@@ -403,16 +440,17 @@ def test_certificate_is_never_looser_than_the_product_of_norms_on_a_trained_mlp(
 
 # --- the lipsdp-admm method --------------------------------------------------------------------
 
-def _admm_method(params: dict, epochs: int, dataset: str = "rings2d",
-                 arch_params: dict | None = None):  # noqa: ANN202
+
+def _admm_method(params: dict, epochs: int, dataset: str = "rings2d", arch_params: dict | None = None):  # noqa: ANN202
     from certbench import config as cfg
     from certbench.catalogue import params_schema
     from certbench.data.specs import DATASETS
     from certbench.method import RunContext, get_method
 
     filled = cfg.validate_against(params_schema("lipsdp-admm"), params, "params.")
-    method = get_method("lipsdp-admm")(filled, RunContext(DATASETS.get(dataset), epochs, (0.02,), (0.02,),
-                                                          torch.device("cpu")))
+    method = get_method("lipsdp-admm")(
+        filled, RunContext(DATASETS.get(dataset), epochs, (0.02,), (0.02,), torch.device("cpu"))
+    )
     method.check()
     torch.manual_seed(0)
     model = method.build_model("mlp", arch_params or {"widths": [10, 10], "activation": "tanh"})
@@ -425,8 +463,15 @@ def _rings() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x).view(-1, 1, 1, 2), torch.from_numpy(y)
 
 
-def _train(method, model, optimiser, epochs: range, total: int, batches: int = 10,  # noqa: ANN001
-           data: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+def _train(
+    method,
+    model,
+    optimiser,
+    epochs: range,
+    total: int,
+    batches: int = 10,  # noqa: ANN001
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     """The framework's loop: progress = (epoch + batch/len(loader))/epochs, after_step after each step,
     finish after the last epoch. ``data`` defaults to 300 rings2d points."""
     x, y = data if data is not None else _rings()
@@ -457,8 +502,10 @@ def test_admm_state_survives_a_checkpoint() -> None:
     optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
     _train(method, model, optimiser, range(2), 4, batches=5)
     buffer = io.BytesIO()
-    torch.save({"method": method.state_dict(), "model": model.state_dict(), "optimiser": optimiser.state_dict()},
-               buffer)
+    torch.save(
+        {"method": method.state_dict(), "model": model.state_dict(), "optimiser": optimiser.state_dict()},
+        buffer,
+    )
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     resumed, model2 = _admm_method(params, epochs=4)
@@ -479,8 +526,12 @@ def test_admm_rejects_bad_configurations() -> None:
     from certbench.data.specs import DATASETS
     from certbench.method import RunContext
 
-    for params in ({"mu": -1.0}, {"variant": "enforced", "max_bound": 0.0}, {"variant": "enforced"},
-                   {"max_bound": 2.0}):
+    for params in (
+        {"mu": -1.0},
+        {"variant": "enforced", "max_bound": 0.0},
+        {"variant": "enforced"},
+        {"max_bound": 2.0},
+    ):
         with pytest.raises(ConfigError, match="params"):
             _admm_method(params, epochs=1)
     method, _ = _admm_method({}, epochs=1)

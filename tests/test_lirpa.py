@@ -44,17 +44,30 @@ METHODS = ("IBP", "CROWN", "CROWN-IBP")
 
 def small_mlp(seed: int, channels: int = 2, side: int = 4, classes: int = 5) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]), nn.Flatten(),
-                         nn.Linear(channels * side * side, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
-                         nn.Linear(12, classes)).eval()
+    return nn.Sequential(
+        Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]),
+        nn.Flatten(),
+        nn.Linear(channels * side * side, 16),
+        nn.ReLU(),
+        nn.Linear(16, 12),
+        nn.ReLU(),
+        nn.Linear(12, classes),
+    ).eval()
 
 
 def small_cnn(seed: int, channels: int = 2, side: int = 8, classes: int = 5) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]),
-                         nn.Conv2d(channels, 4, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Conv2d(4, 6, 3, stride=1, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(6 * (side // 2) ** 2, 16), nn.ReLU(), nn.Linear(16, classes)).eval()
+    return nn.Sequential(
+        Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]),
+        nn.Conv2d(channels, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * (side // 2) ** 2, 16),
+        nn.ReLU(),
+        nn.Linear(16, classes),
+    ).eval()
 
 
 def randomise_batch_norms(model: nn.Module) -> None:
@@ -69,29 +82,58 @@ def randomise_batch_norms(model: nn.Module) -> None:
 def small_bn_cnn(seed: int, channels: int = 2, side: int = 8, classes: int = 5) -> nn.Sequential:
     """Conv → BatchNorm → ReLU → AvgPool → Linear → BatchNorm1d, with non-trivial statistics."""
     torch.manual_seed(seed)
-    model = nn.Sequential(Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]),
-                          nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
-                          nn.Flatten(), nn.Linear(4 * (side // 2) ** 2, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                          nn.Linear(16, classes))
+    model = nn.Sequential(
+        Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]),
+        nn.Conv2d(channels, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * (side // 2) ** 2, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, classes),
+    )
     randomise_batch_norms(model)
     return model.eval()
 
 
 def small_resnet(seed: int, channels: int = 2, side: int = 8, classes: int = 5) -> nn.Sequential:
-    """WRN-style: an identity and a 1×1-conv shortcut (scales 0.7, 0.4), BatchNorm, dropout, global pooling."""
+    """WRN-style: an identity and a 1×1-conv shortcut (scales 0.7, 0.4), BatchNorm, dropout, global
+    pooling."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]), nn.Conv2d(channels, 4, 3, padding=1),
+        Normalize([0.5, 0.3][:channels], [0.25, 0.4][:channels]),
+        nn.Conv2d(channels, 4, 3, padding=1),
         Residual(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))),
-        nn.BatchNorm2d(4), nn.ReLU(),
-        Residual(nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Dropout(0.3),
-                               nn.Conv2d(6, 6, 3, padding=1)), nn.Conv2d(4, 6, 1, stride=2), (0.7, 0.4)),
-        nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, classes))
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        Residual(
+            nn.Sequential(
+                nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Dropout(0.3),
+                nn.Conv2d(6, 6, 3, padding=1),
+            ),
+            nn.Conv2d(4, 6, 1, stride=2),
+            (0.7, 0.4),
+        ),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, classes),
+    )
     randomise_batch_norms(model)
     return model.eval()
 
 
-ARCHS = {"mlp": (small_mlp, 4), "cnn": (small_cnn, 8), "bn-cnn": (small_bn_cnn, 8), "resnet": (small_resnet, 8)}
+ARCHS = {
+    "mlp": (small_mlp, 4),
+    "cnn": (small_cnn, 8),
+    "bn-cnn": (small_bn_cnn, 8),
+    "resnet": (small_resnet, 8),
+}
 
 
 def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -100,8 +142,9 @@ def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bkc,bc->bk", specification_matrix(y, logits.shape[1]), logits)
 
 
-def pgd_margin_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                        steps: int = 20, norm: str = "linf") -> list[torch.Tensor]:
+def pgd_margin_iterates(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20, norm: str = "linf"
+) -> list[torch.Tensor]:
     """PGD minimising each margin separately (random start); the margins of every iterate."""
     batch, others = len(x), margins(model, x[:1], y[:1]).shape[1]
     xs, ys = x.repeat_interleave(others, 0), y.repeat_interleave(others, 0)
@@ -122,7 +165,7 @@ def pgd_margin_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
         z = z.detach().requires_grad_(True)
         m = margins(model, z, ys)
         iterates.append(m.detach().view(batch, others, others))
-        grad, = torch.autograd.grad(m.gather(1, pick[:, None]).sum(), z)
+        (grad,) = torch.autograd.grad(m.gather(1, pick[:, None]).sum(), z)
         if box is not None:
             z = project(z - step * grad.sign())
         else:
@@ -141,10 +184,13 @@ def box_samples(x: torch.Tensor, eps: float, count: int = 64) -> torch.Tensor:
 
 
 def assert_never_below(lower: torch.Tensor, observed: torch.Tensor) -> None:
-    assert (observed >= lower - 1e-4).all(), f"a point inside the ball beat the bound by {(lower - observed).max():.3g}"
+    assert (observed >= lower - 1e-4).all(), (
+        f"a point inside the ball beat the bound by {(lower - observed).max():.3g}"
+    )
 
 
 # --- compat shims: each test fails without its shim -------------------------------------
+
 
 def test_shim_numpy_arraysetops() -> None:
     from numpy.lib.arraysetops import isin
@@ -207,12 +253,18 @@ def test_shim_crown_through_normalize_at_batch_above_one() -> None:
     lower_x, upper_x = input_box(x, eps)
     full = BoundedModule(model, x).compute_bounds(
         x=(BoundedTensor(x, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=lower_x, x_U=upper_x)),),
-        method="backward")
+        method="backward",
+    )
     normalize, body = model[0], model[1:]
     z = normalize(x)
     folded = BoundedModule(body, z).compute_bounds(
-        x=(BoundedTensor(z, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=normalize(lower_x),
-                                               x_U=normalize(upper_x))),), method="backward")
+        x=(
+            BoundedTensor(
+                z, PerturbationLpNorm(norm=np.inf, eps=eps, x_L=normalize(lower_x), x_U=normalize(upper_x))
+            ),
+        ),
+        method="backward",
+    )
     assert torch.allclose(full[0], folded[0], atol=1e-4) and torch.allclose(full[1], folded[1], atol=1e-4)
 
 
@@ -246,14 +298,20 @@ def test_version_refusal() -> None:
     lirpa_compat.check_version("0.3")
     with pytest.raises(lirpa_compat.LiRPAVersionError, match="tested with auto_LiRPA 0.3 only, found 0.4"):
         lirpa_compat.check_version("0.4")
-    code = ("import importlib.metadata as m; m.version = lambda name: '0.2'\n"
-            "import certbench.bounds.lirpa")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    code = "import importlib.metadata as m; m.version = lambda name: '0.2'\nimport certbench.bounds.lirpa"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
     assert result.returncode != 0 and "LiRPAVersionError" in result.stderr and "found 0.2" in result.stderr
 
 
 # --- bound helpers ------------------------------------------------------------------------
+
 
 def test_specification_and_robust_cross_entropy() -> None:
     y = torch.tensor([0, 2])
@@ -289,8 +347,9 @@ def test_bounds_contain_sampled_points_and_pgd_iterates(arch: str, seed: int, ep
         assert_never_below(bounds[method], attacked)
 
 
-def pgd_cross_entropy_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                               steps: int = 20) -> torch.Tensor:
+def pgd_cross_entropy_iterates(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20
+) -> torch.Tensor:
     """PGD-ℓ∞ maximising the cross-entropy (random start): the largest CE seen per sample."""
     lower_x, upper_x = input_box(x, eps)
     z, worst = lower_x + (upper_x - lower_x) * torch.rand_like(x), torch.full((len(x),), -np.inf)
@@ -298,7 +357,7 @@ def pgd_cross_entropy_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tenso
         z = z.detach().requires_grad_(True)
         loss = F.cross_entropy(model(z), y, reduction="none")
         worst = torch.maximum(worst, loss.detach())
-        grad, = torch.autograd.grad(loss.sum(), z)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
         z = torch.max(torch.min(z + eps / 4 * grad.sign(), upper_x), lower_x)
     return worst
 
@@ -306,8 +365,9 @@ def pgd_cross_entropy_iterates(model: nn.Module, x: torch.Tensor, y: torch.Tenso
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 10_000), eps=st.sampled_from([0.01, 0.05, 0.2]))
-def test_fused_cross_entropy_bounds_contain_sampled_points_and_pgd_iterates(arch: str, seed: int,
-                                                                            eps: float) -> None:
+def test_fused_cross_entropy_bounds_contain_sampled_points_and_pgd_iterates(
+    arch: str, seed: int, eps: float
+) -> None:
     build, side = ARCHS[arch]
     model = build(seed)
     torch.manual_seed(seed + 1)
@@ -361,8 +421,9 @@ def test_l2_crown_matches_folded_network_and_contains_pgd() -> None:
     folded_first.bias.data = first.bias.data + first.weight.data @ shift
     folded = nn.Sequential(nn.Flatten(), folded_first, *model[3:]).eval()
     spec = specification_matrix(y, 5)
-    reference, _ = BoundedModule(folded, x, bound_opts={"sparse_intermediate_bounds_with_ibp": False}).compute_bounds(
-        x=(BoundedTensor(x, PerturbationLpNorm(norm=2, eps=eps)),), C=spec, method="backward")
+    reference, _ = BoundedModule(
+        folded, x, bound_opts={"sparse_intermediate_bounds_with_ibp": False}
+    ).compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=2, eps=eps)),), C=spec, method="backward")
     assert torch.allclose(lower, reference, atol=1e-4)
     attacked = torch.stack(pgd_margin_iterates(model, x, y, eps, norm="l2")).amin(0)
     assert_never_below(lower, attacked)
@@ -371,6 +432,7 @@ def test_l2_crown_matches_folded_network_and_contains_pgd() -> None:
 
 
 # --- certificates -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["ibp", "crown", "crown-ibp"])
 def test_certified_samples_resist_pgd_and_certification_is_deterministic(name: str) -> None:
@@ -424,6 +486,7 @@ def test_certificates_not_applicable_to_other_layers() -> None:
 
 # --- methods --------------------------------------------------------------------------------
 
+
 def make_method(cls: type[IBP], epochs: int = 10, **params: object) -> IBP:
     spec = DATASETS.get("digits")
     filled = validate_against({"type": "object", "properties": cls.params_schema}, params)
@@ -433,7 +496,9 @@ def make_method(cls: type[IBP], epochs: int = 10, **params: object) -> IBP:
 def test_schedule_and_mixing() -> None:
     method = make_method(IBP, epochs=10, schedule="linear", schedule_start=2, schedule_length=4)
     assert method.eps_train == max(DATASETS.get("digits").eps_linf)
-    assert method.epsilon(0.1) == 0 and method.epsilon(0.4) == pytest.approx(0.05) and method.epsilon(0.7) == 0.1
+    assert (
+        method.epsilon(0.1) == 0 and method.epsilon(0.4) == pytest.approx(0.05) and method.epsilon(0.7) == 0.1
+    )
     assert method.weights(0.1)["kappa"] == pytest.approx(0.5) and method.weights(0.0)["kappa"] == 1.0
     smooth = [ramp(u, "smoothed") for u in np.linspace(0, 1, 101)]
     assert smooth[0] == 0 and smooth[-1] == pytest.approx(1) and np.all(np.diff(smooth) >= 0)
@@ -442,19 +507,31 @@ def test_schedule_and_mixing() -> None:
     assert crown_ibp.weights(0.1)["beta"] == pytest.approx(1 - 0.5 * 0.75)
 
 
-@pytest.mark.parametrize("params", [
-    {"eps_train": 1.5}, {"eps_train": -0.1}, {"schedule_start": 8, "schedule_length": 5},
-    {"kappa_final": 1.2}, {"kappa_final": -0.5}, {"beta_final": 2.0}, {"beta_final": -1.0}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"eps_train": 1.5},
+        {"eps_train": -0.1},
+        {"schedule_start": 8, "schedule_length": 5},
+        {"kappa_final": 1.2},
+        {"kappa_final": -0.5},
+        {"beta_final": 2.0},
+        {"beta_final": -1.0},
+    ],
+)
 def test_bad_parameters_raise_config_error(params: dict[str, float]) -> None:
     spec = DATASETS.get("digits")
     defaults = validate_against({"type": "object", "properties": CROWNIBP.params_schema}, {})
-    method = CROWNIBP({**defaults, **params}, RunContext(spec, 10, spec.eps_linf, spec.eps_l2, torch.device("cpu")))
+    method = CROWNIBP(
+        {**defaults, **params}, RunContext(spec, 10, spec.eps_linf, spec.eps_l2, torch.device("cpu"))
+    )
     with pytest.raises(ConfigError, match=r"^params\.\w+: "):
         method.check()
 
 
-@pytest.mark.parametrize("cls,arch,fusion", [(IBP, "cnn-small", False), (CROWNIBP, "mlp", False),
-                                             (CROWNIBP, "cnn-small", True)])
+@pytest.mark.parametrize(
+    "cls,arch,fusion", [(IBP, "cnn-small", False), (CROWNIBP, "mlp", False), (CROWNIBP, "cnn-small", True)]
+)
 def test_training_steps_lower_the_robust_loss(cls: type[IBP], arch: str, fusion: bool) -> None:
     from certbench.data.digits import load as load_digits_split
 

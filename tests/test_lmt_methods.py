@@ -1,4 +1,6 @@
-"""The LMT family (lmt, lipschitz-reg, spectral, parseval, weight-decay) and the ``lipschitz-l2`` certificate."""
+"""The LMT family (lmt, lipschitz-reg, spectral, parseval, weight-decay) and the ``lipschitz-l2``
+certificate.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certbench.certificates import CERTIFICATES, margins
 from certbench.bounds.lipschitz import margin_slopes
+from certbench.certificates import CERTIFICATES, margins
 from certbench.certificates.lipschitz import exact_bound
 from certbench.config import ConfigError
 from certbench.data.loaders import load_split
@@ -47,7 +49,7 @@ def fit(name: str, epochs: int, arch: str = "cnn-small", **params: Any) -> nn.Mo
     for epoch in range(epochs):
         order = torch.randperm(len(x))
         for start in range(0, len(x), 64):
-            batch = order[start:start + 64]
+            batch = order[start : start + 64]
             out = method.loss(model, x[batch], y[batch], (epoch + start / len(x)) / epochs)
             optimizer.zero_grad()
             out.loss.backward()
@@ -74,8 +76,9 @@ def test_lmt_plus_plus_certifies_larger_radii_than_cross_entropy(trained: dict[s
     assert medians["lmt++"] > 1.3 * medians["standard"] > 0, medians
 
 
-def pgd_l2_min_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor,
-                      steps: int = 40, restarts: int = 3) -> torch.Tensor:
+def pgd_l2_min_margin(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int = 40, restarts: int = 3
+) -> torch.Tensor:
     """Smallest margin PGD-ℓ2 (per-sample ε, step ε/4, random starts, no box) finds in the balls."""
     radius = eps.view(-1, 1, 1, 1)
     best = torch.full((len(x),), math.inf)
@@ -86,8 +89,12 @@ def pgd_l2_min_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: t
             delta.requires_grad_(True)
             (grad,) = torch.autograd.grad(margins(model(x + delta), y).sum(), delta)
             with torch.no_grad():
-                delta = delta - radius / 4 * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-                delta *= (radius / delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)).clamp(max=1)
+                delta = delta - radius / 4 * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(
+                    -1, 1, 1, 1
+                )
+                delta *= (radius / delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)).clamp(
+                    max=1
+                )
         with torch.no_grad():
             best = torch.minimum(best, margins(model(x + delta), y))
     return best
@@ -121,9 +128,14 @@ def test_certificate_records_the_tighter_form(trained: dict[str, nn.Module]) -> 
             assert result.radius[i] == 0
             continue
         plain = (logits[i, label] - logits[i].index_fill(0, torch.tensor([label]), -math.inf).max()) / (
-            math.sqrt(2) * result.extra["lipschitz_bound"])
-        tight = min((logits[i, label] - logits[i, j])
-                    / (result.extra["lipschitz_bound_sub"] * (weight[label] - weight[j]).norm()) for j in range(10) if j != label)
+            math.sqrt(2) * result.extra["lipschitz_bound"]
+        )
+        tight = min(
+            (logits[i, label] - logits[i, j])
+            / (result.extra["lipschitz_bound_sub"] * (weight[label] - weight[j]).norm())
+            for j in range(10)
+            if j != label
+        )
         assert float(tight) >= float(plain) * (1 - 1e-6)
         assert result.radius[i] <= float(tight)  # never above the exact-arithmetic radius
         ratios.append(result.radius[i] / float(tight))
@@ -157,6 +169,7 @@ def test_radius_forms_on_a_hand_example() -> None:
 
 # ---- LMT loss ------------------------------------------------------------------------------
 
+
 def test_lmt_margin_forms_and_clip() -> None:
     torch.manual_seed(0)
     x, y = DIGITS[0].tensors[0][:8], DIGITS[0].tensors[1][:8]
@@ -172,8 +185,11 @@ def test_lmt_margin_forms_and_clip() -> None:
             for j in range(10):
                 if j == int(y[i]):
                     continue
-                expected = (math.sqrt(2) * 0.3 * estimate.total if form == "global" else
-                            0.3 * estimate.sub * (weight[j] - weight[y[i]]).norm())
+                expected = (
+                    math.sqrt(2) * 0.3 * estimate.total
+                    if form == "global"
+                    else 0.3 * estimate.sub * (weight[j] - weight[y[i]]).norm()
+                )
                 assert added[i, j].item() == pytest.approx(expected.item(), rel=1e-5)
     # clip: a misclassified sample gets factor 0, i.e. plain cross-entropy
     method = make("lmt", c=0.3, clip=True)
@@ -193,14 +209,22 @@ def test_lmt_ramp() -> None:
     assert make("lmt", c=0.2).c_at(0.0) == 0.2
 
 
-@pytest.mark.parametrize("name, params, key", [
-    ("lmt", {"c": -0.1}, "params.c"), ("lmt", {"c_start": -1.0, "ramp_epochs": 1}, "params.c_start"),
-    ("lmt", {"ramp_epochs": 9}, "params.ramp_epochs"), ("lipschitz-reg", {"lambda": -1.0}, "params.lambda"),
-    ("spectral", {"lambda": -0.01}, "params.lambda"), ("parseval", {"beta": 0.0}, "params.beta"),
-    ("parseval", {"beta": 1.0}, "params.beta"), ("parseval", {"beta": -0.5}, "params.beta"),
-    ("parseval", {"row_fraction": 0.0}, "params.row_fraction"),
-    ("parseval", {"row_fraction": 1.5}, "params.row_fraction"),
-    ("weight-decay", {"weight_decay": -1e-4}, "params.weight_decay")])
+@pytest.mark.parametrize(
+    "name, params, key",
+    [
+        ("lmt", {"c": -0.1}, "params.c"),
+        ("lmt", {"c_start": -1.0, "ramp_epochs": 1}, "params.c_start"),
+        ("lmt", {"ramp_epochs": 9}, "params.ramp_epochs"),
+        ("lipschitz-reg", {"lambda": -1.0}, "params.lambda"),
+        ("spectral", {"lambda": -0.01}, "params.lambda"),
+        ("parseval", {"beta": 0.0}, "params.beta"),
+        ("parseval", {"beta": 1.0}, "params.beta"),
+        ("parseval", {"beta": -0.5}, "params.beta"),
+        ("parseval", {"row_fraction": 0.0}, "params.row_fraction"),
+        ("parseval", {"row_fraction": 1.5}, "params.row_fraction"),
+        ("weight-decay", {"weight_decay": -1e-4}, "params.weight_decay"),
+    ],
+)
 def test_bad_parameters_raise_config_errors(name: str, params: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         make(name, **params)
@@ -208,7 +232,9 @@ def test_bad_parameters_raise_config_errors(name: str, params: dict[str, Any], k
 
 @pytest.mark.parametrize("name", ["lmt", "lipschitz-reg", "spectral", "parseval"])
 def test_unsupported_architecture_is_refused_before_training(name: str) -> None:
-    model = nn.Sequential(Normalize([0.3], [0.4]), nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 10))
+    model = nn.Sequential(
+        Normalize([0.3], [0.4]), nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 10)
+    )
     with pytest.raises(ConfigError, match="layer type GELU"):
         make(name).prepare(model)
 
@@ -260,12 +286,16 @@ def test_spectral_penalty_converges_to_the_sum_of_squared_norms() -> None:
     model = method.build_model("cnn-small", {})
     for _ in range(200):
         penalty = method.penalty(model)
-    exact = sum(float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)) ** 2
-                for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    exact = sum(
+        float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)) ** 2
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    )
     assert float(penalty) == pytest.approx(exact, rel=1e-3)
 
 
 # ---- Parseval ------------------------------------------------------------------------------
+
 
 @given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**16))
 @settings(max_examples=25, deadline=None)
@@ -274,7 +304,7 @@ def test_parseval_retraction_moves_singular_values_towards_one(rows: int, cols: 
     u, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(cols, cols, dtype=torch.float64))
     sigma = torch.rand(min(rows, cols), dtype=torch.float64) * 1.6
-    weight = u[:, :len(sigma)] @ torch.diag(sigma) @ v[:, :len(sigma)].T
+    weight = u[:, : len(sigma)] @ torch.diag(sigma) @ v[:, : len(sigma)].T
     before = torch.linalg.svdvals(weight)
     retract(weight, 0.1)
     after = torch.linalg.svdvals(weight)

@@ -34,7 +34,9 @@ def smoke_run(smoke_config: dict, method: str, epochs: int = 2) -> dict:
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_method_trains_and_its_default_certificate_applies(tmp_path: Path, smoke_config: dict, method: str) -> None:
+def test_method_trains_and_its_default_certificate_applies(
+    tmp_path: Path, smoke_config: dict, method: str
+) -> None:
     run_config = smoke_run(smoke_config, method)
     record = train(run_config, tmp_path)
     assert record["status"] == "ok", record["message"]

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from repo_copy import copy_of_the_repository
 
 from certbench.attacks import ATTACKS, Attack
 from certbench.certificates import CERTIFICATES, CERTIFIED
@@ -24,8 +25,12 @@ from certbench.models import ARCHITECTURES, build
 from certbench.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
-REGISTRIES: dict[str, Registry[Any]] = {"method": METHODS, "architecture": ARCHITECTURES,
-                                        "certificate": CERTIFICATES, "attack": ATTACKS}
+REGISTRIES: dict[str, Registry[Any]] = {
+    "method": METHODS,
+    "architecture": ARCHITECTURES,
+    "certificate": CERTIFICATES,
+    "attack": ATTACKS,
+}
 DECLARED = [(kind, name) for kind, registry in REGISTRIES.items() for name in registry.names()]
 
 
@@ -149,7 +154,7 @@ def corners_linf(model, x, y, eps, s):
     return best
 '''
 
-SCRIPT = '''
+SCRIPT = """
 import json, sys
 from pathlib import Path
 import yaml
@@ -172,31 +177,24 @@ print(json.dumps({"datasets": DATASETS.names(), "certificates": CERTIFICATES.nam
                   "train": trained["status"], "certify": sorted(certified["certificates"]),
                   "nothing": certified["certificates"]["nothing-l2"]["applicable"],
                   "attack": sorted(e["attack"] for e in attacked["evaluations"])}))
-'''
-
-
-def _copy_of_the_repository(root: Path) -> Path:
-    """The repository's tracked and untracked-but-not-ignored files, copied under ``root``."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_bytes((REPO / name).read_bytes())
-    return root
+"""
 
 
 def test_a_new_certificate_attack_and_data_set_each_take_one_file(tmp_path: Path) -> None:
-    repo = _copy_of_the_repository(tmp_path / "repo")
+    repo = copy_of_the_repository(tmp_path / "repo")
     (repo / "certbench" / "data" / "corners2d.py").write_text(NEW_DATA_SET)
     (repo / "certbench" / "certificates" / "nothing.py").write_text(NEW_CERTIFICATE)
     (repo / "certbench" / "attacks" / "corners.py").write_text(NEW_ATTACK)
     config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
     config["datasets"] = {"corners2d": {"test_size": 16, "train_size": 100}}
     config["training"]["epochs"] = 1
-    config["evaluation"] = {"batch_size": 16, "certificates": ["nothing-l2", "lipschitz-l2"],
-                            "certificate_params": {"nothing-l2": {"radius": 0.0}},
-                            "attacks": ["corners-linf"], "attack_params": {"corners-linf": {"tries": 2}}}
+    config["evaluation"] = {
+        "batch_size": 16,
+        "certificates": ["nothing-l2", "lipschitz-l2"],
+        "certificate_params": {"nothing-l2": {"radius": 0.0}},
+        "attacks": ["corners-linf"],
+        "attack_params": {"corners-linf": {"tries": 2}},
+    }
     (repo / "config" / "test.yaml").write_text(yaml.safe_dump(config))
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -204,8 +202,14 @@ def test_a_new_certificate_attack_and_data_set_each_take_one_file(tmp_path: Path
 
     check = run("-m", "certbench", "check-config", "config/test.yaml")
     assert check.returncode == 0, check.stderr[-2000:]
-    bad = run("-m", "certbench", "check-config", "config/test.yaml", "--config",
-              "evaluation.attack_params.corners-linf.tries=0")
+    bad = run(
+        "-m",
+        "certbench",
+        "check-config",
+        "config/test.yaml",
+        "--config",
+        "evaluation.attack_params.corners-linf.tries=0",
+    )
     assert bad.returncode != 0
     assert "evaluation.attack_params.corners-linf.tries: 0 is less than the minimum of 1" in bad.stderr
     used = run("-c", SCRIPT, str(tmp_path / "run"))

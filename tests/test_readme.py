@@ -90,7 +90,9 @@ def dry_run(words: tuple[str, ...], sandbox: Path) -> dict[str, int]:
     if key not in _PLANNED:
         result = run(list(words), sandbox)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        counts = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE)}
+        counts = {
+            rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE)
+        }
         assert counts.get("train", 0) >= 1 and counts.get("audit_check") == 1, result.stdout[-2000:]
         _PLANNED[key] = counts
     return _PLANNED[key]
@@ -103,14 +105,17 @@ def exercise(command: str, sandbox: Path) -> None:
         if operator in words:
             at = words.index(operator)
             exercise(shlex.join(words[:at]), sandbox)
-            exercise(shlex.join(words[at + 1:]), sandbox)
+            exercise(shlex.join(words[at + 1 :]), sandbox)
             return
     for word, test in COVERED_ELSEWHERE.items():
         if word in words:
             path, _, name = test.partition("::")
             source = (REPO / path).read_text()
-            functions = [node for node in ast.walk(ast.parse(source))
-                         if isinstance(node, ast.FunctionDef) and node.name == name]
+            functions = [
+                node
+                for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.FunctionDef) and node.name == name
+            ]
             assert functions, f"{test}, which should run {command!r}, is gone"
             assert word in ast.get_source_segment(source, functions[0]), f"{test} no longer runs {word}"
             return
@@ -151,8 +156,11 @@ def test_readme_command(command: str, sandbox: Path) -> None:
     before = sorted(p.name for p in sandbox.iterdir())
     exercise(command, sandbox)
     # dry runs leave no results behind (the sandbox is shared by the commands of this module)
-    assert not any(name.startswith(("results", "figures")) for name in sorted(p.name for p in sandbox.iterdir())
-                   if name not in before)
+    assert not any(
+        name.startswith(("results", "figures"))
+        for name in sorted(p.name for p in sandbox.iterdir())
+        if name not in before
+    )
 
 
 def test_the_readme_has_its_commands() -> None:
@@ -165,7 +173,9 @@ def test_the_readme_has_its_commands() -> None:
 
 
 def test_the_quoted_config_error_is_what_the_cli_prints(sandbox: Path) -> None:
-    quoted = [block.strip() for block in fenced_blocks(README, "") if block.startswith("certbench: config error:")]
+    quoted = [
+        block.strip() for block in fenced_blocks(README, "") if block.startswith("certbench: config error:")
+    ]
     assert len(quoted) == 1
     match = re.fullmatch(r"certbench: config error: ([\w.]+): (-?\d+) is less than .*", quoted[0])
     assert match, quoted[0]
@@ -176,14 +186,32 @@ def test_the_quoted_config_error_is_what_the_cli_prints(sandbox: Path) -> None:
 
 # --- the --config forms the README states, end to end: the values reach the runs' resolved config
 
+
 def test_config_values_are_typed_nested_and_dotted(sandbox: Path, tmp_path: Path) -> None:
     """`seeds=[1]` (a list Snakemake leaves as text), `training={lr: 1e-3}` (merged into the config
     file's training section) and `training.batch_size=32` (a dotted key, via certbench run)."""
     results = tmp_path / "results-1"
-    result = run(["certbench", "run", "--cores", "1", "--configfile", "config/smoke.yaml", "--until", "run_config",
-                  "--config", "seeds=[1]", f"results_dir={results}", "training={lr: 1e-3}",
-                  "training.batch_size=32", "training.lr_schedule.type=step", "training.lr_schedule.milestones=[2]",
-                  "resources={partition: null}"], sandbox)
+    result = run(
+        [
+            "certbench",
+            "run",
+            "--cores",
+            "1",
+            "--configfile",
+            "config/smoke.yaml",
+            "--until",
+            "run_config",
+            "--config",
+            "seeds=[1]",
+            f"results_dir={results}",
+            "training={lr: 1e-3}",
+            "training.batch_size=32",
+            "training.lr_schedule.type=step",
+            "training.lr_schedule.milestones=[2]",
+            "resources={partition: null}",
+        ],
+        sandbox,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.loads(path.read_text()) for path in sorted(results.rglob("run.json"))]
     assert [r["run"]["seed"] for r in runs] == [1]
@@ -205,12 +233,23 @@ def test_config_values_read_as_yaml_except_where_the_schema_wants_text() -> None
     from certbench.config import parse_overrides, type_overrides
 
     # what Snakemake hands over for seeds=[0,1] results_dir=001 'training={lr: 1e-3, grad_clip: null}' …
-    given = {"seeds": ["0", "1"], "results_dir": "001", "training": {"lr": "1e-3", "grad_clip": "null"},
-             "resources": {"partition": "null", "gpu_partition": "gpu"},
-             "experiments": [{"method": "lmt", "arch": "mlp", "name": "001", "params": {"c": "0.5", "loss": "v2"}}]}
+    given = {
+        "seeds": ["0", "1"],
+        "results_dir": "001",
+        "training": {"lr": "1e-3", "grad_clip": "null"},
+        "resources": {"partition": "null", "gpu_partition": "gpu"},
+        "experiments": [
+            {"method": "lmt", "arch": "mlp", "name": "001", "params": {"c": "0.5", "loss": "v2"}}
+        ],
+    }
     assert type_overrides({"seeds": ["0", "1"], "device": "cpu"}, given) == {
-        "seeds": [0, 1], "device": "cpu", "results_dir": "001", "training": {"lr": 0.001, "grad_clip": None},
+        "seeds": [0, 1],
+        "device": "cpu",
+        "results_dir": "001",
+        "training": {"lr": 0.001, "grad_clip": None},
         "resources": {"partition": None, "gpu_partition": "gpu"},
-        "experiments": [{"method": "lmt", "arch": "mlp", "name": "001", "params": {"c": 0.5, "loss": "v2"}}]}
-    assert parse_overrides(["training.epochs=3", "results_dir=001", "data.download=true", "training.lr=1e-3"]) == {
-        "training": {"epochs": 3, "lr": 0.001}, "results_dir": "001", "data": {"download": True}}
+        "experiments": [{"method": "lmt", "arch": "mlp", "name": "001", "params": {"c": 0.5, "loss": "v2"}}],
+    }
+    assert parse_overrides(
+        ["training.epochs=3", "results_dir=001", "data.download=true", "training.lr=1e-3"]
+    ) == {"training": {"epochs": 3, "lr": 0.001}, "results_dir": "001", "data": {"download": True}}

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from repo_copy import copy_of_the_repository
 
 from certbench import config as cfg
 from certbench.catalogue import check_config
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
-THROWAWAY_METHOD = '''
+THROWAWAY_METHOD = """
 import torch.nn.functional as F
 from certbench.method import LossOutput, Method, register_method
 
@@ -42,7 +43,7 @@ class Throwaway(Method):
         logits = model(x)
         penalty = sum(p.pow(2).sum() for p in model.parameters())
         return LossOutput(F.cross_entropy(logits, y) + self.params["lam"] * penalty, logits=logits)
-'''
+"""
 
 PLANTED_CERTIFICATE = '''
 import numpy as np
@@ -78,14 +79,24 @@ def _paths(config: object, prefix: tuple = ()) -> list[tuple]:
     return found
 
 
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True),
-                   st.text(max_size=8), st.lists(st.integers(-2, 5), max_size=3),
-                   st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-2, 5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 # Derandomised so CI is repeatable; CERTBENCH_FUZZ_EXAMPLES=2000 explores further by hand.
-@settings(max_examples=int(os.environ.get("CERTBENCH_FUZZ_EXAMPLES", 80)), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("CERTBENCH_FUZZ_EXAMPLES", 80)),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_random_config_mutations_are_accepted_or_refused_in_one_line(data: st.DataObject) -> None:
     config = copy.deepcopy(DEFAULT)
@@ -128,9 +139,24 @@ def _train_smoke(tmp_path: Path, smoke_config: dict) -> tuple[dict, Path]:
 def test_certify_killed_midway_leaves_no_output(tmp_path: Path, smoke_config: dict) -> None:
     _, run_dir = _train_smoke(tmp_path, smoke_config)
     out = run_dir / "certify.json"
-    job = subprocess.Popen([sys.executable, "-m", "certbench.cli", "certify", "--run-config", str(run_dir / "run.json"),
-                            "--run-dir", str(run_dir), "--out", str(out)], cwd=REPO,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "certbench.cli",
+            "certify",
+            "--run-config",
+            str(run_dir / "run.json"),
+            "--run-dir",
+            str(run_dir),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert job.stderr is not None
     for line in job.stderr:  # kill as soon as the first of the two certificates starts
         if "certificate crown on 360 samples" in line:
@@ -142,13 +168,7 @@ def test_certify_killed_midway_leaves_no_output(tmp_path: Path, smoke_config: di
 
 
 def test_concurrent_dag_is_refused_and_planted_unsound_certificate_fails_the_dag(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            (repo / name).write_bytes((REPO / name).read_bytes())
+    repo = copy_of_the_repository(tmp_path / "repo")
     (repo / "methods" / "throwaway.py").write_text(THROWAWAY_METHOD)
     (repo / "certbench" / "certificates" / "planted_unsound.py").write_text(PLANTED_CERTIFICATE)
     config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -162,16 +182,24 @@ def test_concurrent_dag_is_refused_and_planted_unsound_certificate_fails_the_dag
     first = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lock = repo / ".snakemake" / "locks"
     deadline = time.monotonic() + 120
-    while not (lock.is_dir() and any(lock.iterdir())) and first.poll() is None and time.monotonic() < deadline:
+    while (
+        not (lock.is_dir() and any(lock.iterdir())) and first.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     second = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
     output, _ = first.communicate(timeout=1200)
     assert second.returncode != 0
-    assert "LockException" in second.stdout + second.stderr or "cannot be locked" in second.stdout + second.stderr
+    assert (
+        "LockException" in second.stdout + second.stderr
+        or "cannot be locked" in second.stdout + second.stderr
+    )
 
     assert first.returncode != 0, output[-3000:]
     assert "certificate soundness audit FAILED" in output
-    assert "certificate planted-unsound (throwaway)" in output and "certificate planted-unsound (standard)" in output
+    assert (
+        "certificate planted-unsound (throwaway)" in output
+        and "certificate planted-unsound (standard)" in output
+    )
     audit = pd.read_csv(results / "audit.csv")
     planted = audit[audit["certificate"] == "planted-unsound"]
     assert (planted["violations"] > 0).all() and len(planted) == 2

@@ -28,16 +28,24 @@ def tiny_config(tmp_path: Path) -> Path:
     config.update(results_dir=str(tmp_path / "results"), figures_dir=str(tmp_path / "figures"), device="cpu")
     config["datasets"]["digits"]["test_size"] = 16
     config["experiments"][0]["published"] = {"digits": {"clean": 90.0}}
-    config["evaluation"].update(batch_size=16, certificates=["lipschitz-l2", "ibp"],
-                                attack_params={"deepfool-l2": {"steps": 5}, "pgd-linf": {"steps": 3}})
+    config["evaluation"].update(
+        batch_size=16,
+        certificates=["lipschitz-l2", "ibp"],
+        attack_params={"deepfool-l2": {"steps": 5}, "pgd-linf": {"steps": 3}},
+    )
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--cores", "2", "--resources", "gpu=0",
-                           *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--cores", "2", "--resources", "gpu=0", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def embedded(html: str, variable: str) -> object:
@@ -87,29 +95,64 @@ def test_make_run_ends_with_the_report() -> None:
 
 
 def audit_rows(violations: int, checks: int) -> pd.DataFrame:
-    return pd.DataFrame([{"dataset": "digits", "name": "lmt", "method": "lmt", "arch": "mlp", "seed": 0,
-                          "certificate": "lipschitz-l2", "norm": "l2", "checks": checks, "violations": violations,
-                          "worst_ratio": 1.5 if checks else None, "samples": "", "attacks": ""}])
+    return pd.DataFrame(
+        [
+            {
+                "dataset": "digits",
+                "name": "lmt",
+                "method": "lmt",
+                "arch": "mlp",
+                "seed": 0,
+                "certificate": "lipschitz-l2",
+                "norm": "l2",
+                "checks": checks,
+                "violations": violations,
+                "worst_ratio": 1.5 if checks else None,
+                "samples": "",
+                "attacks": "",
+            }
+        ]
+    )
 
 
 def test_front_page_says_what_the_audit_found(tmp_path: Path) -> None:
     assert "no violations** in 7 checks" in audit_section(audit_rows(0, 7))
-    assert "VIOLATION" in audit_section(audit_rows(2, 7)) and "lipschitz-l2 on lmt / mlp seed 0" in \
-        audit_section(audit_rows(2, 7))
+    assert "VIOLATION" in audit_section(
+        audit_rows(2, 7)
+    ) and "lipschitz-l2 on lmt / mlp seed 0" in audit_section(audit_rows(2, 7))
     assert "nothing was checked" in audit_section(audit_rows(0, 0))
     finished = {"dataset": "digits", "name": "lmt", "arch": "mlp", "seed": 0, "status": "ok", "message": ""}
-    summary = pd.DataFrame([{**finished, "metric": "clean_accuracy", "kind": "clean", "value": 0.9},
-                            {**finished, "metric": "certified_accuracy", "kind": "certificate",
-                             "evaluation": "any", "norm": "l2", "eps": 0.5, "value": 0.4},
-                            {"dataset": "digits", "name": "ibp", "arch": "mlp", "seed": 1,
-                             "status": "diverged", "message": "loss is {nan}"}])
+    summary = pd.DataFrame(
+        [
+            {**finished, "metric": "clean_accuracy", "kind": "clean", "value": 0.9},
+            {
+                **finished,
+                "metric": "certified_accuracy",
+                "kind": "certificate",
+                "evaluation": "any",
+                "norm": "l2",
+                "eps": 0.5,
+                "value": 0.4,
+            },
+            {
+                "dataset": "digits",
+                "name": "ibp",
+                "arch": "mlp",
+                "seed": 1,
+                "status": "diverged",
+                "message": "loss is {nan}",
+            },
+        ]
+    )
     runs = runs_section(summary)  # a tidy summary: a run counts once, whatever its number of metric rows
     assert "**Runs:** 2 — 1 ok, 1 diverged." in runs and "diverged — loss is (nan)" in runs
     overview = tmp_path / "overview.rst"
     overview.write_text("title\n=====\n\nintro\n")
     audit_rows(0, 3).to_csv(tmp_path / "audit.csv", index=False)
     summary.to_csv(tmp_path / "summary.csv", index=False)
-    text = write_front_page(overview, tmp_path / "summary.csv", tmp_path / "audit.csv", tmp_path / "front.rst")
+    text = write_front_page(
+        overview, tmp_path / "summary.csv", tmp_path / "audit.csv", tmp_path / "front.rst"
+    )
     from docutils.core import publish_parts
 
     links = "\n.. _Tables: #tables\n.. _Figures: #figures\n"  # Snakemake adds these targets

@@ -30,17 +30,35 @@ from certbench.nn.linf_dist import lp_distance_bounds
 
 def _conv_net() -> nn.Module:
     return nn.Sequential(
-        Normalize([0.4], [0.3]), nn.Conv2d(1, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
-        nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(24, 16), nn.Sigmoid(), nn.Linear(16, 5))
+        Normalize([0.4], [0.3]),
+        nn.Conv2d(1, 6, 3, stride=2, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=2),
+        nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 16),
+        nn.Sigmoid(),
+        nn.Linear(16, 5),
+    )
 
 
 def _residual_net() -> nn.Module:
     body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ELU(), Residual(body, coefficients=(0.5, 0.5)),
-        nn.AvgPool2d(2, divisor_override=3), nn.Softplus(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(4, 8), nn.LeakyReLU(0.1), nn.Linear(8, 5))
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ELU(),
+        Residual(body, coefficients=(0.5, 0.5)),
+        nn.AvgPool2d(2, divisor_override=3),
+        nn.Softplus(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 8),
+        nn.LeakyReLU(0.1),
+        nn.Linear(8, 5),
+    )
 
 
 ARCHITECTURES = {"conv": _conv_net, "residual": _residual_net}
@@ -94,17 +112,23 @@ def test_error_bound_covers_cancellation() -> None:
         model = nn.Sequential(layer).eval()
         y = torch.tensor([0])
         bounds = margin_bounds(model, input_region(x), y)
-        exact = (layer.weight.double() @ x.double()[0] + layer.bias.double())
+        exact = layer.weight.double() @ x.double()[0] + layer.bias.double()
         computed = model(x)[0].double()
         assert (computed - exact).abs().max() > 1e-4  # the rounding is large here
         error = float(bounds.error[0, 1])
         assert abs((computed[0] - computed[1]) - (exact[0] - exact[1])) <= error
 
 
-@pytest.mark.parametrize("module", [
-    nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), nn.LeakyReLU(-0.5), nn.ELU(alpha=-1.0),
-    nn.GELU(), type("ScaledReLU", (nn.ReLU,), {"forward": lambda self, x: 10 * x.relu()})(),
-])
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"),
+        nn.LeakyReLU(-0.5),
+        nn.ELU(alpha=-1.0),
+        nn.GELU(),
+        type("ScaledReLU", (nn.ReLU,), {"forward": lambda self, x: 10 * x.relu()})(),
+    ],
+)
 def test_layers_without_a_rule_are_refused(module: nn.Module) -> None:
     with pytest.raises(RoundingUnsupported):
         check(nn.Sequential(module))
@@ -117,8 +141,11 @@ def test_linf_distance_box_contains_the_coordinatewise_bounds(uniform: bool, tig
     equal them up to float64 rounding, the loose one on an uneven box does not."""
     generator = torch.Generator().manual_seed(0)
     centre = torch.rand(37, 29, generator=generator, dtype=torch.float64) * 4 - 2
-    half = torch.full_like(centre, 0.3) if uniform else torch.rand(37, 29, generator=generator,
-                                                                 dtype=torch.float64)
+    half = (
+        torch.full_like(centre, 0.3)
+        if uniform
+        else torch.rand(37, 29, generator=generator, dtype=torch.float64)
+    )
     weight = torch.randn(23, 29, generator=generator, dtype=torch.float64) * 3
     lo, hi = centre - half, centre + half
     exact_lo, exact_hi = lp_distance_bounds(lo, hi, weight, math.inf)

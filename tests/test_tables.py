@@ -22,25 +22,55 @@ from certbench.tables import (
 def summary() -> pd.DataFrame:
     """A tidy summary of five runs (two diverged: no metric rows), as ``certbench collect`` writes it."""
     rows = []
-    runs = [("standard", "ok", 0.9, 0.1), ("standard", "ok", 0.8, 0.3), ("lmt", "ok", 0.85, 0.5),
-            ("lmt", "diverged", None, None), ("ibp", "diverged", None, None)]
+    runs = [
+        ("standard", "ok", 0.9, 0.1),
+        ("standard", "ok", 0.8, 0.3),
+        ("lmt", "ok", 0.85, 0.5),
+        ("lmt", "diverged", None, None),
+        ("ibp", "diverged", None, None),
+    ]
     for seed, (name, status, clean, cert) in enumerate(runs):
-        run = {"dataset": "digits", "name": name, "method": name, "arch": "mlp", "seed": seed, "status": status,
-               "seconds_per_epoch": 1.0 if name == "standard" else 2.0, "peak_memory_mb": 100.0,
-               "parameters": 10, "epochs": 5}
+        run = {
+            "dataset": "digits",
+            "name": name,
+            "method": name,
+            "arch": "mlp",
+            "seed": seed,
+            "status": status,
+            "seconds_per_epoch": 1.0 if name == "standard" else 2.0,
+            "peak_memory_mb": 100.0,
+            "parameters": 10,
+            "epochs": 5,
+        }
         if status != "ok":
             rows.append(run)
             continue
         ibp = {"kind": "certificate", "evaluation": "ibp", "norm": "linf"}
-        rows += [{**run, **metric} for metric in [
-            {"metric": "clean_accuracy", "kind": "clean", "value": clean},
-            {"metric": "applicable", **ibp, "value": 1.0},
-            {"metric": "certified_accuracy", **ibp, "eps": 0.1, "value": cert},
-            {"metric": "errors", **ibp, "value": 1},
-            {"metric": "certified_accuracy", "kind": "certificate", "evaluation": ANY, "norm": "linf",
-             "eps": 0.1, "value": cert},
-            {"metric": "robust_accuracy", "kind": "attack", "evaluation": "pgd-linf", "norm": "linf",
-             "eps": 0.1, "value": cert}]]
+        rows += [
+            {**run, **metric}
+            for metric in [
+                {"metric": "clean_accuracy", "kind": "clean", "value": clean},
+                {"metric": "applicable", **ibp, "value": 1.0},
+                {"metric": "certified_accuracy", **ibp, "eps": 0.1, "value": cert},
+                {"metric": "errors", **ibp, "value": 1},
+                {
+                    "metric": "certified_accuracy",
+                    "kind": "certificate",
+                    "evaluation": ANY,
+                    "norm": "linf",
+                    "eps": 0.1,
+                    "value": cert,
+                },
+                {
+                    "metric": "robust_accuracy",
+                    "kind": "attack",
+                    "evaluation": "pgd-linf",
+                    "norm": "linf",
+                    "eps": 0.1,
+                    "value": cert,
+                },
+            ]
+        ]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -55,11 +85,12 @@ def test_mean_and_sample_std_over_ok_seeds_and_failed_runs_kept() -> None:
 
 
 def test_published_figures_stand_beside_ours_with_the_difference() -> None:
-    published = published_table([{"name": "standard", "arch": "mlp",
-                                  "published": {"digits": {"clean": 80.0, "certified@0.1": 25.0}}}])
+    published = published_table(
+        [{"name": "standard", "arch": "mlp", "published": {"digits": {"clean": 80.0, "certified@0.1": 25.0}}}]
+    )
     table = linf_table(summary(), published).set_index("name")
     columns = list(table.columns)
-    assert columns[columns.index("clean") + 1: columns.index("clean") + 3] == ["paper:clean", "Δ clean"]
+    assert columns[columns.index("clean") + 1 : columns.index("clean") + 3] == ["paper:clean", "Δ clean"]
     assert table.loc["standard", "Δ clean"] == "+5.00" and table.loc["standard", "Δ certified@0.1"] == "-5.00"
     assert table.loc["lmt", "Δ clean"] == "–"
     assert table.loc["standard", "paper:clean"] == "80.00" and table.loc["lmt", "paper:clean"] == "–"
@@ -67,7 +98,9 @@ def test_published_figures_stand_beside_ours_with_the_difference() -> None:
 
 def test_cost_ratio_to_standard_and_error_counts() -> None:
     cost = cost_table(summary()).set_index("name")
-    assert cost.loc["lmt", "time_vs_standard"] == "2.00×" and cost.loc["standard", "time_vs_standard"] == "1.00×"
+    assert (
+        cost.loc["lmt", "time_vs_standard"] == "2.00×" and cost.loc["standard", "time_vs_standard"] == "1.00×"
+    )
     cross = cross_table(summary()).set_index("name")
     assert cross.loc["standard", "cert_errors:ibp"] == 2
     assert cross.loc["standard", "cert:ibp@0.1"] == "20.00 ± 14.14"
@@ -82,9 +115,25 @@ def test_select_gives_every_run_the_value_of_its_row() -> None:
 
 
 def test_audit_summary_and_three_formats(tmp_path: Path) -> None:
-    audit = pd.DataFrame([{"dataset": "digits", "name": "m", "method": "m", "arch": "mlp", "seed": s,
-                           "certificate": "lip", "norm": "l2", "checks": 10, "violations": v,
-                           "worst_ratio": r, "samples": "", "attacks": ""} for s, v, r in [(0, 0, 1.5), (1, 2, 0.5)]])
+    audit = pd.DataFrame(
+        [
+            {
+                "dataset": "digits",
+                "name": "m",
+                "method": "m",
+                "arch": "mlp",
+                "seed": s,
+                "certificate": "lip",
+                "norm": "l2",
+                "checks": 10,
+                "violations": v,
+                "worst_ratio": r,
+                "samples": "",
+                "attacks": "",
+            }
+            for s, v, r in [(0, 0, 1.5), (1, 2, 0.5)]
+        ]
+    )
     table = audit_table(audit)
     assert table[["runs", "checks", "violations", "worst_ratio"]].iloc[0].tolist() == [2, 20, 2, 0.5]
     write_table(table, tmp_path, "audit")
@@ -109,11 +158,18 @@ def test_csv_keeps_keys_and_the_other_formats_show_human_headers(tmp_path: Path)
 
 def test_headers_come_from_the_rows_each_column_selects() -> None:
     rows = summary()
-    radius = {"metric": "median_radius_norm", "kind": "certificate", "evaluation": "lipschitz-l2", "norm": "l2",
-              "value": 0.2}
+    radius = {
+        "metric": "median_radius_norm",
+        "kind": "certificate",
+        "evaluation": "lipschitz-l2",
+        "norm": "l2",
+        "value": 0.2,
+    }
     rows = pd.concat([rows, pd.DataFrame([{**rows.iloc[0].to_dict(), **radius}])], ignore_index=True)
-    assert list(human(lmt_table(rows)).columns)[-2:] == ["clean accuracy (%)",
-                                                         "median normalised ℓ2 radius (lipschitz-l2)"]
+    assert list(human(lmt_table(rows)).columns)[-2:] == [
+        "clean accuracy (%)",
+        "median normalised ℓ2 radius (lipschitz-l2)",
+    ]
     assert "certified by ibp (%) at ℓ∞ ε = 0.1" in human(cross_table(rows)).columns
     assert "ibp errors" in human(cross_table(rows)).columns
     published = published_table([{"name": "lmt", "arch": "mlp", "published": {"digits": {"pgd@0.1": 30.0}}}])

@@ -28,13 +28,28 @@ def run_config(smoke_config: dict, **training) -> dict:
 
 
 def train_subprocess(config_path: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "certbench.cli", "train", "--run-config", str(config_path),
-                             "--out-dir", str(out), "--threads", "1"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "certbench.cli",
+            "train",
+            "--run-config",
+            str(config_path),
+            "--out-dir",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def verifies(path: Path) -> bool:
-    """Whether a complete checkpoint (file and matching hash) is in place: a kill after this loses no epoch."""
+    """Whether a complete checkpoint (file and matching hash) is in place: a kill after this loses no
+    epoch."""
     try:
         read_verified(path)
     except (FileNotFoundError, CorruptFileError):
@@ -67,8 +82,9 @@ def test_sigkill_mid_training_resumes_to_the_same_model(tmp_path: Path, smoke_co
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "pickle"])
-def test_damaged_or_foreign_checkpoint_is_refused_and_training_restarts(tmp_path: Path, smoke_config: dict,
-                                                                       damage: str, caplog) -> None:
+def test_damaged_or_foreign_checkpoint_is_refused_and_training_restarts(
+    tmp_path: Path, smoke_config: dict, damage: str, caplog
+) -> None:
     config = run_config(smoke_config, epochs=2)
     train(config, tmp_path)
     checkpoint = tmp_path / "checkpoint.pt"
@@ -79,9 +95,11 @@ def test_damaged_or_foreign_checkpoint_is_refused_and_training_restarts(tmp_path
         data[len(data) // 2] ^= 0xFF
         checkpoint.write_bytes(bytes(data))
     else:  # a checkpoint that needs pickle to load, with a valid hash beside it
+
         class Payload:
             def __reduce__(self):
                 return (exec, ("import os; os.environ['CERTBENCH_PWNED'] = '1'",))
+
         save_tensors(checkpoint, {"config_hash": cfg.config_hash(config), "payload": Payload()})
         with pytest.raises(CorruptFileError, match="does not load with weights_only=True"):
             load_tensors(checkpoint)
@@ -90,6 +108,7 @@ def test_damaged_or_foreign_checkpoint_is_refused_and_training_restarts(tmp_path
     assert record["resumed_from_epoch"] == 0 and record["epochs_completed"] == 2
     assert "not resuming" in caplog.text
     import os
+
     assert "CERTBENCH_PWNED" not in os.environ
 
 
@@ -135,13 +154,18 @@ def test_record_holds_cost_and_provenance(tmp_path: Path, smoke_config: dict) ->
     assert json.loads((tmp_path / "train.json").read_text())["status"] == "ok"
 
 
-def test_cosine_schedule_holds_the_rate_until_its_start_then_decays_to_zero(tmp_path: Path, smoke_config: dict) -> None:
-    record = train(run_config(smoke_config, epochs=5, lr=0.1, lr_schedule={"type": "cosine", "start_epoch": 2}),
-                   tmp_path)
+def test_cosine_schedule_holds_the_rate_until_its_start_then_decays_to_zero(
+    tmp_path: Path, smoke_config: dict
+) -> None:
+    record = train(
+        run_config(smoke_config, epochs=5, lr=0.1, lr_schedule={"type": "cosine", "start_epoch": 2}), tmp_path
+    )
     # the rate each epoch leaves for the next one: constant through epoch 2, then 0.5·(1 + cos(π·k/3))
     assert [h["lr"] for h in record["history"]] == pytest.approx([0.1, 0.1, 0.075, 0.025, 0.0], abs=1e-12)
 
 
 def test_cosine_start_after_the_last_epoch_is_refused(smoke_config: dict) -> None:
-    with pytest.raises(cfg.ConfigError, match=r"lr_schedule\.start_epoch: 3 leaves no epoch of the 3 to decay over"):
+    with pytest.raises(
+        cfg.ConfigError, match=r"lr_schedule\.start_epoch: 3 leaves no epoch of the 3 to decay over"
+    ):
         run_config(smoke_config, epochs=3, lr_schedule={"type": "cosine", "start_epoch": 3})

@@ -15,16 +15,23 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
 def snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_building_the_dag_does_not_import_torch() -> None:
     """The modules the Snakefile imports, and those of the CLI's bookkeeping steps (record, audit,
     collect, tables, …), stay free of torch: fast dry runs and fast local jobs."""
-    code = ("import sys; import certbench.config, certbench.storage, certbench.outputs, certbench.collect, "
-            "certbench.audit, certbench.tables, certbench.frontpage, certbench.cli; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys; import certbench.config, certbench.storage, certbench.outputs, certbench.collect, "
+        "certbench.audit, certbench.tables, certbench.frontpage, certbench.cli; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -38,8 +45,9 @@ def test_snakemake_lint_finds_nothing_else(tmp_path: Path) -> None:
     """`snakemake --lint` (a parse, no jobs) on the default config: no finding about a Snakefile
     (paths, '+'), and none about a rule but the per-rule environment. Snakemake 9.27 prints the
     findings as text whatever --lint's format argument, one `    * <title>:` line each."""
-    result = snakemake("--lint", "--config", f"results_dir={tmp_path}/results",
-                       f"figures_dir={tmp_path}/figures")
+    result = snakemake(
+        "--lint", "--config", f"results_dir={tmp_path}/results", f"figures_dir={tmp_path}/figures"
+    )
     output = result.stdout + result.stderr
     assert "Traceback" not in output and "Error" not in output, output[-2000:]
     assert "Lints for snakefile" not in output, output[-3000:]
@@ -64,28 +72,64 @@ def test_every_rule_runs_a_certbench_command_and_logs_its_stderr() -> None:
 
 def test_default_dag_plans_with_gpu_resources(tmp_path: Path) -> None:
     # Into an empty results_dir: the plan is the whole DAG whatever `make run` left in results/.
-    result = snakemake("-n", "--cores", "8", "--resources", "gpu=2",
-                       "--config", f"results_dir={tmp_path}/results", f"figures_dir={tmp_path}/figures")
+    result = snakemake(
+        "-n",
+        "--cores",
+        "8",
+        "--resources",
+        "gpu=2",
+        "--config",
+        f"results_dir={tmp_path}/results",
+        f"figures_dir={tmp_path}/figures",
+    )
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "audit_check" in result.stdout
 
 
 def test_cuda_device_makes_jobs_request_a_gpu(tmp_path: Path) -> None:
-    result = snakemake("-n", "--cores", "8", "--resources", "gpu=2", "--configfile", str(REPO / "config/smoke.yaml"),
-                       "--config", "device=cuda", f"results_dir={tmp_path}/results", cwd=tmp_path)
+    result = snakemake(
+        "-n",
+        "--cores",
+        "8",
+        "--resources",
+        "gpu=2",
+        "--configfile",
+        str(REPO / "config/smoke.yaml"),
+        "--config",
+        "device=cuda",
+        f"results_dir={tmp_path}/results",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     train_job = result.stdout.split("rule train:")[1].split("\n\n")[0]
     assert "gpu=1" in train_job
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("training={'epochs': 0}", "certbench: config error: training.epochs: "),
-    ("datasets={'imagenet': {}}", "certbench: config error: datasets.imagenet: unknown data set; allowed:"),
-    ("experiments=[{'method': 'nope', 'arch': 'mlp'}]", "certbench: config error: method: unknown method 'nope'"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training={'epochs': 0}", "certbench: config error: training.epochs: "),
+        (
+            "datasets={'imagenet': {}}",
+            "certbench: config error: datasets.imagenet: unknown data set; allowed:",
+        ),
+        (
+            "experiments=[{'method': 'nope', 'arch': 'mlp'}]",
+            "certbench: config error: method: unknown method 'nope'",
+        ),
+    ],
+)
 def test_bad_config_fails_fast_with_one_line(tmp_path: Path, override: str, message: str) -> None:
-    result = snakemake("-n", "--cores", "1", "--configfile", str(REPO / "config/smoke.yaml"), "--config", override,
-                       cwd=tmp_path)
+    result = snakemake(
+        "-n",
+        "--cores",
+        "1",
+        "--configfile",
+        str(REPO / "config/smoke.yaml"),
+        "--config",
+        override,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     lines = [line for line in (result.stdout + result.stderr).splitlines() if "config error" in line]
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
@@ -95,8 +139,17 @@ def test_bad_config_fails_fast_with_one_line(tmp_path: Path, override: str, mess
 
 @pytest.mark.slow
 def test_smoke_dag_end_to_end(tmp_path: Path) -> None:
-    args = ("--cores", "2", "--resources", "gpu=0", "--configfile", str(REPO / "config/smoke.yaml"),
-            "--config", f"results_dir={tmp_path}/results", f"figures_dir={tmp_path}/figures")
+    args = (
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=0",
+        "--configfile",
+        str(REPO / "config/smoke.yaml"),
+        "--config",
+        f"results_dir={tmp_path}/results",
+        f"figures_dir={tmp_path}/figures",
+    )
     result = snakemake(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = tmp_path / "results"
@@ -128,7 +181,9 @@ def test_smoke_dag_end_to_end(tmp_path: Path) -> None:
     shutil.rmtree(results)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "config").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
+)
 def test_paper_and_cpu_configs_dry_run_to_the_expected_jobs(tmp_path: Path, path: Path) -> None:
     import re
 
@@ -138,8 +193,19 @@ def test_paper_and_cpu_configs_dry_run_to_the_expected_jobs(tmp_path: Path, path
     from certbench.catalogue import check_config
 
     expected = len(cfg.runs(check_config(yaml.safe_load(path.read_text()))))
-    result = snakemake("-n", "--cores", "8", "--resources", "gpu=2", "--configfile", str(path),
-                       "--config", f"results_dir={tmp_path}/results", f"figures_dir={tmp_path}/figures", cwd=tmp_path)
+    result = snakemake(
+        "-n",
+        "--cores",
+        "8",
+        "--resources",
+        "gpu=2",
+        "--configfile",
+        str(path),
+        "--config",
+        f"results_dir={tmp_path}/results",
+        f"figures_dir={tmp_path}/figures",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.MULTILINE))
     for rule in ("run_config", "train", "certify", "attack", "record"):
@@ -148,8 +214,16 @@ def test_paper_and_cpu_configs_dry_run_to_the_expected_jobs(tmp_path: Path, path
 
 
 def test_slurm_profile_is_accepted(tmp_path: Path) -> None:
-    result = snakemake("-n", "--profile", str(REPO / "workflow/profiles/slurm"), "--configfile",
-                       str(REPO / "config/smoke.yaml"), "--config", f"results_dir={tmp_path}/results", cwd=tmp_path)
+    result = snakemake(
+        "-n",
+        "--profile",
+        str(REPO / "workflow/profiles/slurm"),
+        "--configfile",
+        str(REPO / "config/smoke.yaml"),
+        "--config",
+        f"results_dir={tmp_path}/results",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     train_job = result.stdout.split("rule train:")[1].split("rule ")[0]
     assert "gpu=1" in train_job and "runtime=240" in train_job

@@ -26,5 +26,16 @@ from __future__ import annotations
 from certbench.attacks.base import ATTACKS, Attack, AttackResult, AttackSpec, Kind, Norm, register_attack
 from certbench.attacks.table import FIELDS, attack_table, column, format_eps
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "AttackSpec", "FIELDS", "Kind", "Norm",
-           "attack_table", "column", "format_eps", "register_attack"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackResult",
+    "AttackSpec",
+    "FIELDS",
+    "Kind",
+    "Norm",
+    "attack_table",
+    "column",
+    "format_eps",
+    "register_attack",
+]

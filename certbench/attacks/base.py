@@ -70,8 +70,9 @@ class AttackSpec:
 ATTACKS: Registry[AttackSpec] = Registry("attack", "certbench.attacks")
 
 
-def register_attack(name: str, *, norm: Norm, kind: Kind,
-                    params_schema: Mapping[str, Mapping[str, Any]]) -> Callable[[Runner], Runner]:
+def register_attack(
+    name: str, *, norm: Norm, kind: Kind, params_schema: Mapping[str, Mapping[str, Any]]
+) -> Callable[[Runner], Runner]:
     """Register ``runner`` as attack ``name``; its docstring's first line describes the attack."""
 
     def decorate(runner: Runner) -> Runner:
@@ -189,8 +190,9 @@ class Attack:
 
     def __init__(self, name: str, **settings: Any) -> None:
         self.spec = ATTACKS.get(name)
-        self.settings: dict[str, Any] = check_params(self.spec.params_schema, settings,
-                                                     f"evaluation.attack_params.{name}.")
+        self.settings: dict[str, Any] = check_params(
+            self.spec.params_schema, settings, f"evaluation.attack_params.{name}."
+        )
 
     @property
     def name(self) -> str:
@@ -217,12 +219,21 @@ class Attack:
             raise ValueError(f"{self.name} is a fixed-eps attack and needs eps")
         top = 1.0 if self.norm == "linf" else math.sqrt(x[0].numel())
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= float(eps) <= top:
-            raise ValueError(f"{self.name}: eps must lie in [0, {top:g}] for {self.norm} on inputs "
-                             f"of shape {tuple(x.shape[1:])}, got {eps!r}")
+            raise ValueError(
+                f"{self.name}: eps must lie in [0, {top:g}] for {self.norm} on inputs "
+                f"of shape {tuple(x.shape[1:])}, got {eps!r}"
+            )
         return float(eps)
 
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None = None,
-            *, seed: int | None = None) -> AttackResult:
+    def run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float | None = None,
+        *,
+        seed: int | None = None,
+    ) -> AttackResult:
         """Attack a whole batch ``x`` (values in [0, 1]) with labels ``y`` on the model's device.
 
         ``x_adv`` of the result lives on the model's device, in the model's dtype.
@@ -232,12 +243,15 @@ class Attack:
         not re-raised. ``seed`` makes random starts reproducible without touching the global RNG.
         """
         if x.dim() < 2 or y.shape != x.shape[:1]:
-            raise ValueError(f"{self.name}: expected x of shape (B, ...) and y of shape (B,), "
-                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"{self.name}: expected x of shape (B, ...) and y of shape (B,), "
+                f"got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         eps = self.check_eps(eps, x)
         if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
-            raise ValueError(f"{self.name}: inputs must lie in [0, 1], got range "
-                             f"[{float(x.min()):g}, {float(x.max()):g}]")
+            raise ValueError(
+                f"{self.name}: inputs must lie in [0, 1], got range [{float(x.min()):g}, {float(x.max()):g}]"
+            )
         device, dtype = model_placement(model, x)
         x = x.detach().to(device=device, dtype=dtype)
         y = y.detach().to(device=device, dtype=torch.long)
@@ -251,8 +265,13 @@ class Attack:
         def fail(rows: torch.Tensor, why: str) -> None:
             error[rows] = True
             messages.append(why)
-            logger.warning("%s%s: %d sample(s) marked error: %s", self.name,
-                           "" if eps is None else f"@{eps:g}", int(rows.sum()), why)
+            logger.warning(
+                "%s%s: %d sample(s) marked error: %s",
+                self.name,
+                "" if eps is None else f"@{eps:g}",
+                int(rows.sum()),
+                why,
+            )
 
         with attack_mode(model):
             everything = torch.ones(n, dtype=torch.bool, device=device)
@@ -269,8 +288,11 @@ class Attack:
                         with _seeded(seed, device):
                             raw = self.spec.runner(model, x[todo], y[todo], eps, self.settings)
                         finite = torch.isfinite(raw.flatten(1)).all(dim=1)
-                        candidate = torch.where(finite.view(-1, *([1] * (x.dim() - 1))),
-                                                project(raw.to(dtype), x[todo], self.norm, eps), x[todo])
+                        candidate = torch.where(
+                            finite.view(-1, *([1] * (x.dim() - 1))),
+                            project(raw.to(dtype), x[todo], self.norm, eps),
+                            x[todo],
+                        )
                         x_adv[todo] = candidate
                         with strict_float32(device):
                             success[todo] = (predict(model, candidate) != y[todo]) & finite
@@ -288,8 +310,9 @@ class Attack:
         for norms in (l2, linf):
             norms[~hit] = np.inf
             norms[err] = np.nan
-        return AttackResult(self.name, self.norm, eps, x_adv, clean_pred.cpu().numpy(),
-                            hit, l2, linf, err, messages)
+        return AttackResult(
+            self.name, self.norm, eps, x_adv, clean_pred.cpu().numpy(), hit, l2, linf, err, messages
+        )
 
 
 def _one_line(exc: Exception) -> str:

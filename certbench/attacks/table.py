@@ -31,8 +31,13 @@ from certbench.progress import Progress, duration
 
 log = logging.getLogger(__name__)
 
-FIELDS: dict[str, type] = {"success": bool, "adv_l2": np.float64, "adv_linf": np.float64,
-                           "error": bool, "error_msg": object}
+FIELDS: dict[str, type] = {
+    "success": bool,
+    "adv_l2": np.float64,
+    "adv_linf": np.float64,
+    "error": bool,
+    "error_msg": object,
+}
 
 
 def column(field: str, attack: str, eps: float | None = None) -> str:
@@ -52,9 +57,16 @@ def _values(result: AttackResult, field: str) -> np.ndarray:
     return getattr(result, field)
 
 
-def attack_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[str | Attack],
-                 eps: Mapping[Norm, Sequence[float]] | None = None, *, batch_size: int = 256,
-                 seed: int = 0) -> dict[str, np.ndarray]:
+def attack_table(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[str | Attack],
+    eps: Mapping[Norm, Sequence[float]] | None = None,
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Run ``attacks`` (names with default settings, or configured :class:`Attack` objects) on ``(x, y)``.
 
     Fixed-ε attacks run once per ε in ``eps[attack.norm]``. All settings and ε values are
@@ -74,7 +86,9 @@ def attack_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Se
             continue
         values = list((eps or {}).get(attack.norm, ()))
         if not values:
-            raise ValueError(f"attack_table: {attack.name} is a fixed-eps attack but no {attack.norm} eps were given")
+            raise ValueError(
+                f"attack_table: {attack.name} is a fixed-eps attack but no {attack.norm} eps were given"
+            )
         runs += [(attack, attack.check_eps(e, x)) for e in values]
     names = [column("success", attack.name, e) for attack, e in runs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -82,8 +96,10 @@ def attack_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Se
         raise ValueError(f"attack_table: columns would repeat: {', '.join(duplicates)}")
 
     n = len(x)
-    table: dict[str, np.ndarray] = {"label": y.detach().cpu().numpy().astype(np.int64),
-                                    "clean_pred": np.full(n, -1, dtype=np.int64)}
+    table: dict[str, np.ndarray] = {
+        "label": y.detach().cpu().numpy().astype(np.int64),
+        "clean_pred": np.full(n, -1, dtype=np.int64),
+    }
     for attack, e in runs:
         for field, dtype in FIELDS.items():
             table[column(field, attack.name, e)] = np.empty(n, dtype=dtype)
@@ -92,7 +108,9 @@ def attack_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Se
     seconds = dict.fromkeys(labels, 0.0)
     # one step per attack and batch: a log line at most every 30 s (and one at the end) in a log
     # file, a bar on a terminal; then the seconds each attack took
-    with Progress(total=batches * len(runs), desc="attacks", unit="batch", log=log, every_seconds=30.0) as progress:
+    with Progress(
+        total=batches * len(runs), desc="attacks", unit="batch", log=log, every_seconds=30.0
+    ) as progress:
         for batch, start in enumerate(range(0, n, batch_size)):
             rows = slice(start, min(start + batch_size, n))
             for (attack, e), label in zip(runs, labels):

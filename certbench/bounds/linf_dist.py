@@ -30,7 +30,7 @@ def _modules(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
 def split_trunk(model: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
     """``(trunk, head)``: the trunk ends with the last ℓ∞-dist or mean-shift module."""
     last = max(i for i, m in enumerate(model) if type(m) in _TRUNK_TYPES)
-    return model[: last + 1], model[last + 1:]
+    return model[: last + 1], model[last + 1 :]
 
 
 def lipschitz_linf(model: nn.Module | Sequence[nn.Module]) -> float:
@@ -55,8 +55,9 @@ def lipschitz_linf(model: nn.Module | Sequence[nn.Module]) -> float:
     return bound
 
 
-def interval_bounds(model: nn.Module | Sequence[nn.Module], lower: Tensor, upper: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+def interval_bounds(
+    model: nn.Module | Sequence[nn.Module], lower: Tensor, upper: Tensor
+) -> tuple[Tensor, Tensor]:
     """Propagate the box ``[lower, upper]`` through a chain of modules (interval arithmetic).
 
     Exact per layer for Normalize, Flatten, LinfDist, MeanShift, Negate and monotone activations;

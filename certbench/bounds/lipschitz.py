@@ -80,14 +80,22 @@ def _activation_constant(module: nn.Module) -> float:
     raise UnsupportedLayerError(module)
 
 
-_PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                 nn.AlphaDropout)
+_PASS_THROUGH = (
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.AlphaDropout,
+)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Sigmoid, nn.LeakyReLU, nn.ELU)
 
 
 # --------------------------------------------------------------------------------------------
 # Spectral norms of single layers
 # --------------------------------------------------------------------------------------------
+
 
 def _normalise(v: torch.Tensor) -> torch.Tensor:
     return v / (v.norm() + _EPS)
@@ -148,8 +156,10 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 def _conv_output_hw(conv: nn.Conv2d, hw: tuple[int, int]) -> tuple[int, int]:
     pad = _conv_padding(conv)
-    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
-                 for n, p, d, k, s in zip(hw, pad, conv.dilation, conv.kernel_size, conv.stride))
+    return tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
+        for n, p, d, k, s in zip(hw, pad, conv.dilation, conv.kernel_size, conv.stride)
+    )
 
 
 def conv_apply(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,8 +168,9 @@ def conv_apply(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = N
     return F.conv2d(x, weight, None, conv.stride, _conv_padding(conv), conv.dilation, conv.groups)
 
 
-def conv_adjoint(conv: nn.Conv2d, y: torch.Tensor, input_hw: tuple[int, int],
-                 weight: torch.Tensor | None = None) -> torch.Tensor:
+def conv_adjoint(
+    conv: nn.Conv2d, y: torch.Tensor, input_hw: tuple[int, int], weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Aᵀy for A = :func:`conv_apply` on inputs of spatial size ``input_hw``.
 
     ``conv_transpose2d`` needs ``output_padding`` to recover the rows and columns that the
@@ -167,9 +178,10 @@ def conv_adjoint(conv: nn.Conv2d, y: torch.Tensor, input_hw: tuple[int, int],
     """
     pad = _conv_padding(conv)
     out_hw = y.shape[-2:]
-    output_padding = tuple(n - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
-                           for n, o, s, p, d, k in zip(input_hw, out_hw, conv.stride, pad,
-                                                       conv.dilation, conv.kernel_size))
+    output_padding = tuple(
+        n - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+        for n, o, s, p, d, k in zip(input_hw, out_hw, conv.stride, pad, conv.dilation, conv.kernel_size)
+    )
     weight = conv.weight if weight is None else weight
     return F.conv_transpose2d(y, weight, None, conv.stride, pad, output_padding, conv.groups, conv.dilation)
 
@@ -194,9 +206,14 @@ SPECTRUM_CHUNK = 2**23
 
 
 def _dft(size: int, taps: int, count: int) -> torch.Tensor:
-    """(count, taps) matrix of e^{−2πi·f·t/size}: the DFT of a length-``taps`` filter at frequencies f < count."""
-    angles = -2 * math.pi * torch.outer(torch.arange(count, dtype=torch.float64),
-                                        torch.arange(taps, dtype=torch.float64)) / size
+    """(count, taps) matrix of e^{−2πi·f·t/size}: the DFT of a length-``taps`` filter at frequencies
+    f < count."""
+    angles = (
+        -2
+        * math.pi
+        * torch.outer(torch.arange(count, dtype=torch.float64), torch.arange(taps, dtype=torch.float64))
+        / size
+    )
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -227,7 +244,7 @@ def conv_circulant_bound(conv: nn.Conv2d, input_hw: tuple[int, int]) -> float:
     rows = max(1, SPECTRUM_CHUNK // per_row)
     best = 0.0
     for start in range(0, n_h, rows):
-        spectrum = torch.einsum("oiab,ha,wb->hwoi", kernel, dft_h[start:start + rows], dft_w)
+        spectrum = torch.einsum("oiab,ha,wb->hwoi", kernel, dft_h[start : start + rows], dft_w)
         best = max(best, float(spectral_norms(spectrum).max()))
     return best * (1 + SAFETY)
 
@@ -254,8 +271,10 @@ def conv_closed_form_bound(conv: nn.Conv2d, input_hw: tuple[int, int]) -> float:
     """
     out_hw = _conv_output_hw(conv, input_hw)
     pad = _conv_padding(conv)
-    overlap = math.prod(_window_overlap(n, o, k, s, p, d) for n, o, k, s, p, d in
-                        zip(input_hw, out_hw, conv.kernel_size, conv.stride, pad, conv.dilation))
+    overlap = math.prod(
+        _window_overlap(n, o, k, s, p, d)
+        for n, o, k, s, p, d in zip(input_hw, out_hw, conv.kernel_size, conv.stride, pad, conv.dilation)
+    )
     groups = conv.groups
     weight = conv.weight.detach().double()
     per_group = weight.view(groups, weight.shape[0] // groups, -1)
@@ -308,8 +327,14 @@ def batchnorm_bound(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
 def _maxpool_bound(pool: nn.Module, input_hw: tuple[int, int], output_hw: tuple[int, int]) -> float:
     """√(overlap): |max(a) − max(b)| ≤ ‖a − b‖₂ per window and each pixel is in ≤ overlap windows."""
     if isinstance(pool, nn.MaxPool2d):
-        args = zip(input_hw, output_hw, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
-                   _pair(pool.padding), _pair(pool.dilation))
+        args = zip(
+            input_hw,
+            output_hw,
+            _pair(pool.kernel_size),
+            _pair(pool.stride or pool.kernel_size),
+            _pair(pool.padding),
+            _pair(pool.dilation),
+        )
         overlap = math.prod(_window_overlap(*a) for a in args)
     else:  # AdaptiveMaxPool2d: window i of n → o covers [⌊i·n/o⌋, ⌈(i+1)·n/o⌉)
         overlap = 1
@@ -434,8 +459,9 @@ class _Operator(_Node):
             return self.exact()
         weight = self.module.weight
         if self.vector is None or self.vector.shape != self.vector_shape():
-            self.vector = _normalise(torch.randn(self.vector_shape(), device=weight.device,
-                                                 dtype=weight.dtype))
+            self.vector = _normalise(
+                torch.randn(self.vector_shape(), device=weight.device, dtype=weight.dtype)
+            )
         elif self.vector.device != weight.device or self.vector.dtype != weight.dtype:
             self.vector = self.vector.to(weight.device, weight.dtype)
         sigma, self.vector = power_step(self.apply, self.adjoint, self.vector)
@@ -568,7 +594,7 @@ class LipschitzBound:
         while tail > 0 and type(layers[tail - 1]) in _PASS_THROUGH:
             tail -= 1  # dropout, identity, flatten after the last Linear change nothing
         if tail > 0 and isinstance(children[tail - 1], _LinearOp):
-            self._last, self._below = children[tail - 1], children[:tail - 1]
+            self._last, self._below = children[tail - 1], children[: tail - 1]
         self._root = _Chain(children)
         names = {id(m): name for name, m in model.named_modules()}
         self._operators = {names[id(n.module)]: n for n in _nodes(self._root) if isinstance(n, _Operator)}
@@ -609,7 +635,9 @@ class LipschitzBound:
                 node.input_hw = (int(in_shape[-2]), int(in_shape[-1]))
                 node.output_hw = (int(out_shape[-2]), int(out_shape[-1]))
             else:
-                node.set_shapes((int(in_shape[-2]), int(in_shape[-1])), (int(out_shape[-2]), int(out_shape[-1])))
+                node.set_shapes(
+                    (int(in_shape[-2]), int(in_shape[-1])), (int(out_shape[-2]), int(out_shape[-1]))
+                )
 
     def compute(self, exact: bool = False) -> LipschitzEstimate:
         """L, L_sub and the last weight; ``exact=False`` does one power step per Linear/Conv2d."""
@@ -630,8 +658,11 @@ class LipschitzBound:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The persistent power-iteration vectors, by qualified layer name."""
-        return {name: node.vector.detach().clone() for name, node in self._operators.items()
-                if node.vector is not None}
+        return {
+            name: node.vector.detach().clone()
+            for name, node in self._operators.items()
+            if node.vector is not None
+        }
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         unknown = set(state) - set(self._operators)
@@ -652,5 +683,9 @@ def margin_slopes(y: torch.Tensor, estimate: LipschitzEstimate, classes: int) ->
     if estimate.sub is None:
         return torch.full((len(y), classes), plain, dtype=torch.float64)
     weight = estimate.last_weight.detach().double().cpu()
-    pairwise = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")[y.cpu()] * float(estimate.sub) * (1 + 1e-9)
+    pairwise = (
+        torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")[y.cpu()]
+        * float(estimate.sub)
+        * (1 + 1e-9)
+    )
     return pairwise.clamp_max(plain)

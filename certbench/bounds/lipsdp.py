@@ -58,11 +58,14 @@ _BISECTION_STEPS = 40
 # The LMI and its float64 check
 # ---------------------------------------------------------------------------------------------
 
+
 def _check_chain(weights: Sequence[np.ndarray]) -> None:
     for k in range(1, len(weights)):
         if weights[k].shape[1] != weights[k - 1].shape[0]:
-            raise ValueError(f"weights[{k}] has {weights[k].shape[1]} inputs but weights[{k - 1}] "
-                             f"has {weights[k - 1].shape[0]} outputs")
+            raise ValueError(
+                f"weights[{k}] has {weights[k].shape[1]} inputs but weights[{k - 1}] "
+                f"has {weights[k - 1].shape[0]} outputs"
+            )
 
 
 def lmi_matrix(weights: Sequence[np.ndarray], rho: float, multipliers: Sequence[np.ndarray]) -> np.ndarray:
@@ -77,7 +80,7 @@ def lmi_matrix(weights: Sequence[np.ndarray], rho: float, multipliers: Sequence[
     sizes = [w.shape[1] for w in weights]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     m = np.zeros((offsets[-1], offsets[-1]))
-    m[:sizes[0], :sizes[0]] = -rho * np.eye(sizes[0])
+    m[: sizes[0], : sizes[0]] = -rho * np.eye(sizes[0])
     for k in range(1, len(weights)):
         t = np.asarray(multipliers[k - 1], dtype=np.float64)
         rows, cols = slice(offsets[k], offsets[k + 1]), slice(offsets[k - 1], offsets[k])
@@ -147,8 +150,9 @@ def _scale_for_definiteness(weights: Sequence[np.ndarray], multipliers: Sequence
         return None
 
 
-def repair(weights: Sequence[np.ndarray], rho: float,
-           multipliers: Sequence[np.ndarray]) -> tuple[float, list[np.ndarray]] | None:
+def repair(
+    weights: Sequence[np.ndarray], rho: float, multipliers: Sequence[np.ndarray]
+) -> tuple[float, list[np.ndarray]] | None:
     """Turn an approximate LipSDP answer (ρ, T) into a verified one, or None.
 
     Returns (ρ, T) unchanged if :func:`is_certified` already holds. Otherwise T is clipped to ≥ 0
@@ -172,8 +176,12 @@ def repair(weights: Sequence[np.ndarray], rho: float,
             value = min_rho(weights, [math.exp(log_s) * t for t in ts])
             return math.inf if value is None else value
 
-        best = minimize_scalar(rho_at, bounds=(math.log(s_min) + 1e-6, math.log(s_min) + math.log(4.0)),
-                               method="bounded", options={"xatol": 1e-4})
+        best = minimize_scalar(
+            rho_at,
+            bounds=(math.log(s_min) + 1e-6, math.log(s_min) + math.log(4.0)),
+            method="bounded",
+            options={"xatol": 1e-4},
+        )
         ts = [math.exp(best.x) * t for t in ts]
         lo = min_rho(weights, ts)
         if lo is None:
@@ -198,6 +206,7 @@ def repair(weights: Sequence[np.ndarray], rho: float,
 # ---------------------------------------------------------------------------------------------
 # Exact reductions
 # ---------------------------------------------------------------------------------------------
+
 
 def reduce_first_layer(weights: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Replace W₀ = UΣVᵀ by UΣ when W₀ has more columns than rows (same Lipschitz constant)."""
@@ -228,6 +237,7 @@ def product_bound(weights: Sequence[np.ndarray]) -> float:
 # ---------------------------------------------------------------------------------------------
 # Solving LipSDP
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LipSDPResult:
@@ -267,8 +277,9 @@ def _solver_options(solver: str, time_limit: float | None, eps: float) -> dict[s
     return options
 
 
-def solve_sdp(problem: cp.Problem, solver: str, time_limit: float | None, eps: float,
-              started: float, lmi_dim: int) -> tuple[str, str]:
+def solve_sdp(
+    problem: cp.Problem, solver: str, time_limit: float | None, eps: float, started: float, lmi_dim: int
+) -> tuple[str, str]:
     """Solve ``problem`` (one LMI of size ``lmi_dim``) within the time left of ``time_limit``
     (seconds since ``started``).
 
@@ -279,8 +290,10 @@ def solve_sdp(problem: cp.Problem, solver: str, time_limit: float | None, eps: f
     if solver not in SOLVERS:
         raise ValueError(f"unknown SDP solver '{solver}'; known: {', '.join(SOLVERS)}")
     if solver == "CLARABEL" and lmi_dim > CLARABEL_MAX_DIM:
-        return "solver_failed", (f"CLARABEL refused: a {lmi_dim}×{lmi_dim} LMI needs about "
-                                 f"{8 * (lmi_dim * (lmi_dim + 1) / 2) ** 2 / 1e9:.0f} GB; use SCS")
+        return "solver_failed", (
+            f"CLARABEL refused: a {lmi_dim}×{lmi_dim} LMI needs about "
+            f"{8 * (lmi_dim * (lmi_dim + 1) / 2) ** 2 / 1e9:.0f} GB; use SCS"
+        )
     left = None if time_limit is None else time_limit - (time.perf_counter() - started)
     if left is not None and left <= 0:
         return "time_limit", f"time limit of {time_limit:g} s reached before the solver started"
@@ -294,13 +307,15 @@ def solve_sdp(problem: cp.Problem, solver: str, time_limit: float | None, eps: f
     if time_limit is not None and elapsed > time_limit:
         return "time_limit", f"time limit of {time_limit:g} s exceeded ({elapsed:.1f} s, {problem.status})"
     if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or any(
-            v.value is None for v in problem.variables()):
+        v.value is None for v in problem.variables()
+    ):
         return "solver_failed", f"{solver} returned status '{problem.status}'"
     return "ok", ""
 
 
-def lipsdp(weights: Sequence[np.ndarray], *, solver: str = "SCS", time_limit: float | None = None,
-           eps: float = 1e-5) -> LipSDPResult:
+def lipsdp(
+    weights: Sequence[np.ndarray], *, solver: str = "SCS", time_limit: float | None = None, eps: float = 1e-5
+) -> LipSDPResult:
     """Verified LipSDP-Neuron bound for ``f = W_l φ(… φ(W₀x))`` with φ slope-restricted in [0, 1].
 
     Solves ``min ρ s.t. M(ρ, T) ⪯ 0, T ⪰ 0 diagonal`` (Fazlyab et al. 2019, eq. (10)) on the reduced,
@@ -328,12 +343,24 @@ def lipsdp(weights: Sequence[np.ndarray], *, solver: str = "SCS", time_limit: fl
     problem = cp.Problem(cp.Minimize(rho), [cp.bmat(blocks) >> 0])  # −M(ρ, T) ⪰ 0
     outcome, message = solve_sdp(problem, solver, time_limit, eps, started, sum(sizes))
 
-    def result(status: str, raw: float | None = None, repaired: float | None = None,
-               multipliers: list[np.ndarray] | None = None, note: str = "") -> LipSDPResult:
-        return LipSDPResult(bound=repaired if status == "verified" else None, raw_bound=raw,
-                            repaired_bound=repaired, multipliers=multipliers or [], status=status,
-                            solver=solver, solver_status=str(problem.status),
-                            solve_time=time.perf_counter() - started, message=note)
+    def result(
+        status: str,
+        raw: float | None = None,
+        repaired: float | None = None,
+        multipliers: list[np.ndarray] | None = None,
+        note: str = "",
+    ) -> LipSDPResult:
+        return LipSDPResult(
+            bound=repaired if status == "verified" else None,
+            raw_bound=raw,
+            repaired_bound=repaired,
+            multipliers=multipliers or [],
+            status=status,
+            solver=solver,
+            solver_status=str(problem.status),
+            solve_time=time.perf_counter() - started,
+            message=note,
+        )
 
     if outcome != "ok":
         return result(outcome, note=message)
@@ -343,8 +370,11 @@ def lipsdp(weights: Sequence[np.ndarray], *, solver: str = "SCS", time_limit: fl
     raw_bound = math.sqrt(max(raw_rho, 0.0)) * scale_prod
     repaired = repair(scaled, raw_rho, raw_t)
     if repaired is None:
-        return result("unverified", raw_bound,
-                      note=f"{solver} answer ({problem.status}) could not be repaired into a certificate")
+        return result(
+            "unverified",
+            raw_bound,
+            note=f"{solver} answer ({problem.status}) could not be repaired into a certificate",
+        )
     rho_ok, t_ok = repaired
     factors = multiplier_factors(scales)
     multipliers = [c * t for c, t in zip(factors, t_ok)]
@@ -366,8 +396,10 @@ def isotropic_gain(input_map: np.ndarray, rows: int) -> float:
     gram = p @ p.T
     c = float(np.trace(gram)) / rows
     if not c > 0 or np.linalg.norm(gram - c * np.eye(rows)) > 1e-12 * c * rows:
-        raise ValueError("input_map must have orthogonal rows of equal norm (P Pᵀ = cI), as average "
-                         "pooling with kernel = stride and no padding has")
+        raise ValueError(
+            "input_map must have orthogonal rows of equal norm (P Pᵀ = cI), as average "
+            "pooling with kernel = stride and no padding has"
+        )
     return math.sqrt(c)
 
 
@@ -382,9 +414,18 @@ class WeightStepResult:
     message: str = ""
 
 
-def weight_step(targets: Sequence[np.ndarray], multipliers: Sequence[np.ndarray], *, rho_admm: float,
-                mu: float | None = None, max_bound: float | None = None, input_map: np.ndarray | None = None,
-                solver: str = "SCS", time_limit: float | None = None, eps: float = 1e-5) -> WeightStepResult:
+def weight_step(
+    targets: Sequence[np.ndarray],
+    multipliers: Sequence[np.ndarray],
+    *,
+    rho_admm: float,
+    mu: float | None = None,
+    max_bound: float | None = None,
+    input_map: np.ndarray | None = None,
+    solver: str = "SCS",
+    time_limit: float | None = None,
+    eps: float = 1e-5,
+) -> WeightStepResult:
     """The W̄-step of the ADMM of Pauli et al. (2021), with T fixed:
 
         min_{W̄, ρ}  μρ + (ρ_a/2) Σ_k ‖W̄_k − Z_k‖²_F   s.t.   S(ρ, T, W̄) ⪰ 0,
@@ -450,6 +491,7 @@ def weight_step(targets: Sequence[np.ndarray], multipliers: Sequence[np.ndarray]
 # MLP models
 # ---------------------------------------------------------------------------------------------
 
+
 class NotAnMLPError(ValueError):
     """The model is not ``[Normalize] [AvgPool2d] [Flatten] Linear (ReLU|Tanh Linear)*``."""
 
@@ -499,12 +541,15 @@ class MLPStructure:
         n = math.prod(input_shape)
         pooled = self.pool(torch.eye(n, dtype=torch.float64).view(n, *input_shape)).flatten(1)
         if pooled.shape[1] != self.linears[0].in_features:
-            raise ValueError(f"pooling inputs of shape {tuple(input_shape)} gives {pooled.shape[1]} features, "
-                             f"but the first Linear takes {self.linears[0].in_features}")
+            raise ValueError(
+                f"pooling inputs of shape {tuple(input_shape)} gives {pooled.shape[1]} features, "
+                f"but the first Linear takes {self.linears[0].in_features}"
+            )
         return pooled.T.numpy()
 
     def pixel_weights(self, input_shape: Sequence[int] | None = None) -> list[np.ndarray]:
-        """``[W₀·diag(1/σ)·P, W₁, …]`` in float64; ``input_shape`` (C, H, W) is needed with a pooling layer."""
+        """``[W₀·diag(1/σ)·P, W₁, …]`` in float64; ``input_shape`` (C, H, W) is needed with a pooling
+        layer."""
         weights = self.numpy_weights()
         if self.pool is None:
             return weights
@@ -527,11 +572,15 @@ def _check_pool(pool: nn.AvgPool2d) -> None:
 
     Its matrix P then has disjoint rows with equal entries, ``PPᵀ = cI`` (see :func:`isotropic_gain`).
     """
-    kernel, stride, padding = (tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-                               for v in (pool.kernel_size, pool.stride, pool.padding))
+    kernel, stride, padding = (
+        tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        for v in (pool.kernel_size, pool.stride, pool.padding)
+    )
     if kernel != stride or padding != (0, 0) or pool.ceil_mode:
-        raise NotAnMLPError(f"input pooling must have kernel = stride, no padding and ceil_mode=False, got "
-                            f"kernel {kernel}, stride {stride}, padding {padding}, ceil_mode {pool.ceil_mode}")
+        raise NotAnMLPError(
+            f"input pooling must have kernel = stride, no padding and ceil_mode=False, got "
+            f"kernel {kernel}, stride {stride}, padding {padding}, ceil_mode {pool.ceil_mode}"
+        )
 
 
 def mlp_structure(model: nn.Module) -> MLPStructure:
@@ -548,11 +597,18 @@ def mlp_structure(model: nn.Module) -> MLPStructure:
     flatten = leaves.pop(0) if leaves and type(leaves[0]) is nn.Flatten else None
     linears = [m for m in leaves[0::2] if type(m) is nn.Linear]
     activations = [m for m in leaves[1::2] if type(m) in (nn.ReLU, nn.Tanh)]
-    if (not leaves or len(leaves) % 2 == 0 or len(linears) != (len(leaves) + 1) // 2
-            or len(activations) != len(leaves) // 2 or (pool is not None and flatten is None)):
+    if (
+        not leaves
+        or len(leaves) % 2 == 0
+        or len(linears) != (len(leaves) + 1) // 2
+        or len(activations) != len(leaves) // 2
+        or (pool is not None and flatten is None)
+    ):
         kinds = ", ".join(type(m).__name__ for m in _leaves(model))
-        raise NotAnMLPError(f"not a [Normalize] [AvgPool2d] [Flatten] Linear (ReLU|Tanh Linear)* chain "
-                            f"of exactly these types (pooling needs Flatten): {kinds}")
+        raise NotAnMLPError(
+            f"not a [Normalize] [AvgPool2d] [Flatten] Linear (ReLU|Tanh Linear)* chain "
+            f"of exactly these types (pooling needs Flatten): {kinds}"
+        )
     if pool is not None:
         _check_pool(pool)
     scale = None

@@ -49,8 +49,20 @@ _AUTO_LIRPA_METHOD = {"IBP": "IBP", "CROWN": "backward", "CROWN-IBP": "CROWN-IBP
 #: parses a model holding Dropout in train mode (its Dropout node is the identity in eval
 #: mode). Some types are bounded correctly only with some settings, see :func:`_setting_problem`.
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Sequential, Normalize, Residual, nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Identity)
+    nn.Sequential,
+    Normalize,
+    Residual,
+    nn.Linear,
+    nn.Conv2d,
+    nn.ReLU,
+    nn.Flatten,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Dropout,
+    nn.Identity,
+)
 
 
 def _pair(value: Any) -> tuple[Any, Any]:
@@ -73,7 +85,9 @@ def _setting_problem(module: nn.Module) -> str | None:
     if kind is nn.AvgPool2d:
         kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
         if kernel != stride:
-            return f"overlapping or gapped windows (kernel {kernel}, stride {stride}): kernel must equal stride"
+            return (
+                f"overlapping or gapped windows (kernel {kernel}, stride {stride}): kernel must equal stride"
+            )
         if module.ceil_mode:
             return "ceil_mode=True: must be False"
         if not module.count_include_pad:
@@ -86,7 +100,9 @@ def _setting_problem(module: nn.Module) -> str | None:
         return f"padding_mode={module.padding_mode!r}: auto_LiRPA 0.3 pads with zeros only"
     if kind is nn.AdaptiveAvgPool2d and _pair(module.output_size) != (1, 1):
         return f"output_size {module.output_size}: only 1×1 (global average pooling)"
-    if kind in (nn.BatchNorm1d, nn.BatchNorm2d) and (module.running_mean is None or module.running_var is None):
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d) and (
+        module.running_mean is None or module.running_var is None
+    ):
         return "track_running_stats=False: normalises by the batch"
     return None
 
@@ -117,8 +133,8 @@ def supports(model: nn.Module) -> bool:
 def specification_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """C of shape (B, K−1, K) with rows e_y − e_j for j ≠ y, so C·z are the margins z_y − z_j."""
     eye = torch.eye(num_classes, device=y.device)
-    rows = eye[y].unsqueeze(1) - eye.unsqueeze(0)                      # (B, K, K): row j = e_y − e_j
-    keep = eye[y] == 0                                                 # drop j = y
+    rows = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j = e_y − e_j
+    keep = eye[y] == 0  # drop j = y
     return rows[keep].view(len(y), num_classes - 1, num_classes)
 
 
@@ -177,12 +193,18 @@ class Bounder:
         tensors = tuple(id(t) for t in (*model.parameters(), *model.buffers()))
         return norm, fused, tuple(x.shape[1:]), x.device, x.dtype, tensors
 
-    def _module(self, model: nn.Module, norm: BoundNorm, x: torch.Tensor,
-                labels: torch.Tensor | None = None) -> BoundedModule:
+    def _module(
+        self, model: nn.Module, norm: BoundNorm, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> BoundedModule:
         """The cached BoundedModule of ``model``, or of its loss-fusion wrapper when ``labels`` are given."""
         fused = labels is not None
         key = self._key_of(model, norm, x, fused)
-        if self._bounded is None or self._key != key or self._model_ref is None or self._model_ref() is not model:
+        if (
+            self._bounded is None
+            or self._key != key
+            or self._model_ref is None
+            or self._model_ref() is not model
+        ):
             reason = unsupported_reason(model)
             if reason is not None:
                 raise ValueError(reason)
@@ -193,8 +215,11 @@ class Bounder:
                 with torch.no_grad():
                     # ℓ2: choose unstable neurons by CROWN itself, not by (unsound, zero-width) IBP.
                     opts = {"sparse_intermediate_bounds_with_ibp": norm == "linf", "loss_fusion": fused}
-                    bounded = (BoundedModule(CrossEntropyWrapper(model), (x.detach(), labels), bound_opts=opts)
-                               if fused else BoundedModule(model, x.detach(), bound_opts=opts))
+                    bounded = (
+                        BoundedModule(CrossEntropyWrapper(model), (x.detach(), labels), bound_opts=opts)
+                        if fused
+                        else BoundedModule(model, x.detach(), bound_opts=opts)
+                    )
             finally:
                 model.train(training)
             self._bounded, self._model_ref = bounded, weakref.ref(model)
@@ -211,9 +236,15 @@ class Bounder:
             self._bounded = self._key = self._model_ref = None
             raise
 
-    def margin_lower_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                            methods: Sequence[BoundMethod], norm: BoundNorm = "linf"
-                            ) -> dict[BoundMethod, torch.Tensor]:
+    def margin_lower_bounds(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        methods: Sequence[BoundMethod],
+        norm: BoundNorm = "linf",
+    ) -> dict[BoundMethod, torch.Tensor]:
         """Lower bounds (B, K−1) on z_y − z_j, j ≠ y, over the ε-ball, for each of ``methods``.
 
         The perturbation set is :func:`ball`; ℓ2 is offered for CROWN only. Gradients flow to
@@ -224,8 +255,10 @@ class Bounder:
         if unknown or not methods:
             raise ValueError(f"bound methods {list(methods)}: choose from {', '.join(BOUND_METHODS)}")
         if norm == "l2" and set(methods) != {"CROWN"}:
-            raise ValueError("ℓ2 bounds: auto_LiRPA 0.3 propagates IBP through Normalize with zero width "
-                             "(unsound), so only CROWN is offered")
+            raise ValueError(
+                "ℓ2 bounds: auto_LiRPA 0.3 propagates IBP through Normalize with zero width "
+                "(unsound), so only CROWN is offered"
+            )
         perturbation = ball(x, eps, norm)
         bounded = self._module(model, norm, x)
         spec = specification_matrix(y, int(bounded.final_shape[1])).to(x.dtype)
@@ -234,16 +267,25 @@ class Bounder:
             for method in [m for m in BOUND_METHODS if m in methods]:
                 if method == "IBP" and "CROWN-IBP" in methods:
                     continue  # read off the CROWN-IBP call below
-                lower, _ = bounded.compute_bounds(x=(BoundedTensor(x, perturbation),), C=spec,
-                                                  method=_AUTO_LIRPA_METHOD[method], bound_upper=False)
+                lower, _ = bounded.compute_bounds(
+                    x=(BoundedTensor(x, perturbation),),
+                    C=spec,
+                    method=_AUTO_LIRPA_METHOD[method],
+                    bound_upper=False,
+                )
                 results[method] = lower
                 if method == "CROWN-IBP" and "IBP" in methods:
                     results["IBP"] = bounded.ibp_lower  # the IBP pass CROWN-IBP starts with
         return {m: results[m] for m in methods}
 
-    def fused_cross_entropy_upper_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-                                         methods: Sequence[Literal["IBP", "CROWN-IBP"]]
-                                         ) -> dict[BoundMethod, torch.Tensor]:
+    def fused_cross_entropy_upper_bounds(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        methods: Sequence[Literal["IBP", "CROWN-IBP"]],
+    ) -> dict[BoundMethod, torch.Tensor]:
         """Upper bounds (B,) on max CE(f(x'), y) over the ℓ∞ box, by loss fusion (Xu et al., NeurIPS 2020).
 
         auto_LiRPA bounds S = Σ_j exp(z_j − z_y) (``CrossEntropyWrapper``, one output per sample)
@@ -262,8 +304,9 @@ class Bounder:
         gather.index = y.unsqueeze(-1)  # the fused IBP pass skips the node's forward; CROWN reads this
         method = "CROWN-IBP" if "CROWN-IBP" in methods else "IBP"
         with self._discarded_on_failure():
-            _, upper = bounded.compute_bounds(x=(BoundedTensor(x, perturbation), y), C=None, method=method,
-                                              bound_lower=False)
+            _, upper = bounded.compute_bounds(
+                x=(BoundedTensor(x, perturbation), y), C=None, method=method, bound_lower=False
+            )
             results: dict[BoundMethod, torch.Tensor] = {method: (upper.log() + exp.max_input).squeeze(-1)}
             if method == "CROWN-IBP" and "IBP" in methods:
                 shift = exp.inputs[0].upper.max(dim=-1, keepdim=True)[0]  # IBP's M, differentiable

@@ -56,10 +56,13 @@ def check_version(version: str) -> None:
         raise LiRPAVersionError(
             f"certbench.bounds.lirpa is tested with auto_LiRPA {', '.join(TESTED_VERSIONS)} only, found "
             f"{version}: install auto-LiRPA=={TESTED_VERSIONS[-1]} (pip install --no-deps), or check "
-            "every shim in certbench/bounds/lirpa_compat.py against this version and add it to TESTED_VERSIONS")
+            "every shim in certbench/bounds/lirpa_compat.py against this version and add it to "
+            "TESTED_VERSIONS"
+        )
 
 
 # --- compat shims ----------------------------------------------------------------------
+
 
 def _shim_numpy_arraysetops() -> None:
     """Shim 1: ``auto_LiRPA.operators.base`` does ``from numpy.lib.arraysetops import isin``."""
@@ -129,8 +132,13 @@ def _shim_named_members(bounded_module: type) -> None:
     """Shim 5: accept ``remove_duplicate``; 0.3 always removes duplicates (torch's default)."""
     named_members = bounded_module._named_members
 
-    def _named_members(self: nn.Module, get_members_fn: Any, prefix: str = "", recurse: bool = True,
-                       remove_duplicate: bool = True) -> Any:
+    def _named_members(
+        self: nn.Module,
+        get_members_fn: Any,
+        prefix: str = "",
+        recurse: bool = True,
+        remove_duplicate: bool = True,
+    ) -> Any:
         return named_members(self, get_members_fn, prefix, recurse)
 
     bounded_module._named_members = _named_members

@@ -56,7 +56,8 @@ from certbench.nn.linf_dist import LinfDist, MeanShift, Negate
 U64 = 2.0**-53
 #: Elementwise kernels of smooth activations: error ≤ SMOOTH_ULPS·u·(|f(x)| + 1) (see the module docstring).
 SMOOTH_ULPS = 16
-#: Boxes whose half-widths differ by at most this (absolute) take the one-distance enclosure of ℓ∞-dist layers.
+#: Boxes whose half-widths differ by at most this (absolute) take the one-distance enclosure of
+#: ℓ∞-dist layers.
 UNIFORM_SPREAD = 2.0**-40
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # the identity at evaluation
@@ -138,8 +139,15 @@ def _up(t: Tensor, terms: int) -> Tensor:
     return t * (1 + gamma(terms + 2, U64))
 
 
-def _affine(region: Region, apply: object, apply_abs: object, bias: Tensor | None, terms: int,
-            u: float, row_norms: Tensor | None = None) -> Region:
+def _affine(
+    region: Region,
+    apply: object,
+    apply_abs: object,
+    bias: Tensor | None,
+    terms: int,
+    u: float,
+    row_norms: Tensor | None = None,
+) -> Region:
     """An affine layer ``x ↦ A x + b`` with ``apply = A·``, ``apply_abs = |A|·`` (float64, no bias);
     ``row_norms`` (the ℓ2 norm of each output's row of A, broadcastable) tighten an ℓ2-ball region."""
     c = (region.lo + region.hi) / 2
@@ -168,8 +176,15 @@ def _affine(region: Region, apply: object, apply_abs: object, bias: Tensor | Non
 
 def _linear(m: nn.Linear, region: Region, u: float) -> Region:
     w = m.weight.detach().double()
-    return _affine(region, lambda t: F.linear(t, w), lambda t: F.linear(t, w.abs()), m.bias, m.in_features, u,
-                   w.norm(dim=1) if region.ball is not None else None)
+    return _affine(
+        region,
+        lambda t: F.linear(t, w),
+        lambda t: F.linear(t, w.abs()),
+        m.bias,
+        m.in_features,
+        u,
+        w.norm(dim=1) if region.ball is not None else None,
+    )
 
 
 def _conv(m: nn.Conv2d, region: Region, u: float) -> Region:
@@ -183,8 +198,9 @@ def _conv(m: nn.Conv2d, region: Region, u: float) -> Region:
     return _affine(region, lambda t: conv(t, w), lambda t: conv(t, w.abs()), m.bias, terms, u, rows)
 
 
-def _scale_shift(region: Region, scale: Tensor, shift: Tensor, magnitude_terms: Tensor, ops64: int,
-                 ops: int, u: float) -> Region:
+def _scale_shift(
+    region: Region, scale: Tensor, shift: Tensor, magnitude_terms: Tensor, ops64: int, ops: int, u: float
+) -> Region:
     """Elementwise ``scale·x + shift`` (float64 coefficients); ``magnitude_terms`` bounds the size of
     the intermediate terms besides |scale·x| (e.g. |mean·scale| + |β|)."""
     lo, hi = region.lo * scale + shift, region.hi * scale + shift
@@ -269,8 +285,9 @@ def _activation(m: nn.Module, region: Region, u: float) -> Region:
 def _linf_distance_box(lo: Tensor, hi: Tensor, w: Tensor, tight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Float64 bounds of ``d_j(x) = max_i |x_i − w_ji|`` over the box ``lo ≤ x ≤ hi`` and their rounding.
 
-    Coordinate-wise extremes (the box is a product): ``max d_j = max(max_i (hi_i − w_ji), max_i (w_ji − lo_i))``
-    and ``min d_j = max(0, max_i (lo_i − w_ji), max_i (w_ji − hi_i))``. Each one-sided maximum is read
+    Coordinate-wise extremes (the box is a product):
+    ``max d_j = max(max_i (hi_i − w_ji), max_i (w_ji − lo_i))`` and
+    ``min d_j = max(0, max_i (lo_i − w_ji), max_i (w_ji − hi_i))``. Each one-sided maximum is read
     off an ℓ∞ distance whose differences all have one sign: with ``M > max|x| + max|w|``,
     ``max_i (lo_i − w_ji) = ‖(lo + M) − w_j‖∞ − M`` (``torch.cdist`` at p = ∞, no B × out × in
     temporary). A box whose half-widths agree up to ``UNIFORM_SPREAD`` (a point widened by its
@@ -328,8 +345,12 @@ def _residual(m: Residual, region: Region, u: float, tight: bool) -> Region:
     hi = sum(torch.maximum(p, q) for p, q in parts)
     size = abs(a) * body.magnitude() + abs(b) * short.magnitude()
     slack = gamma(4, U64) * size
-    err = _up(abs(a) * body.err + abs(b) * short.err
-              + gamma(2, u) * (size + abs(a) * body.err + abs(b) * short.err), 4)
+    err = _up(
+        abs(a) * body.err
+        + abs(b) * short.err
+        + gamma(2, u) * (size + abs(a) * body.err + abs(b) * short.err),
+        4,
+    )
     return Region(lo - slack, hi + slack, err)  # type: ignore[arg-type]
 
 
@@ -394,16 +415,18 @@ def problem(module: nn.Module) -> str | None:
         return f"no rounding rule for {kind.__name__}"
     settings = {
         nn.Conv2d: lambda m: m.padding_mode != "zeros" and f"Conv2d with padding_mode={m.padding_mode!r}",
-        LinfDist: lambda m: not math.isinf(m.p) and f"ℓ∞-dist layer with finite p = {m.p:g} (its p-norm "
-                                                    "kernel has no proven error bound)",
+        LinfDist: lambda m: not math.isinf(m.p)
+        and f"ℓ∞-dist layer with finite p = {m.p:g} (its p-norm kernel has no proven error bound)",
         nn.BatchNorm1d: lambda m: m.running_var is None and "BatchNorm without running statistics",
         nn.BatchNorm2d: lambda m: m.running_var is None and "BatchNorm without running statistics",
         nn.LeakyReLU: lambda m: m.negative_slope < 0 and "LeakyReLU with a negative slope is not monotone",
         nn.ELU: lambda m: m.alpha < 0 and "ELU with a negative alpha is not monotone",
         nn.Hardtanh: lambda m: not m.min_val <= m.max_val and "Hardtanh with min_val > max_val",
         nn.MaxPool2d: lambda m: m.return_indices and "MaxPool2d with return_indices=True",
-        Normalize: lambda m: not (torch.isfinite(m.std).all() and torch.isfinite(m.mean).all()
-                                  and bool((m.std > 0).all())) and "Normalize with non-finite or non-positive buffers",
+        Normalize: lambda m: not (
+            torch.isfinite(m.std).all() and torch.isfinite(m.mean).all() and bool((m.std > 0).all())
+        )
+        and "Normalize with non-finite or non-positive buffers",
     }
     rule = settings.get(kind)
     return (rule(module) or None) if rule is not None else None
@@ -421,9 +444,26 @@ def check(model: nn.Module) -> None:
     model_roundoff(model)
 
 
-_HANDLED = {nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, Normalize, nn.MaxPool2d, nn.AdaptiveMaxPool2d,
-            nn.AvgPool2d, nn.AdaptiveAvgPool2d, *_PASS_THROUGH, Negate, LinfDist, MeanShift, Residual, *_CLAMPS,
-            nn.LeakyReLU, nn.ELU, *_SMOOTH}
+_HANDLED = {
+    nn.Linear,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    Normalize,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    *_PASS_THROUGH,
+    Negate,
+    LinfDist,
+    MeanShift,
+    Residual,
+    *_CLAMPS,
+    nn.LeakyReLU,
+    nn.ELU,
+    *_SMOOTH,
+}
 
 
 @dataclass(frozen=True)
@@ -446,7 +486,7 @@ def _last_linear(model: nn.Module) -> tuple[list[nn.Module], nn.Linear | None]:
     while tail > 0 and type(chain[tail - 1]) in _TRAILING_IDENTITIES:
         tail -= 1
     if tail > 0 and type(chain[tail - 1]) is nn.Linear:
-        return chain[:tail - 1], chain[tail - 1]
+        return chain[: tail - 1], chain[tail - 1]
     return chain, None
 
 
@@ -469,12 +509,21 @@ def margin_bounds(model: nn.Module, region: Region, y: Tensor, tight: bool = Tru
         diff = w[y][:, None, :] - w[None]  # (B, K, H): exact enough, covered by the γ below
         c = (hidden.lo + hidden.hi) / 2
         r = (hidden.hi - hidden.lo) / 2 + U64 * (hidden.lo.abs() + hidden.hi.abs())
-        bias = torch.zeros(1, dtype=torch.float64, device=c.device) if last.bias is None \
+        bias = (
+            torch.zeros(1, dtype=torch.float64, device=c.device)
+            if last.bias is None
             else last.bias.detach().double()
+        )
         bias_diff = bias[y][:, None] - bias[None]
-        size = (diff.abs() @ (c.abs() + r)[:, :, None]).squeeze(-1) + bias[y][:, None].abs() + bias.abs()[None]
-        lower = ((diff @ c[:, :, None]).squeeze(-1) - (diff.abs() @ r[:, :, None]).squeeze(-1) + bias_diff
-                 - gamma(last.in_features + 6, U64) * size)
+        size = (
+            (diff.abs() @ (c.abs() + r)[:, :, None]).squeeze(-1) + bias[y][:, None].abs() + bias.abs()[None]
+        )
+        lower = (
+            (diff @ c[:, :, None]).squeeze(-1)
+            - (diff.abs() @ r[:, :, None]).squeeze(-1)
+            + bias_diff
+            - gamma(last.in_features + 6, U64) * size
+        )
         error = out.err.gather(1, y[:, None]) + out.err
     lower = lower.scatter(1, y[:, None], math.inf)
     error = _up(error.scatter(1, y[:, None], 0.0), 2)

@@ -85,8 +85,9 @@ class Certificate:
         """Whether :meth:`refusal` finds nothing."""
         return self.refusal(model) is None
 
-    def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Sequence[float]) -> CertificateResult:
+    def certify(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> CertificateResult:
         raise NotImplementedError
 
 
@@ -94,7 +95,9 @@ CERTIFICATES: Registry[type[Certificate]] = Registry("certificate", "certbench.c
 register_certificate = CERTIFICATES.register
 
 
-def statuses_from_radius(radius: np.ndarray, correct: np.ndarray, eps: Sequence[float]) -> dict[float, np.ndarray]:
+def statuses_from_radius(
+    radius: np.ndarray, correct: np.ndarray, eps: Sequence[float]
+) -> dict[float, np.ndarray]:
     """Certified at ε iff correctly classified with radius strictly above ε."""
     return {float(e): np.where(correct & (radius > e), CERTIFIED, NOT_CERTIFIED) for e in eps}
 
@@ -118,8 +121,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def proven_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, slopes: torch.Tensor, norm: Norm,
-                  batch_size: int = 256) -> torch.Tensor:
+def proven_radius(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    slopes: torch.Tensor,
+    norm: Norm,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """A radius r (float64, per sample, 0 where none) with, for every class j ≠ y,
 
         lower_j(x) − slopes_j · r − error_j(ball of radius r around x, in ``norm``) > 0,
@@ -137,8 +146,8 @@ def proven_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, slopes: to
 
     radii = []
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        k = slopes[start:start + batch_size].double().scatter(1, yb[:, None], 1.0).to(xb.device)
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        k = slopes[start : start + batch_size].double().scatter(1, yb[:, None], 1.0).to(xb.device)
         point = margin_bounds(model, input_region(xb), yb)
         first = ((point.lower - point.error) / k).min(dim=1).values.clamp_min(0) * (1 - 4 * 2.0**-53)
         region = margin_bounds(model, input_region(xb, first, l2=norm == "l2"), yb, tight=False)
@@ -147,15 +156,21 @@ def proven_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, slopes: to
     return torch.cat(radii)
 
 
-def lipschitz_margin_result(model: nn.Module, x: torch.Tensor, y: torch.Tensor, estimate: LipschitzEstimate,
-                            eps: Sequence[float], batch_size: int = 256,
-                            extra: dict[str, float] | None = None) -> CertificateResult:
+def lipschitz_margin_result(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    estimate: LipschitzEstimate,
+    eps: Sequence[float],
+    batch_size: int = 256,
+    extra: dict[str, float] | None = None,
+) -> CertificateResult:
     """The margin certificate of a Lipschitz bound (LMT's two forms, :func:`margin_slopes`) with the
     float rounding covered by :func:`proven_radius`: radius 0 for misclassified points."""
     from certbench.bounds.lipschitz import margin_slopes
 
     with torch.no_grad(), eval_mode(model):
-        logits = torch.cat([model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
+        logits = torch.cat([model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)])
         slopes = margin_slopes(y, estimate, logits.shape[1])
         radius = proven_radius(model, x, y, slopes, "l2", batch_size).cpu().numpy()
     correct = (logits.argmax(1) == y).cpu().numpy()

@@ -41,7 +41,18 @@ from certbench.nn import Normalize
 from certbench.nn.linf_dist import LinfDist, MeanShift, Negate
 
 #: Layers of the chain with an ℓ∞-dist rule (exact types); the head after the trunk takes ``_HEAD``.
-_KNOWN = (Normalize, nn.Flatten, nn.Identity, LinfDist, MeanShift, Negate, nn.Linear, nn.Tanh, nn.ReLU, nn.Sigmoid)
+_KNOWN = (
+    Normalize,
+    nn.Flatten,
+    nn.Identity,
+    LinfDist,
+    MeanShift,
+    Negate,
+    nn.Linear,
+    nn.Tanh,
+    nn.ReLU,
+    nn.Sigmoid,
+)
 _HEAD = (nn.Linear, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Identity, Negate)
 
 
@@ -52,7 +63,8 @@ class LinfDistCertificate(Certificate):
     norm = "linf"
 
     def _refusal(self, model: nn.Module) -> str | None:
-        """Exact layer types only: a subclass of LinfDist (or of any layer here) may compute something else."""
+        """Exact layer types only: a subclass of LinfDist (or of any layer here) may compute something
+        else."""
         if type(model) is not nn.Sequential:
             return f"not an ℓ∞-dist net: the model is a {type(model).__name__}, not an nn.Sequential"
         for index, module in enumerate(model):
@@ -68,30 +80,40 @@ class LinfDistCertificate(Certificate):
                 return str(error)
             return None
         if type(head[-1]) is not nn.Linear:
-            return f"the head after the last ℓ∞-dist layer must end in nn.Linear, not {type(head[-1]).__name__}"
+            return (
+                f"the head after the last ℓ∞-dist layer must end in nn.Linear, not {type(head[-1]).__name__}"
+            )
         unsupported = sorted({type(m).__name__ for m in head if type(m) not in _HEAD})
         return f"no interval rule for head layers {', '.join(unsupported)}" if unsupported else None
 
     @torch.no_grad()
-    def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Sequence[float]) -> CertificateResult:
+    def certify(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> CertificateResult:
         with eval_mode(model):
             if all(isinstance(m, Negate) for m in split_trunk(model)[1]):
                 return self._radius(model, x, y, eps)
             return self._intervals(model, x, y, eps)
 
     @staticmethod
-    def _radius(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]) -> CertificateResult:
+    def _radius(
+        model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> CertificateResult:
         logits = model(x)
         lipschitz = lipschitz_linf(model)
         correct = (logits.argmax(1) == y).cpu().numpy()
         slopes = torch.full(logits.shape, 2 * lipschitz, dtype=torch.float64)
         radius = np.where(correct, proven_radius(model, x, y, slopes, "linf").cpu().numpy(), 0.0)
-        return CertificateResult(radius=radius, status=statuses_from_radius(radius, correct, eps),
-                                 extra={"lipschitz_bound": lipschitz})
+        return CertificateResult(
+            radius=radius,
+            status=statuses_from_radius(radius, correct, eps),
+            extra={"lipschitz_bound": lipschitz},
+        )
 
     @staticmethod
-    def _intervals(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]) -> CertificateResult:
+    def _intervals(
+        model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> CertificateResult:
         status = {}
         correct = model(x).argmax(1) == y
         for e in eps:

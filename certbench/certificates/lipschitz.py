@@ -43,7 +43,9 @@ from certbench.certificates import (
 )
 
 _Key = tuple[tuple[int, ...], str]
-_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, LipschitzEstimate, float]] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, LipschitzEstimate, float]] = (
+    weakref.WeakKeyDictionary()
+)
 #: Module attributes that are torch's bookkeeping (or hashed separately), not settings of the layer.
 _BOOKKEEPING = frozenset({"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
 
@@ -107,8 +109,11 @@ class LipschitzL2(Certificate):
         return None
 
     @torch.no_grad()
-    def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Sequence[float]) -> CertificateResult:
+    def certify(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> CertificateResult:
         with eval_mode(model):
             estimate, seconds = exact_bound(model, tuple(x.shape[1:]))
-        return lipschitz_margin_result(model, x, y, estimate, eps, self.batch_size, {"bound_seconds": seconds})
+        return lipschitz_margin_result(
+            model, x, y, estimate, eps, self.batch_size, {"bound_seconds": seconds}
+        )

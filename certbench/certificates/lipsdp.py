@@ -33,17 +33,19 @@ from certbench.certificates import (
     register_certificate,
 )
 
-
 log = logging.getLogger(__name__)
 
 
 @register_certificate("lipsdp-l2")
 class LipSDPL2(Certificate):
-    """Radius min_i margin_i/slope_i with LipSDP slopes for correctly classified points, 0 otherwise; MLPs only."""
+    """Radius min_i margin_i/slope_i with LipSDP slopes for correctly classified points, 0 otherwise;
+    MLPs only."""
 
     norm = "l2"
-    params_schema = {"time_limit": {"type": "number", "exclusiveMinimum": 0, "default": 1800.0},
-                     "solver": {"enum": list(SOLVERS), "default": "SCS"}}
+    params_schema = {
+        "time_limit": {"type": "number", "exclusiveMinimum": 0, "default": 1800.0},
+        "solver": {"enum": list(SOLVERS), "default": "SCS"},
+    }
     time_limit: float
     solver: str
 
@@ -54,8 +56,9 @@ class LipSDPL2(Certificate):
             return str(error)
         return None
 
-    def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Sequence[float]) -> CertificateResult:
+    def certify(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> CertificateResult:
         weights = mlp_weights(model, tuple(x.shape[1:]))
         started = time.perf_counter()
         result = lipsdp(weights, solver=self.solver, time_limit=self.time_limit)
@@ -63,17 +66,24 @@ class LipSDPL2(Certificate):
         if result.raw_bound is not None:
             extra["raw_bound"] = result.raw_bound
         if result.bound is None:
-            return CertificateResult(radius=None, status={float(e): np.full(len(x), ERROR) for e in eps},
-                                     errors=[f"lipsdp {result.status}: {result.message}"], extra=extra)
+            return CertificateResult(
+                radius=None,
+                status={float(e): np.full(len(x), ERROR) for e in eps},
+                errors=[f"lipsdp {result.status}: {result.message}"],
+                extra=extra,
+            )
         body = self._body_bound(weights, self.time_limit - (time.perf_counter() - started))
         if body is not None:
             extra["body_solve_seconds"] = body.solve_time
             if not body.verified:
-                log.warning("lipsdp-l2: body bound %s (%s); the √2 form alone is used", body.status, body.message)
+                log.warning(
+                    "lipsdp-l2: body bound %s (%s); the √2 form alone is used", body.status, body.message
+                )
         estimate = LipschitzEstimate(
             total=torch.tensor(result.bound, dtype=torch.float64),
             sub=None if body is None or body.bound is None else torch.tensor(body.bound, dtype=torch.float64),
-            last_weight=torch.from_numpy(weights[-1]))
+            last_weight=torch.from_numpy(weights[-1]),
+        )
         return lipschitz_margin_result(model, x, y, estimate, eps, extra=extra)
 
     def _body_bound(self, weights: list[np.ndarray], time_left: float) -> LipSDPResult | None:

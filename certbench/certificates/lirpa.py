@@ -33,7 +33,14 @@ from torch import nn
 
 from certbench.bounds.lirpa import Bounder, BoundMethod, unsupported_reason
 from certbench.bounds.rounding import U64, input_region, layers, margin_bounds, model_roundoff
-from certbench.certificates import CERTIFIED, ERROR, NOT_CERTIFIED, Certificate, CertificateResult, register_certificate
+from certbench.certificates import (
+    CERTIFIED,
+    ERROR,
+    NOT_CERTIFIED,
+    Certificate,
+    CertificateResult,
+    register_certificate,
+)
 from certbench.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -48,8 +55,11 @@ CROWN_MEMORY_BYTES = 2 * 1024**3
 def crown_batch_size(model: nn.Module, x: torch.Tensor, limit: int = 64) -> int:
     """Samples per CROWN call so that max_l n_l · Σ_{k≤l} n_k floats fit ``CROWN_MEMORY_BYTES``."""
     sizes: list[int] = [x[0].numel()]
-    hooks = [m.register_forward_hook(lambda _m, inputs, _o: sizes.append(inputs[0][0].numel()))
-             for m in model.modules() if isinstance(m, nn.ReLU)]
+    hooks = [
+        m.register_forward_hook(lambda _m, inputs, _o: sizes.append(inputs[0][0].numel()))
+        for m in model.modules()
+        if isinstance(m, nn.ReLU)
+    ]
     try:
         with torch.no_grad():
             model(x[:1])
@@ -74,8 +84,9 @@ class LiRPACertificate(Certificate):
     def _refusal(self, model: nn.Module) -> str | None:
         return unsupported_reason(model)
 
-    def certify(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                eps: Sequence[float]) -> CertificateResult:
+    def certify(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> CertificateResult:
         started = time.perf_counter()
         training = model.training
         model.eval()
@@ -83,15 +94,22 @@ class LiRPACertificate(Certificate):
             status, errors = self._statuses(model, x, y, eps)
         finally:
             model.train(training)
-        return CertificateResult(radius=None, status=status, errors=errors,
-                                 extra={"seconds": time.perf_counter() - started})
+        return CertificateResult(
+            radius=None, status=status, errors=errors, extra={"seconds": time.perf_counter() - started}
+        )
 
-    def _statuses(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  eps: Sequence[float]) -> tuple[dict[float, np.ndarray], list[str]]:
+    def _statuses(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> tuple[dict[float, np.ndarray], list[str]]:
         batch = self.batch_size or self.default_batch_size or crown_batch_size(model, x)
         with torch.no_grad():
-            correct = torch.cat([model(x[i:i + batch]).argmax(1) == y[i:i + batch]
-                                 for i in range(0, len(x), batch)]).cpu().numpy()
+            correct = (
+                torch.cat(
+                    [model(x[i : i + batch]).argmax(1) == y[i : i + batch] for i in range(0, len(x), batch)]
+                )
+                .cpu()
+                .numpy()
+            )
         candidates = np.flatnonzero(correct)  # misclassified samples stay not_certified
         bounder, errors = Bounder(), []
         model64 = copy.deepcopy(model).double().eval()
@@ -99,26 +117,41 @@ class LiRPACertificate(Certificate):
         status: dict[float, np.ndarray] = {}
         batches = -(-len(candidates) // batch)
         # a log line at most every 30 s (and one at the end) in a log file; a bar on a terminal
-        with Progress(total=len(eps) * batches, desc=self.name, unit="batch", log=log, every_seconds=30.0) as progress:
+        with Progress(
+            total=len(eps) * batches, desc=self.name, unit="batch", log=log, every_seconds=30.0
+        ) as progress:
             for e in eps:
                 status[float(e)] = np.full(len(x), NOT_CERTIFIED, dtype=f"<U{len(NOT_CERTIFIED)}")
                 for start in range(0, len(candidates), batch):
-                    index = candidates[start:start + batch]
+                    index = candidates[start : start + batch]
                     try:
-                        status[float(e)][index] = self._certified(bounder, model, model64, depth, x, y, index, e)
+                        status[float(e)][index] = self._certified(
+                            bounder, model, model64, depth, x, y, index, e
+                        )
                     except Exception:
                         for i in index:  # retry one by one; a fresh BoundedModule is built after a failure
                             try:
                                 one = np.array([i])
-                                status[float(e)][i] = self._certified(bounder, model, model64, depth, x, y, one, e)[0]
+                                status[float(e)][i] = self._certified(
+                                    bounder, model, model64, depth, x, y, one, e
+                                )[0]
                             except Exception as error:
                                 status[float(e)][i] = ERROR
                                 errors.append(f"sample {i}, eps {e}: {type(error).__name__}: {error}")
                     progress.update(eps=float(e))
         return status, errors
 
-    def _certified(self, bounder: Bounder, model: nn.Module, model64: nn.Module, depth: int, x: torch.Tensor,
-                   y: torch.Tensor, index: np.ndarray, eps: float) -> np.ndarray:
+    def _certified(
+        self,
+        bounder: Bounder,
+        model: nn.Module,
+        model64: nn.Module,
+        depth: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: np.ndarray,
+        eps: float,
+    ) -> np.ndarray:
         """Certified iff every float64 margin bound, lowered by its slack and by the float32 error
         bound on the box, is positive (module docstring)."""
         picked = torch.as_tensor(index, device=x.device)

@@ -26,8 +26,13 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     ``_codecs.encode`` is how Python 3 pickles bytes at protocol 2; it only encodes a string.
     """
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str) -> type:
         if (module, name) not in self.ALLOWED:
@@ -43,17 +48,31 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, np.asarray(batch["labels"], dtype=np.int64)
 
 
-@register_dataset(DatasetSpec("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                              (2 / 255, 8 / 255), (36 / 255, 0.5),
-                              "python batches in <data.dir>/cifar-10-batches-py"))
+@register_dataset(
+    DatasetSpec(
+        "cifar10",
+        (3, 32, 32),
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        (2 / 255, 8 / 255),
+        (36 / 255, 0.5),
+        "python batches in <data.dir>/cifar-10-batches-py",
+    )
+)
 def load(data_dir: Path, download: bool) -> Split:
     folder = data_dir / "cifar-10-batches-py"
     if download and not all((folder / f).is_file() for f in CIFAR_TRAIN + CIFAR_TEST):
         from torchvision.datasets import CIFAR10
+
         CIFAR10(str(data_dir), download=True)
     if not all((folder / f).is_file() for f in CIFAR_TRAIN + CIFAR_TEST):
-        raise missing("cifar10", CIFAR_TRAIN + CIFAR_TEST, [folder],
-                      "set data.dir to the folder holding cifar-10-batches-py, or data.download: true")
+        raise missing(
+            "cifar10",
+            CIFAR_TRAIN + CIFAR_TEST,
+            [folder],
+            "set data.dir to the folder holding cifar-10-batches-py, or data.download: true",
+        )
     parts = []
     for names in (CIFAR_TRAIN, CIFAR_TEST):
         images, labels = zip(*(read_cifar_batch(folder / n) for n in names))

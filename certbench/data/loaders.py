@@ -32,7 +32,8 @@ def missing(name: str, files: list[str], searched: list[Path], remedy: str) -> D
     """The error for data set ``name`` whose ``files`` are in none of the ``searched`` folders."""
     return DatasetNotFoundError(
         f"data set '{name}' not found: expected {', '.join(files)} in one of "
-        f"{', '.join(str(p) for p in searched)}; {remedy}")
+        f"{', '.join(str(p) for p in searched)}; {remedy}"
+    )
 
 
 def tensors(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
@@ -54,10 +55,18 @@ def load_split(name: str, data_dir: str | Path = "data", download: bool = False)
 
 # --- IDX (LeCun's format: MNIST, Fashion-MNIST) ---------------------------------------------
 
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -68,7 +77,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file")
     ndim = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):

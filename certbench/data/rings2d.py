@@ -36,14 +36,24 @@ def make_rings2d(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.permutation(np.arange(n) % len(RINGS))
     inner = np.array([RINGS[c][0] for c in labels])
     outer = np.array([RINGS[c][1] for c in labels])
-    radius = np.sqrt(rng.uniform(inner ** 2, outer ** 2))
+    radius = np.sqrt(rng.uniform(inner**2, outer**2))
     angle = rng.uniform(0.0, 2.0 * np.pi, size=n)
     points = np.stack([CENTRE[0] + radius * np.cos(angle), CENTRE[1] + radius * np.sin(angle)], axis=1)
     return np.clip(points, 0.0, 1.0).astype(np.float32), labels.astype(np.int64)
 
 
-@register_dataset(DatasetSpec("rings2d", (1, 1, 2), 3, (0.5,), (0.25,), (0.02, 0.05), (0.02, 0.05),
-                              "generated: the three-ring 2-D toy problem of Pauli et al. 2021"))
+@register_dataset(
+    DatasetSpec(
+        "rings2d",
+        (1, 1, 2),
+        3,
+        (0.5,),
+        (0.25,),
+        (0.02, 0.05),
+        (0.02, 0.05),
+        "generated: the three-ring 2-D toy problem of Pauli et al. 2021",
+    )
+)
 def load(data_dir: Path, download: bool) -> Split:
     """2,000 training points (seed 0) and 1,000 test points (seed 1), as (N, 1, 1, 2) images."""
     parts = []

@@ -26,9 +26,18 @@ def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@register_dataset(DatasetSpec("svhn", (3, 32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
-                              (2 / 255, 8 / 255), (36 / 255, 0.5),
-                              "train_32x32.mat and test_32x32.mat in <data.dir>/svhn"))
+@register_dataset(
+    DatasetSpec(
+        "svhn",
+        (3, 32, 32),
+        10,
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        (2 / 255, 8 / 255),
+        (36 / 255, 0.5),
+        "train_32x32.mat and test_32x32.mat in <data.dir>/svhn",
+    )
+)
 def load(data_dir: Path, download: bool) -> Split:
     folders = [data_dir / "svhn", data_dir]
     parts = []
@@ -36,10 +45,15 @@ def load(data_dir: Path, download: bool) -> Split:
         path = next((f / filename for f in folders if (f / filename).is_file()), None)
         if path is None and download:
             from torchvision.datasets import SVHN
+
             SVHN(str(data_dir / "svhn"), split=split, download=True)
             path = data_dir / "svhn" / filename
         if path is None:
-            raise missing("svhn", list(SVHN_FILES.values()), folders,
-                          "set data.dir to the folder holding them, or data.download: true")
+            raise missing(
+                "svhn",
+                list(SVHN_FILES.values()),
+                folders,
+                "set data.dir to the folder holding them, or data.download: true",
+            )
         parts.append(tensors(*read_svhn_mat(path)))
     return parts[0], parts[1]

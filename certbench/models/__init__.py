@@ -35,8 +35,9 @@ class Architecture:
 ARCHITECTURES: Registry[Architecture] = Registry("architecture", "certbench.models")
 
 
-def register_arch(name: str, params_schema: Mapping[str, Mapping[str, Any]] | None = None
-                  ) -> Callable[[Builder], Builder]:
+def register_arch(
+    name: str, params_schema: Mapping[str, Mapping[str, Any]] | None = None
+) -> Callable[[Builder], Builder]:
     """Register ``builder(spec, **params)`` as architecture ``name``."""
 
     def decorate(builder: Builder) -> Builder:

@@ -20,7 +20,8 @@ def _flat_size(features: nn.Module, spec: DatasetSpec) -> int:
 
 
 def _conv_net(spec: DatasetSpec, convs: Sequence[tuple[int, int, int, int]], hidden: int) -> nn.Sequential:
-    """Normalize → (conv → ReLU)* → flatten → fc(hidden) → ReLU → fc(classes); convs as (out, kernel, stride, pad)."""
+    """Normalize → (conv → ReLU)* → flatten → fc(hidden) → ReLU → fc(classes); convs as
+    (out, kernel, stride, pad)."""
     layers: list[nn.Module] = [Normalize(spec.mean, spec.std)]
     channels = spec.shape[0]
     for out, kernel, stride, padding in convs:
@@ -32,10 +33,14 @@ def _conv_net(spec: DatasetSpec, convs: Sequence[tuple[int, int, int, int]], hid
     return nn.Sequential(*layers)
 
 
-@register_arch("mlp", params_schema={
-    "widths": {"type": "array", "items": {"type": "integer", "minimum": 1}, "default": [256, 256]},
-    "activation": {"enum": sorted(ACTIVATIONS), "default": "relu"},
-    "input_pool": {"type": "integer", "minimum": 1, "default": 1}})
+@register_arch(
+    "mlp",
+    params_schema={
+        "widths": {"type": "array", "items": {"type": "integer", "minimum": 1}, "default": [256, 256]},
+        "activation": {"enum": sorted(ACTIVATIONS), "default": "relu"},
+        "input_pool": {"type": "integer", "minimum": 1, "default": 1},
+    },
+)
 def mlp(spec: DatasetSpec, *, widths: Sequence[int], activation: str, input_pool: int) -> nn.Sequential:
     """Fully connected: Normalize → [k×k average pooling] → flatten → (Linear → activation)* → Linear.
 
@@ -63,4 +68,6 @@ def cnn_small(spec: DatasetSpec) -> nn.Sequential:
 @register_arch("cnn-large")
 def cnn_large(spec: DatasetSpec) -> nn.Sequential:
     """Gowal et al. (2018) "large": conv64-64-128(s2)-128-128 (3×3) → fc512 → fc."""
-    return _conv_net(spec, [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1)], 512)
+    return _conv_net(
+        spec, [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1)], 512
+    )

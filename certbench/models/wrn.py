@@ -45,13 +45,20 @@ def wide_resnet(spec: DatasetSpec, depth: int, widen_factor: int, dropout: float
         for i in range(per_group):
             inputs = widths[group] if i == 0 else widths[group + 1]
             layers.append(_block(inputs, widths[group + 1], stride if i == 0 else 1, dropout))
-    layers += [nn.BatchNorm2d(widths[3]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-               nn.Linear(widths[3], spec.num_classes)]
+    layers += [
+        nn.BatchNorm2d(widths[3]),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[3], spec.num_classes),
+    ]
     return nn.Sequential(*layers)
 
 
-@register_arch("wrn-16-4", params_schema={
-    "dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0}})
+@register_arch(
+    "wrn-16-4",
+    params_schema={"dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.0}},
+)
 def wrn_16_4(spec: DatasetSpec, *, dropout: float) -> nn.Sequential:
     """WRN-16-4; the LMT paper trains it on SVHN with dropout 0.4."""
     return wide_resnet(spec, 16, 4, dropout)

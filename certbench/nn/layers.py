@@ -64,8 +64,12 @@ class Residual(nn.Module):
     buffers, so Lipschitz bounds can read them: ``L ≤ a·L(body) + b·L(shortcut)``.
     """
 
-    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None,
-                 coefficients: tuple[float, float] = (1.0, 1.0)) -> None:
+    def __init__(
+        self,
+        body: nn.Module,
+        shortcut: nn.Module | None = None,
+        coefficients: tuple[float, float] = (1.0, 1.0),
+    ) -> None:
         super().__init__()
         self.body = body
         self.shortcut = shortcut if shortcut is not None else nn.Identity()

@@ -62,6 +62,7 @@ Backward = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tenso
 # compiled CPU kernel (optional)
 # --------------------------------------------------------------------------------------------
 
+
 def _cache_dir() -> Path:
     root = os.environ.get("CERTBENCH_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "certbench"
@@ -81,10 +82,28 @@ def _build(compiler: str, source: Path, target: Path, native: bool) -> None:
     arch = ["-march=native"] if native else []
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        subprocess.run([compiler, "-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", *arch,
-                        "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
-        subprocess.run([compiler, "-shared", str(obj), "-o", str(lib), "-lm", "-pthread"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                compiler,
+                "-std=c++17",
+                "-O3",
+                "-ffast-math",
+                "-fopenmp-simd",
+                "-fPIC",
+                *arch,
+                "-c",
+                str(source),
+                "-o",
+                str(obj),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [compiler, "-shared", str(obj), "-o", str(lib), "-lm", "-pthread"],
+            check=True,
+            capture_output=True,
+        )
         os.replace(lib, target)  # atomic: concurrent jobs may build the same library
 
 
@@ -107,8 +126,11 @@ def _kernel() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", b"") or b""
-        warnings.warn(f"ℓ∞-dist CPU kernel unavailable, using PyTorch ({err} {detail.decode()[:200]})",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ℓ∞-dist CPU kernel unavailable, using PyTorch ({err} {detail.decode()[:200]})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     ptr, i64, dbl, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.linf_dist_forward.argtypes = [ptr, ptr, i64, i64, i64, dbl, i32, ptr, ptr, i32]
@@ -117,8 +139,11 @@ def _kernel() -> ctypes.CDLL | None:
     lib.linf_dist_backward.restype = None
     failure = _self_check(lib)
     if failure:
-        warnings.warn(f"ℓ∞-dist CPU kernel disagrees with PyTorch ({failure}); using PyTorch",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ℓ∞-dist CPU kernel disagrees with PyTorch ({failure}); using PyTorch",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return lib
 
@@ -126,8 +151,9 @@ def _kernel() -> ctypes.CDLL | None:
 def _self_check(lib: ctypes.CDLL) -> str:
     """Compare the freshly loaded kernel with the PyTorch path (guards against a miscompiling
     toolchain); return what disagrees, or ''."""
-    return _disagreement_with_torch(partial(_kernel_forward, lib=lib), partial(_kernel_backward, lib=lib),
-                                    torch.device("cpu"))
+    return _disagreement_with_torch(
+        partial(_kernel_forward, lib=lib), partial(_kernel_backward, lib=lib), torch.device("cpu")
+    )
 
 
 def _disagreement_with_torch(forward: Forward, backward: Backward, device: torch.device) -> str:
@@ -141,7 +167,8 @@ def _disagreement_with_torch(forward: Forward, backward: Backward, device: torch
         y, idx = forward(x, w, p, True)
         y_ref, idx_ref = _torch_forward(x64, w64, p, with_index=True)
         if not torch.allclose(y.double().cpu(), y_ref, rtol=1e-5) or (
-                idx is not None and not torch.equal(idx.cpu(), idx_ref)):
+            idx is not None and not torch.equal(idx.cpu(), idx_ref)
+        ):
             return f"forward at p={p:g}"
         if not math.isinf(p):
             grads = backward(x, w, g, y, p)
@@ -161,33 +188,56 @@ def _use_kernel(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _kernel() is not None
 
 
-def _kernel_forward(x: Tensor, w: Tensor, p: float, with_index: bool,
-                    lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor | None]:
+def _kernel_forward(
+    x: Tensor, w: Tensor, p: float, with_index: bool, lib: ctypes.CDLL | None = None
+) -> tuple[Tensor, Tensor | None]:
     lib = lib or _kernel()
     x, w = x.contiguous(), w.contiguous()
     (b, n_in), n_out = x.shape, w.shape[0]
     y = x.new_empty(b, n_out)
     idx = torch.empty(b, n_out, dtype=torch.int64) if with_index and math.isinf(p) else None
-    lib.linf_dist_forward(x.data_ptr(), w.data_ptr(), b, n_out, n_in, 0.0 if math.isinf(p) else p,
-                          int(math.isinf(p)), y.data_ptr(), None if idx is None else idx.data_ptr(),
-                          torch.get_num_threads())
+    lib.linf_dist_forward(
+        x.data_ptr(),
+        w.data_ptr(),
+        b,
+        n_out,
+        n_in,
+        0.0 if math.isinf(p) else p,
+        int(math.isinf(p)),
+        y.data_ptr(),
+        None if idx is None else idx.data_ptr(),
+        torch.get_num_threads(),
+    )
     return y, idx
 
 
-def _kernel_backward(x: Tensor, w: Tensor, g: Tensor, y: Tensor, p: float,
-                     lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor]:
+def _kernel_backward(
+    x: Tensor, w: Tensor, g: Tensor, y: Tensor, p: float, lib: ctypes.CDLL | None = None
+) -> tuple[Tensor, Tensor]:
     lib = lib or _kernel()
     x, w, g, y = (t.contiguous() for t in (x, w, g, y))
     (b, n_in), n_out = x.shape, w.shape[0]
     gx, gw = torch.empty_like(x), torch.empty_like(w)
-    lib.linf_dist_backward(x.data_ptr(), w.data_ptr(), g.data_ptr(), y.data_ptr(), b, n_out, n_in, p,
-                           gx.data_ptr(), gw.data_ptr(), torch.get_num_threads())
+    lib.linf_dist_backward(
+        x.data_ptr(),
+        w.data_ptr(),
+        g.data_ptr(),
+        y.data_ptr(),
+        b,
+        n_out,
+        n_in,
+        p,
+        gx.data_ptr(),
+        gw.data_ptr(),
+        torch.get_num_threads(),
+    )
     return gx, gw
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels on CUDA (optional)
 # --------------------------------------------------------------------------------------------
+
 
 @cache
 def _triton_kernels() -> ModuleType | None:
@@ -196,13 +246,17 @@ def _triton_kernels() -> ModuleType | None:
     try:
         from certbench.nn import linf_dist_triton
 
-        failure = _disagreement_with_torch(linf_dist_triton.forward, linf_dist_triton.backward,
-                                           torch.device("cuda"))
+        failure = _disagreement_with_torch(
+            linf_dist_triton.forward, linf_dist_triton.backward, torch.device("cuda")
+        )
     except Exception as err:  # no triton, no C compiler for its launcher, a GPU it does not support
         failure = f"{type(err).__name__}: {str(err)[:200]}"
     if failure:
-        warnings.warn(f"ℓ∞-dist Triton kernels unavailable ({failure}); using chunked PyTorch on CUDA",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ℓ∞-dist Triton kernels unavailable ({failure}); using chunked PyTorch on CUDA",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return linf_dist_triton
 
@@ -217,6 +271,7 @@ def _triton_for(*tensors: Tensor) -> ModuleType | None:
 # --------------------------------------------------------------------------------------------
 # chunked PyTorch path
 # --------------------------------------------------------------------------------------------
+
 
 def _chunks(b: int, n_out: int, n_in: int) -> Iterable[slice]:
     """Output slices whose ``b × rows × n_in`` temporary stays within ``O(b·n_out + n_out·n_in)``."""
@@ -348,6 +403,7 @@ def lp_distance_bounds(lower: Tensor, upper: Tensor, weight: Tensor, p: float) -
 # modules
 # --------------------------------------------------------------------------------------------
 
+
 def identity_init_(weight: Tensor, value: float | None = 10.0) -> Tensor:
     """``w ~ N(0, 1)``; if ``n_in ≤ n_out`` also ``w[i, i mod n_in] = −value`` (identity-like init)."""
     with torch.no_grad():
@@ -365,8 +421,14 @@ class LinfDist(nn.Module):
     ``p`` is saved with the state dict (as extra state) so a reloaded model is the trained one.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, p: float = math.inf,
-                 identity_value: float | None = 10.0) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        p: float = math.inf,
+        identity_value: float | None = 10.0,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.identity_value = identity_value
@@ -407,8 +469,10 @@ class LinfDist(nn.Module):
         self.p = state["p"]
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, p={self.p:g}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, p={self.p:g}"
+        )
 
 
 class MeanShift(nn.Module):

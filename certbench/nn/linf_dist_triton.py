@@ -62,8 +62,9 @@ def _log2(t, PTX_LOG2: tl.constexpr):
     """``log2 t`` for normal ``t > 0``: PTX ``lg2.approx`` (one instruction, absolute error
     of order 2^-22) on NVIDIA GPUs, where ``tl.log2`` is libdevice's ~20-instruction ``log2f``."""
     if PTX_LOG2:
-        result = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [t], dtype=tl.float32,
-                                           is_pure=True, pack=1)
+        result = tl.inline_asm_elementwise(
+            "lg2.approx.f32 $0, $1;", "=r,r", [t], dtype=tl.float32, is_pure=True, pack=1
+        )
     else:
         result = tl.log2(t)
     return result
@@ -102,9 +103,23 @@ def _differences(x_ptr, w_ptr, rows_b, rows_o, cols, n_batch, n_out, n_in):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, y_ptr, index_ptr, n_batch, n_out, n_in, p,
-                    P_INT: tl.constexpr, PTX_LOG2: tl.constexpr, P_IS_INF: tl.constexpr, WITH_INDEX: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    index_ptr,
+    n_batch,
+    n_out,
+    n_in,
+    p,
+    P_INT: tl.constexpr,
+    PTX_LOG2: tl.constexpr,
+    P_IS_INF: tl.constexpr,
+    WITH_INDEX: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+):
     """``y`` (and, ``WITH_INDEX``, the first argmax) on a ``BLOCK_B × BLOCK_OUT`` tile: a walk for
     the max, and for finite ``p`` a second one for the scaled sum of powers."""
     rows_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -136,8 +151,21 @@ def _forward_kernel(x_ptr, w_ptr, y_ptr, index_ptr, n_batch, n_out, n_in, p,
 
 
 @triton.jit
-def _gradient_terms(x_ptr, w_ptr, g_ptr, y_ptr, rows_b, rows_o, cols, n_batch, n_out, n_in, e,
-                    E_INT: tl.constexpr, PTX_LOG2: tl.constexpr):
+def _gradient_terms(
+    x_ptr,
+    w_ptr,
+    g_ptr,
+    y_ptr,
+    rows_b,
+    rows_o,
+    cols,
+    n_batch,
+    n_out,
+    n_in,
+    e,
+    E_INT: tl.constexpr,
+    PTX_LOG2: tl.constexpr,
+):
     """``g[b, j]·sign(d)·(|d|/y[b, j])^e`` with ``d = x[b, i] − w[j, i]`` on a tile (``e = p − 1``)."""
     d = _differences(x_ptr, w_ptr, rows_b, rows_o, cols, n_batch, n_out, n_in)
     g = _load_rows(g_ptr, rows_b, n_batch, rows_o, n_out)
@@ -148,33 +176,61 @@ def _gradient_terms(x_ptr, w_ptr, g_ptr, y_ptr, rows_b, rows_o, cols, n_batch, n
 
 
 @triton.jit
-def _input_gradient_kernel(x_ptr, w_ptr, g_ptr, y_ptr, gx_ptr, n_batch, n_out, n_in, e,
-                           E_INT: tl.constexpr, PTX_LOG2: tl.constexpr, BLOCK_B: tl.constexpr,
-                           BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+def _input_gradient_kernel(
+    x_ptr,
+    w_ptr,
+    g_ptr,
+    y_ptr,
+    gx_ptr,
+    n_batch,
+    n_out,
+    n_in,
+    e,
+    E_INT: tl.constexpr,
+    PTX_LOG2: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+):
     """``gx[b, i] = Σ_j`` (gradient terms): a ``BLOCK_B × BLOCK_IN`` tile per program, all outputs."""
     rows_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
     total = tl.zeros([BLOCK_B, BLOCK_OUT, BLOCK_IN], tl.float32)
     for start in range(0, n_out, BLOCK_OUT):
         rows_o = start + tl.arange(0, BLOCK_OUT)
-        total += _gradient_terms(x_ptr, w_ptr, g_ptr, y_ptr, rows_b, rows_o, cols, n_batch, n_out, n_in, e,
-                                 E_INT, PTX_LOG2)
+        total += _gradient_terms(
+            x_ptr, w_ptr, g_ptr, y_ptr, rows_b, rows_o, cols, n_batch, n_out, n_in, e, E_INT, PTX_LOG2
+        )
     mask = (rows_b < n_batch)[:, None] & (cols < n_in)[None, :]
     tl.store(gx_ptr + rows_b.to(tl.int64)[:, None] * n_in + cols[None, :], tl.sum(total, axis=1), mask=mask)
 
 
 @triton.jit
-def _weight_gradient_kernel(x_ptr, w_ptr, g_ptr, y_ptr, gw_ptr, n_batch, n_out, n_in, e,
-                            E_INT: tl.constexpr, PTX_LOG2: tl.constexpr, BLOCK_B: tl.constexpr,
-                            BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
+def _weight_gradient_kernel(
+    x_ptr,
+    w_ptr,
+    g_ptr,
+    y_ptr,
+    gw_ptr,
+    n_batch,
+    n_out,
+    n_in,
+    e,
+    E_INT: tl.constexpr,
+    PTX_LOG2: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+):
     """``gw[j, i] = −Σ_b`` (gradient terms): a ``BLOCK_OUT × BLOCK_IN`` tile per program, all inputs."""
     rows_o = tl.program_id(0) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     cols = tl.program_id(1) * BLOCK_IN + tl.arange(0, BLOCK_IN)
     total = tl.zeros([BLOCK_B, BLOCK_OUT, BLOCK_IN], tl.float32)
     for start in range(0, n_batch, BLOCK_B):
         rows_b = start + tl.arange(0, BLOCK_B)
-        total += _gradient_terms(x_ptr, w_ptr, g_ptr, y_ptr, rows_b, rows_o, cols, n_batch, n_out, n_in, e,
-                                 E_INT, PTX_LOG2)
+        total += _gradient_terms(
+            x_ptr, w_ptr, g_ptr, y_ptr, rows_b, rows_o, cols, n_batch, n_out, n_in, e, E_INT, PTX_LOG2
+        )
     mask = (rows_o < n_out)[:, None] & (cols < n_in)[None, :]
     tl.store(gw_ptr + rows_o.to(tl.int64)[:, None] * n_in + cols[None, :], -tl.sum(total, axis=0), mask=mask)
 
@@ -199,10 +255,23 @@ def forward(x: Tensor, w: Tensor, p: float, with_index: bool) -> tuple[Tensor, T
     index = torch.empty_like(y, dtype=torch.int64) if with_index and infinite else None
     grid = (triton.cdiv(n_batch, BLOCK_B), triton.cdiv(n_out, BLOCK_OUT))
     with _on_device_of(x):
-        _forward_kernel[grid](x, w, y, index, n_batch, n_out, n_in, 1.0 if infinite else p,
-                              P_INT=-1 if infinite else _integer_exponent(p), PTX_LOG2=_ptx(x),
-                              P_IS_INF=infinite, WITH_INDEX=index is not None, BLOCK_B=BLOCK_B,
-                              BLOCK_OUT=BLOCK_OUT, BLOCK_IN=BLOCK_IN)
+        _forward_kernel[grid](
+            x,
+            w,
+            y,
+            index,
+            n_batch,
+            n_out,
+            n_in,
+            1.0 if infinite else p,
+            P_INT=-1 if infinite else _integer_exponent(p),
+            PTX_LOG2=_ptx(x),
+            P_IS_INF=infinite,
+            WITH_INDEX=index is not None,
+            BLOCK_B=BLOCK_B,
+            BLOCK_OUT=BLOCK_OUT,
+            BLOCK_IN=BLOCK_IN,
+        )
     return y, index
 
 
@@ -213,11 +282,18 @@ def backward(x: Tensor, w: Tensor, g: Tensor, y: Tensor, p: float) -> tuple[Tens
     (n_batch, n_in), n_out = x.shape, w.shape[0]
     gx, gw = torch.empty_like(x), torch.empty_like(w)
     e = p - 1.0
-    options = {"E_INT": _integer_exponent(e), "PTX_LOG2": _ptx(x), "BLOCK_B": BLOCK_B, "BLOCK_OUT": BLOCK_OUT,
-               "BLOCK_IN": BLOCK_IN}
+    options = {
+        "E_INT": _integer_exponent(e),
+        "PTX_LOG2": _ptx(x),
+        "BLOCK_B": BLOCK_B,
+        "BLOCK_OUT": BLOCK_OUT,
+        "BLOCK_IN": BLOCK_IN,
+    }
     with _on_device_of(x):
         _input_gradient_kernel[(triton.cdiv(n_batch, BLOCK_B), triton.cdiv(n_in, BLOCK_IN))](
-            x, w, g, y, gx, n_batch, n_out, n_in, e, **options)
+            x, w, g, y, gx, n_batch, n_out, n_in, e, **options
+        )
         _weight_gradient_kernel[(triton.cdiv(n_out, BLOCK_OUT), triton.cdiv(n_in, BLOCK_IN))](
-            x, w, g, y, gw, n_batch, n_out, n_in, e, **options)
+            x, w, g, y, gw, n_batch, n_out, n_in, e, **options
+        )
     return gx, gw

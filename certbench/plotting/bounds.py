@@ -43,17 +43,25 @@ COLUMNS = 4
 
 def evaluated_eps(summary: pd.DataFrame, norm: str, dataset: str) -> list[float]:
     """The ε of ``norm`` evaluated on ``dataset`` (those with a certified accuracy of a finished run)."""
-    rows = summary[(summary["dataset"] == dataset) & (summary["status"] == "ok")
-                   & (summary["metric"] == "certified_accuracy") & (summary["evaluation"] == ANY)
-                   & (summary["norm"] == norm) & summary["value"].notna()]
+    rows = summary[
+        (summary["dataset"] == dataset)
+        & (summary["status"] == "ok")
+        & (summary["metric"] == "certified_accuracy")
+        & (summary["evaluation"] == ANY)
+        & (summary["norm"] == norm)
+        & summary["value"].notna()
+    ]
     return sorted(set(rows["eps"]))
 
 
 def size_grid(part: pd.DataFrame, eps: list[float]) -> np.ndarray:
     """Perturbation sizes from 0 to past the largest evaluated ε (1.25–2.5 times it) or, without
     one, to most of the radii and attacks."""
-    values = finite(np.concatenate([part["radius_bound"].to_numpy(dtype=float),
-                                    part["adversarial_norm"].to_numpy(dtype=float)]))
+    values = finite(
+        np.concatenate(
+            [part["radius_bound"].to_numpy(dtype=float), part["adversarial_norm"].to_numpy(dtype=float)]
+        )
+    )
     values = values[values > 0]
     top = float(np.quantile(values, 0.98)) if values.size else 0.0
     if eps:
@@ -69,8 +77,11 @@ def run_curves(part: pd.DataFrame, sizes: np.ndarray) -> pd.DataFrame:
     for seed, run in part.groupby("seed"):
         radius = run["radius_bound"].to_numpy(dtype=float)
         adversarial = run["adversarial_norm"].to_numpy(dtype=float)
-        certified = (radius[:, None] > sizes[None, :]).mean(axis=0) if not np.isnan(radius).all() else \
-            np.full(sizes.size, np.nan)
+        certified = (
+            (radius[:, None] > sizes[None, :]).mean(axis=0)
+            if not np.isnan(radius).all()
+            else np.full(sizes.size, np.nan)
+        )
         attacked = (adversarial[:, None] > sizes[None, :]).mean(axis=0)
         rows.append(pd.DataFrame({"seed": seed, "size": sizes, "certified": certified, "attacked": attacked}))
     return pd.concat(rows, ignore_index=True)
@@ -83,8 +94,9 @@ def _band(axis, sizes: np.ndarray, values: pd.DataFrame, column: str, color: str
     axis.plot(sizes, stats["mean"], color=color, linestyle=style, drawstyle="steps-post", linewidth=1.6)
     if (stats["count"] > 1).any():
         low, high = stats["mean"] - stats["std"], stats["mean"] + stats["std"]
-        axis.fill_between(sizes, low.clip(0), high.clip(upper=100), step="post", color=color, alpha=0.18,
-                          linewidth=0)
+        axis.fill_between(
+            sizes, low.clip(0), high.clip(upper=100), step="post", color=color, alpha=0.18, linewidth=0
+        )
 
 
 def bounds_figure(summary: pd.DataFrame, radii: pd.DataFrame, norm: str, out_dir: Path, error: bool) -> None:
@@ -95,12 +107,19 @@ def bounds_figure(summary: pd.DataFrame, radii: pd.DataFrame, norm: str, out_dir
         placeholder(out_dir, name, "no finished runs")
         return
     all_styles = experiment_styles(part)
-    panels = [(dataset, key) for dataset in sorted(part["dataset"].unique())
-              for key in ordered(all_styles, part.loc[part["dataset"] == dataset, ["name", "arch"]]
-                                 .itertuples(index=False, name=None))]
+    panels = [
+        (dataset, key)
+        for dataset in sorted(part["dataset"].unique())
+        for key in ordered(
+            all_styles,
+            part.loc[part["dataset"] == dataset, ["name", "arch"]].itertuples(index=False, name=None),
+        )
+    ]
     figure, axes = grid(len(panels), COLUMNS, width=3.3 if len(panels) > 2 else 4.6, height=2.9, sharex=False)
-    grids = {dataset: size_grid(part[part["dataset"] == dataset], evaluated_eps(summary, norm, dataset))
-             for dataset in part["dataset"].unique()}
+    grids = {
+        dataset: size_grid(part[part["dataset"] == dataset], evaluated_eps(summary, norm, dataset))
+        for dataset in part["dataset"].unique()
+    }
     for axis, (dataset, key) in zip(axes, panels):
         style = all_styles[key]
         sizes = grids[dataset]
@@ -112,17 +131,36 @@ def bounds_figure(summary: pd.DataFrame, radii: pd.DataFrame, norm: str, out_dir
         _band(axis, sizes, curves, "attacked", style.color, "--")
         for eps in evaluated_eps(summary, norm, dataset):
             certified = select(summary, "certified_accuracy", evaluation=ANY, norm=norm, eps=eps)
-            rows = certified[(certified["status"] == "ok") & (certified["dataset"] == dataset)
-                             & (certified["name"] == key[0]) & (certified["arch"] == key[1])]
+            rows = certified[
+                (certified["status"] == "ok")
+                & (certified["dataset"] == dataset)
+                & (certified["name"] == key[0])
+                & (certified["arch"] == key[1])
+            ]
             values = pd.to_numeric(rows["value"], errors="coerce").dropna() * 100
             if values.empty:
                 continue
             values = 100 - values if error else values
             sd = values.std(ddof=1) if len(values) > 1 else 0.0
-            axis.errorbar([eps], [values.mean()], yerr=[sd], color=style.color, marker=style.marker, markersize=7,
-                          markeredgecolor="black", markeredgewidth=0.8, capsize=3, linestyle="none", zorder=5)
-        axis.set_title(f"{style.label}\n{dataset_label(dataset)}" if grids.keys() - {dataset} else style.label,
-                       fontsize="small", color=style.color, fontweight="bold")
+            axis.errorbar(
+                [eps],
+                [values.mean()],
+                yerr=[sd],
+                color=style.color,
+                marker=style.marker,
+                markersize=7,
+                markeredgecolor="black",
+                markeredgewidth=0.8,
+                capsize=3,
+                linestyle="none",
+                zorder=5,
+            )
+        axis.set_title(
+            f"{style.label}\n{dataset_label(dataset)}" if grids.keys() - {dataset} else style.label,
+            fontsize="small",
+            color=style.color,
+            fontweight="bold",
+        )
         axis.set_xlim(0, sizes[-1])
         axis.set_ylim(-2, 102)
     what = "error (%)" if error else "accuracy (%)"
@@ -134,15 +172,28 @@ def bounds_figure(summary: pd.DataFrame, radii: pd.DataFrame, norm: str, out_dir
     lower, upper = ("upper", "lower") if error else ("lower", "upper")
     noun = what.split()[0]
     extra = [
-        (Line2D([], [], color="black", linestyle="-"), f"certified {noun}, radius certificates: {lower} bound"),
-        (Line2D([], [], color="black", marker="o", markeredgecolor="black", linestyle="none"),
-         f"certified {noun} at an evaluated ε, any certificate\n(fixed-ε IBP / CROWN included): {lower} bound;"
-         "\nmarker shape: architecture"),
+        (
+            Line2D([], [], color="black", linestyle="-"),
+            f"certified {noun}, radius certificates: {lower} bound",
+        ),
+        (
+            Line2D([], [], color="black", marker="o", markeredgecolor="black", linestyle="none"),
+            f"certified {noun} at an evaluated ε, any certificate\n"
+            f"(fixed-ε IBP / CROWN included): {lower} bound;"
+            "\nmarker shape: architecture",
+        ),
         (Line2D([], [], color="black", linestyle="--"), f"{noun} under attack: {upper} bound"),
         (Patch(color="black", alpha=0.18), SD_NOTE),
     ]
     figure.suptitle(f"Robust {noun} lies between the bounds ({norm_label(norm)})", fontsize="medium")
     figure.tight_layout()
-    figure.legend([h for h, _ in extra], [text for _, text in extra], loc="upper center", frameon=False,
-                  ncol=2 if len(axes) > 2 else 1, fontsize="small", bbox_to_anchor=(0.5, 0.0))
+    figure.legend(
+        [h for h, _ in extra],
+        [text for _, text in extra],
+        loc="upper center",
+        frameon=False,
+        ncol=2 if len(axes) > 2 else 1,
+        fontsize="small",
+        bbox_to_anchor=(0.5, 0.0),
+    )
     save(figure, out_dir, name)

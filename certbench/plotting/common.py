@@ -54,15 +54,22 @@ def experiment_styles(frame: pd.DataFrame) -> dict[tuple[str, str], Style]:
     return styles((str(n), str(m), str(a)) for n, m, a in triples)
 
 
-def ordered(all_styles: dict[tuple[str, str], Style], keys: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+def ordered(
+    all_styles: dict[tuple[str, str], Style], keys: Iterable[tuple[str, str]]
+) -> list[tuple[str, str]]:
     """``keys`` in legend order (by family, then name)."""
     order = list(all_styles)
     return sorted(set(keys), key=lambda k: order.index(k) if k in order else len(order))
 
 
-def family_legend(target: plt.Figure | plt.Axes, all_styles: dict[tuple[str, str], Style],
-                  keys: Sequence[tuple[str, str]], line: bool = False, extra: Sequence[tuple[Line2D, str]] = (),
-                  **kwargs: object) -> None:
+def family_legend(
+    target: plt.Figure | plt.Axes,
+    all_styles: dict[tuple[str, str], Style],
+    keys: Sequence[tuple[str, str]],
+    line: bool = False,
+    extra: Sequence[tuple[Line2D, str]] = (),
+    **kwargs: object,
+) -> None:
     """A legend of ``keys`` grouped by method family (a bold family heading before its members),
     followed by ``extra`` entries (how to read line styles and markers)."""
     handles: list[Line2D] = []
@@ -76,8 +83,17 @@ def family_legend(target: plt.Figure | plt.Axes, all_styles: dict[tuple[str, str
             headings.append(len(labels))
             handles.append(Line2D([], [], linestyle="none"))
             labels.append(FAMILY_LABELS[current])
-        handles.append(Line2D([], [], color=style.color, marker=style.marker, linestyle="-" if line else "none",
-                              markersize=7, markeredgecolor="white"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color=style.color,
+                marker=style.marker,
+                linestyle="-" if line else "none",
+                markersize=7,
+                markeredgecolor="white",
+            )
+        )
         labels.append(style.label)
     if extra:
         headings.append(len(labels))
@@ -86,8 +102,14 @@ def family_legend(target: plt.Figure | plt.Axes, all_styles: dict[tuple[str, str
         for handle, label in extra:
             handles.append(handle)
             labels.append(label)
-    options = {"frameon": False, "fontsize": "small", "alignment": "left", "title": "experiment",
-               "title_fontsize": "small", **kwargs}
+    options = {
+        "frameon": False,
+        "fontsize": "small",
+        "alignment": "left",
+        "title": "experiment",
+        "title_fontsize": "small",
+        **kwargs,
+    }
     legend = target.legend(handles, labels, **options)
     for index in headings:
         legend.get_texts()[index].set_fontweight("bold")
@@ -97,16 +119,25 @@ def seed_stats(frame: pd.DataFrame, by: Sequence[str], column: str, scale: float
     """Mean, sample sd (ddof = 1, NaN for one seed) and count of ``column`` over the seeds of each group."""
     values = pd.to_numeric(frame[column], errors="coerce") * scale
     grouped = values.groupby([frame[b] for b in by])
-    return pd.DataFrame({"mean": grouped.mean(), "sd": grouped.std(ddof=1), "n": grouped.count()}).reset_index()
+    return pd.DataFrame(
+        {"mean": grouped.mean(), "sd": grouped.std(ddof=1), "n": grouped.count()}
+    ).reset_index()
 
 
-def grid(count: int, columns: int, width: float = 3.3, height: float = 2.7,
-         sharex: bool = True, sharey: bool = True) -> tuple[plt.Figure, list[plt.Axes]]:
+def grid(
+    count: int,
+    columns: int,
+    width: float = 3.3,
+    height: float = 2.7,
+    sharex: bool = True,
+    sharey: bool = True,
+) -> tuple[plt.Figure, list[plt.Axes]]:
     """``count`` panels in rows of ``columns``; unused panels are hidden."""
     columns = max(1, min(columns, count))
     rows = max(1, math.ceil(count / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False,
-                                sharex=sharex, sharey=sharey)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(width * columns, height * rows), squeeze=False, sharex=sharex, sharey=sharey
+    )
     flat = list(axes.flat)
     for axis in flat[count:]:
         axis.set_visible(False)

@@ -51,8 +51,12 @@ def tradeoff_figure(summary: pd.DataFrame, out_dir: Path) -> None:
     """
     name = "tradeoff"
     ok = _ok(runs(summary))
-    certified_rows = summary[(summary["metric"] == "certified_accuracy") & (summary["evaluation"] == ANY)
-                             & (summary["status"] == "ok") & summary["value"].notna()]
+    certified_rows = summary[
+        (summary["metric"] == "certified_accuracy")
+        & (summary["evaluation"] == ANY)
+        & (summary["status"] == "ok")
+        & summary["value"].notna()
+    ]
     targets = sorted(set(certified_rows[["norm", "eps"]].itertuples(index=False, name=None)))
     if ok.empty or not targets:
         placeholder(out_dir, name, "no finished runs")
@@ -78,30 +82,59 @@ def tradeoff_figure(summary: pd.DataFrame, out_dir: Path) -> None:
                     continue
                 top = empirical[where.to_numpy()].iloc[0]["mean"]
                 if np.isfinite(top):
-                    axis.plot([x["mean"]] * 2, [y["mean"], top], color=style.color, linewidth=6, alpha=0.25,
-                              solid_capstyle="butt")
-                axis.errorbar([x["mean"]], [y["mean"]], xerr=[np.nan_to_num(x["sd"])], yerr=[np.nan_to_num(y["sd"])],
-                              color=style.color, marker=style.marker, markersize=8, markeredgecolor="white",
-                              capsize=2, linestyle="none", zorder=5)
-            axis.set_title(f"{norm_label(norm)} ε = {eps:g}" + (f" — {dataset_label(dataset)}" if len(datasets) > 1
-                                                                  else ""), fontsize="small")
+                    axis.plot(
+                        [x["mean"]] * 2,
+                        [y["mean"], top],
+                        color=style.color,
+                        linewidth=6,
+                        alpha=0.25,
+                        solid_capstyle="butt",
+                    )
+                axis.errorbar(
+                    [x["mean"]],
+                    [y["mean"]],
+                    xerr=[np.nan_to_num(x["sd"])],
+                    yerr=[np.nan_to_num(y["sd"])],
+                    color=style.color,
+                    marker=style.marker,
+                    markersize=8,
+                    markeredgecolor="white",
+                    capsize=2,
+                    linestyle="none",
+                    zorder=5,
+                )
+            axis.set_title(
+                f"{norm_label(norm)} ε = {eps:g}"
+                + (f" — {dataset_label(dataset)}" if len(datasets) > 1 else ""),
+                fontsize="small",
+            )
             axis.set_xlabel("clean accuracy (%)")
             axis.set_ylabel("certified accuracy (%)")
             axis.set_xlim(-2, 102)
             axis.set_ylim(-2, 102)
             axis.label_outer()
-    extra = [(Line2D([], [], color="0.3", marker="o", linestyle="none"), "certified accuracy (lower bound)"),
-             (Line2D([], [], color="0.3", linewidth=6, alpha=0.25),
-              "range up to the accuracy under attack (upper bound)"),
-             (Line2D([], [], color="0.7", linestyle=":"), "certified = clean"), sd_entry("bars")]
-    family_legend(figure, styles, _keys(ok, styles), extra=extra, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    extra = [
+        (Line2D([], [], color="0.3", marker="o", linestyle="none"), "certified accuracy (lower bound)"),
+        (
+            Line2D([], [], color="0.3", linewidth=6, alpha=0.25),
+            "range up to the accuracy under attack (upper bound)",
+        ),
+        (Line2D([], [], color="0.7", linestyle=":"), "certified = clean"),
+        sd_entry("bars"),
+    ]
+    family_legend(
+        figure, styles, _keys(ok, styles), extra=extra, loc="center left", bbox_to_anchor=(1.0, 0.5)
+    )
     figure.tight_layout()
     save(figure, out_dir, name)
 
 
 # A published figure ``<kind>[@<ε>]`` (the config's ``published`` keys) and the summary rows it compares with.
-PUBLISHED_METRICS = {"clean": ("clean_accuracy", {}), "pgd": ("robust_accuracy", {"evaluation": "pgd-linf"}),
-                     "certified": ("certified_accuracy", {"evaluation": ANY, "norm": "linf"})}
+PUBLISHED_METRICS = {
+    "clean": ("clean_accuracy", {}),
+    "pgd": ("robust_accuracy", {"evaluation": "pgd-linf"}),
+    "certified": ("certified_accuracy", {"evaluation": ANY, "norm": "linf"}),
+}
 METRIC_LABELS = {"clean": "clean", "pgd": "PGD ℓ∞", "certified": "certified ℓ∞"}
 
 
@@ -120,29 +153,49 @@ def published_long(summary: pd.DataFrame, published: pd.DataFrame) -> pd.DataFra
             # the published ε is text in the config: the evaluated ε that prints the same
             chosen = chosen[chosen["eps"].map(format_eps) == eps] if eps else chosen[chosen["eps"].isna()]
             chosen = _ok(chosen)
-            mine = chosen[(chosen["dataset"] == record["dataset"]) & (chosen["name"] == record["name"])
-                          & (chosen["arch"] == record["arch"])]
+            mine = chosen[
+                (chosen["dataset"] == record["dataset"])
+                & (chosen["name"] == record["name"])
+                & (chosen["arch"] == record["arch"])
+            ]
             values = pd.to_numeric(mine["value"], errors="coerce").dropna() * 100
-            rows.append({"dataset": record["dataset"], "name": record["name"], "arch": record["arch"],
-                         "method": mine["method"].iloc[0] if len(mine) else record["name"],
-                         "metric": f"{METRIC_LABELS.get(kind, kind)}" + (f" @ ε = {eps}" if eps else ""),
-                         "ours": values.mean() if len(values) else np.nan,
-                         "sd": values.std(ddof=1) if len(values) > 1 else np.nan, "paper": float(paper)})
+            rows.append(
+                {
+                    "dataset": record["dataset"],
+                    "name": record["name"],
+                    "arch": record["arch"],
+                    "method": mine["method"].iloc[0] if len(mine) else record["name"],
+                    "metric": f"{METRIC_LABELS.get(kind, kind)}" + (f" @ ε = {eps}" if eps else ""),
+                    "ours": values.mean() if len(values) else np.nan,
+                    "sd": values.std(ddof=1) if len(values) > 1 else np.nan,
+                    "paper": float(paper),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def published_figure(summary: pd.DataFrame, published: pd.DataFrame | None, out_dir: Path) -> None:
     """``ours_vs_published``: our accuracy next to the published one, per experiment and metric."""
     name = "ours_vs_published"
-    long = published_long(summary, published) if published is not None and not published.empty else pd.DataFrame()
+    long = (
+        published_long(summary, published)
+        if published is not None and not published.empty
+        else pd.DataFrame()
+    )
     if long.empty:
-        placeholder(out_dir, name, "this configuration gives no published numbers\n"
-                                   "(the paper configurations under config/paper/ do)")
+        placeholder(
+            out_dir,
+            name,
+            "this configuration gives no published numbers\n"
+            "(the paper configurations under config/paper/ do)",
+        )
         return
     styles = experiment_styles(long)
-    long["row"] = [f"{experiment_label(n, a)} — {m}" + (f" ({dataset_label(d)})" if long["dataset"].nunique() > 1
-                                                        else "")
-                   for d, n, a, m in long[["dataset", "name", "arch", "metric"]].itertuples(index=False)]
+    long["row"] = [
+        f"{experiment_label(n, a)} — {m}"
+        + (f" ({dataset_label(d)})" if long["dataset"].nunique() > 1 else "")
+        for d, n, a, m in long[["dataset", "name", "arch", "metric"]].itertuples(index=False)
+    ]
     figure, axes = grid(1, 1, width=7.5, height=0.45 * len(long) + 1.2)
     axis = axes[0]
     for y, item in enumerate(long.itertuples()):
@@ -150,24 +203,55 @@ def published_figure(summary: pd.DataFrame, published: pd.DataFrame | None, out_
         axis.plot([item.paper, item.ours], [y, y], color="0.75", linewidth=1.2, zorder=1)
         axis.scatter([item.paper], [y], marker="D", facecolors="none", edgecolors="black", s=45, zorder=3)
         if np.isfinite(item.ours):
-            axis.errorbar([item.ours], [y], xerr=[np.nan_to_num(item.sd)], color=style.color, marker=style.marker,
-                          markersize=8, markeredgecolor="white", capsize=2, linestyle="none", zorder=4)
+            axis.errorbar(
+                [item.ours],
+                [y],
+                xerr=[np.nan_to_num(item.sd)],
+                color=style.color,
+                marker=style.marker,
+                markersize=8,
+                markeredgecolor="white",
+                capsize=2,
+                linestyle="none",
+                zorder=4,
+            )
             right = max(item.ours + float(np.nan_to_num(item.sd)), item.paper)
-            axis.annotate(f"{item.ours - item.paper:+.1f}", (right, y), xytext=(8, 0),
-                          textcoords="offset points", va="center", fontsize="x-small", color="0.3")
+            axis.annotate(
+                f"{item.ours - item.paper:+.1f}",
+                (right, y),
+                xytext=(8, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize="x-small",
+                color="0.3",
+            )
         else:
-            axis.annotate("not run", (item.paper, y), xytext=(8, 0), textcoords="offset points", va="center",
-                          fontsize="x-small", color="0.3")
+            axis.annotate(
+                "not run",
+                (item.paper, y),
+                xytext=(8, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize="x-small",
+                color="0.3",
+            )
     axis.set_yticks(range(len(long)))
     axis.set_yticklabels(long["row"], fontsize="small")
     axis.set_ylim(len(long) - 0.5, -0.5)
     axis.set_xlabel("accuracy (%)")
     axis.set_xlim(0, 105)
-    extra = [(Line2D([], [], marker="D", markerfacecolor="none", markeredgecolor="black", linestyle="none"),
-              "published"),
-             (Line2D([], [], marker="o", color="0.4", linestyle="none"), "ours (mean over seeds)"),
-             sd_entry("bars"), (Line2D([], [], linestyle="none"), "numbers: ours − published (points)")]
-    family_legend(figure, styles, _keys(long, styles), extra=extra, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    extra = [
+        (
+            Line2D([], [], marker="D", markerfacecolor="none", markeredgecolor="black", linestyle="none"),
+            "published",
+        ),
+        (Line2D([], [], marker="o", color="0.4", linestyle="none"), "ours (mean over seeds)"),
+        sd_entry("bars"),
+        (Line2D([], [], linestyle="none"), "numbers: ours − published (points)"),
+    ]
+    family_legend(
+        figure, styles, _keys(long, styles), extra=extra, loc="center left", bbox_to_anchor=(1.0, 0.5)
+    )
     figure.tight_layout()
     save(figure, out_dir, name)
 
@@ -181,15 +265,32 @@ def cost_figure(summary: pd.DataFrame, out_dir: Path) -> None:
     styles = experiment_styles(ok)
     datasets = sorted(ok["dataset"].unique())
     stats = seed_stats(ok, KEY, "seconds_per_epoch")
-    figure, axes = grid(len(datasets), 2, width=5.5, height=0.38 * ok[["name", "arch"]].drop_duplicates().shape[0] + 1.2,
-                        sharex=False, sharey=False)
+    figure, axes = grid(
+        len(datasets),
+        2,
+        width=5.5,
+        height=0.38 * ok[["name", "arch"]].drop_duplicates().shape[0] + 1.2,
+        sharex=False,
+        sharey=False,
+    )
     for axis, dataset in zip(axes, datasets):
         keys = _keys(ok[ok["dataset"] == dataset], styles)
         for y, key in enumerate(keys):
-            item = stats[(stats["dataset"] == dataset) & (stats["name"] == key[0]) & (stats["arch"] == key[1])].iloc[0]
+            item = stats[
+                (stats["dataset"] == dataset) & (stats["name"] == key[0]) & (stats["arch"] == key[1])
+            ].iloc[0]
             sd = float(np.nan_to_num(item["sd"]))
-            axis.errorbar([item["mean"]], [y], xerr=[[min(sd, 0.95 * item["mean"])], [sd]], color=styles[key].color,
-                          marker=styles[key].marker, markersize=8, markeredgecolor="white", capsize=2, linestyle="none")
+            axis.errorbar(
+                [item["mean"]],
+                [y],
+                xerr=[[min(sd, 0.95 * item["mean"])], [sd]],
+                color=styles[key].color,
+                marker=styles[key].marker,
+                markersize=8,
+                markeredgecolor="white",
+                capsize=2,
+                linestyle="none",
+            )
         axis.set_yticks(range(len(keys)))
         axis.set_yticklabels([styles[k].label for k in keys], fontsize="small")
         axis.set_ylim(len(keys) - 0.5, -0.5)
@@ -208,8 +309,9 @@ def cost_figure(summary: pd.DataFrame, out_dir: Path) -> None:
 def lipschitz_figure(summary: pd.DataFrame, out_dir: Path) -> None:
     """``lipschitz_vs_accuracy``: each certificate's Lipschitz bound against clean accuracy, one
     point per run, one panel per certificate."""
-    bounds = summary[(summary["metric"] == "lipschitz_bound") & (summary["status"] == "ok")
-                     & summary["value"].notna()]
+    bounds = summary[
+        (summary["metric"] == "lipschitz_bound") & (summary["status"] == "ok") & summary["value"].notna()
+    ]
     certificates = list(dict.fromkeys(bounds["evaluation"]))
     clean = select(summary, "clean_accuracy")
     ok = _ok(clean)
@@ -218,8 +320,9 @@ def lipschitz_figure(summary: pd.DataFrame, out_dir: Path) -> None:
         return
     styles = experiment_styles(ok)
     datasets = sorted(ok["dataset"].unique())
-    figure, axes = grid(len(certificates) * len(datasets), len(certificates), width=3.8, height=3.2,
-                        sharex=False)
+    figure, axes = grid(
+        len(certificates) * len(datasets), len(certificates), width=3.8, height=3.2, sharex=False
+    )
     for row, dataset in enumerate(datasets):
         for col, certificate in enumerate(certificates):
             axis = axes[row * len(certificates) + col]
@@ -229,16 +332,29 @@ def lipschitz_figure(summary: pd.DataFrame, out_dir: Path) -> None:
             part = part[part["dataset"] == dataset]
             for key in _keys(part, styles):
                 mine = part[(part["name"] == key[0]) & (part["arch"] == key[1])]
-                axis.scatter(mine["bound"], mine["value"] * 100,
-                             color=styles[key].color, marker=styles[key].marker, s=45, edgecolors="white")
+                axis.scatter(
+                    mine["bound"],
+                    mine["value"] * 100,
+                    color=styles[key].color,
+                    marker=styles[key].marker,
+                    s=45,
+                    edgecolors="white",
+                )
             axis.set_xscale("log")
-            axis.set_xlabel(f"Lipschitz bound of the logits ({certificate_label(certificate)})",
-                            fontsize="small")
+            axis.set_xlabel(
+                f"Lipschitz bound of the logits ({certificate_label(certificate)})", fontsize="small"
+            )
             axis.set_ylabel("clean accuracy (%)")
             if len(datasets) > 1:
                 axis.set_title(dataset_label(dataset), fontsize="small")
-    family_legend(figure, styles, _keys(ok, styles), loc="center left", bbox_to_anchor=(1.0, 0.5),
-                  title="experiment (one point per seed)")
+    family_legend(
+        figure,
+        styles,
+        _keys(ok, styles),
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        title="experiment (one point per seed)",
+    )
     figure.tight_layout()
     save(figure, out_dir, "lipschitz_vs_accuracy")
 
@@ -258,22 +374,43 @@ def radius_distribution_figure(radii: pd.DataFrame, out_dir: Path) -> None:
     for index, (axis, (dataset, norm)) in enumerate(zip(axes, panels)):
         part = radii[(radii["dataset"] == dataset) & (radii["norm"] == norm)]
         keys = _keys(part, styles)
-        data = [part.loc[(part["name"] == k[0]) & (part["arch"] == k[1]), "certified_radius"].to_numpy(dtype=float)
-                for k in keys]
-        boxes = axis.boxplot(data, orientation="horizontal", patch_artist=True, widths=0.6, showfliers=True,
-                             flierprops={"markersize": 2, "alpha": 0.4}, medianprops={"color": "black"})
+        data = [
+            part.loc[(part["name"] == k[0]) & (part["arch"] == k[1]), "certified_radius"].to_numpy(
+                dtype=float
+            )
+            for k in keys
+        ]
+        boxes = axis.boxplot(
+            data,
+            orientation="horizontal",
+            patch_artist=True,
+            widths=0.6,
+            showfliers=True,
+            flierprops={"markersize": 2, "alpha": 0.4},
+            medianprops={"color": "black"},
+        )
         for patch, key in zip(boxes["boxes"], keys):
             patch.set_facecolor(styles[key].color)
             patch.set_alpha(0.75)
         for y, values in enumerate(data, start=1):
             share = float(np.mean(values > 0)) if values.size else 0.0
-            axis.annotate(f"{share:.0%} > 0", (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
-                          textcoords="offset points", va="center", fontsize="x-small", color="0.3")
+            axis.annotate(
+                f"{share:.0%} > 0",
+                (1.0, y),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize="x-small",
+                color="0.3",
+            )
         axis.set_yticks(range(1, len(keys) + 1))
         axis.set_yticklabels([styles[k].label for k in keys] if index % 2 == 0 else [], fontsize="small")
         axis.invert_yaxis()
         axis.set_xlabel(f"certified {norm_label(norm)} radius per test point", fontsize="small")
-        axis.set_title(f"{norm_label(norm)}" + (f" — {dataset_label(dataset)}" if len(datasets) > 1 else ""),
-                       fontsize="small")
+        axis.set_title(
+            f"{norm_label(norm)}" + (f" — {dataset_label(dataset)}" if len(datasets) > 1 else ""),
+            fontsize="small",
+        )
     figure.tight_layout()
     save(figure, out_dir, name)

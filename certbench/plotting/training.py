@@ -25,8 +25,11 @@ from certbench.plotting.common import (
     sd_entry,
 )
 
-PANELS = {"loss": "training loss (each method's objective)", "train_accuracy": "training accuracy (%)",
-          "lr": "learning rate"}
+PANELS = {
+    "loss": "training loss (each method's objective)",
+    "train_accuracy": "training accuracy (%)",
+    "lr": "learning rate",
+}
 
 
 def training_figure(history: pd.DataFrame, out_dir: Path) -> None:
@@ -47,26 +50,50 @@ def training_figure(history: pd.DataFrame, out_dir: Path) -> None:
             for key in ordered(all_styles, part[["name", "arch"]].itertuples(index=False, name=None)):
                 style = all_styles[key]
                 runs = part[(part["name"] == key[0]) & (part["arch"] == key[1])]
-                stats = (pd.to_numeric(runs[column], errors="coerce") * scale).groupby(runs["epoch"]).agg(
-                    ["mean", "std", "count"])
+                stats = (
+                    (pd.to_numeric(runs[column], errors="coerce") * scale)
+                    .groupby(runs["epoch"])
+                    .agg(["mean", "std", "count"])
+                )
                 epochs = stats.index.to_numpy()
                 every = max(1, len(epochs) // 8)
-                axis.plot(epochs, stats["mean"], color=style.color, marker=style.marker, markevery=every,
-                          markersize=5, linewidth=1.4)
+                axis.plot(
+                    epochs,
+                    stats["mean"],
+                    color=style.color,
+                    marker=style.marker,
+                    markevery=every,
+                    markersize=5,
+                    linewidth=1.4,
+                )
                 if (stats["count"] > 1).any():
-                    axis.fill_between(epochs, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
-                                      color=style.color, alpha=0.15, linewidth=0)
+                    axis.fill_between(
+                        epochs,
+                        stats["mean"] - stats["std"],
+                        stats["mean"] + stats["std"],
+                        color=style.color,
+                        alpha=0.15,
+                        linewidth=0,
+                    )
             values = finite(pd.to_numeric(part[column], errors="coerce"))
-            if column in ("loss", "lr") and values.size and values.min() > 0 and values.max() / values.min() > 10:
+            if (
+                column in ("loss", "lr")
+                and values.size
+                and values.min() > 0
+                and values.max() / values.min() > 10
+            ):
                 axis.set_yscale("log")
             axis.set_xlabel("epoch")
             axis.set_ylabel(PANELS[column], fontsize="small")
             if len(datasets) > 1:
                 axis.set_title(dataset_label(dataset), fontsize="small")
             if np.nanmax(history["epoch"].to_numpy(dtype=float)) <= 20:
-                axis.set_xticks(sorted(history["epoch"].unique())[::max(1, int(history["epoch"].max()) // 10)])
+                axis.set_xticks(
+                    sorted(history["epoch"].unique())[:: max(1, int(history["epoch"].max()) // 10)]
+                )
     keys = ordered(all_styles, history[["name", "arch"]].itertuples(index=False, name=None))
-    family_legend(figure, all_styles, keys, line=True, extra=[sd_entry()], loc="center left",
-                  bbox_to_anchor=(1.0, 0.5))
+    family_legend(
+        figure, all_styles, keys, line=True, extra=[sd_entry()], loc="center left", bbox_to_anchor=(1.0, 0.5)
+    )
     figure.tight_layout()
     save(figure, out_dir, name)
