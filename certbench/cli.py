@@ -140,7 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     text = "join records into the summary and the radii table"
     collect = commands.add_parser("collect", help=text, description=text)
     collect.add_argument(
-        "--out", type=Path, required=True, metavar="CSV", help="the summary (one row per run)"
+        "--out",
+        type=Path,
+        required=True,
+        metavar="CSV",
+        help="the summary (tidy: one row per run and metric)",
     )
     collect.add_argument(
         "--radii",

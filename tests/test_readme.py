@@ -144,6 +144,10 @@ def exercise(command: str, sandbox: Path) -> None:
         # `make test` itself: the options parse (pytest-xdist present); the suite is what runs this file.
         result = run([*words, "--help", "-p", "no:cacheprovider"], sandbox)
         assert result.returncode == 0, result.stderr[-2000:]
+    elif program in ("ruff", "snakefmt"):  # `make test`'s lint and format checks: read-only, seconds
+        assert "--fix" not in words and (words[1] == "check" or "--check" in words), command
+        result = run([program, *words[1:]], REPO)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     elif program == "bash" and words[1].endswith(".sh"):  # `make install`'s script: it parses
         result = run(["bash", "-n", words[1]], sandbox)
         assert result.returncode == 0, result.stderr

@@ -36,7 +36,7 @@ rule config_snapshot:
 
 
 rule collect:
-    """summary.csv (one row per run, whatever its status) and radii.csv (per-sample radii and attacks)."""
+    """summary.csv (one row per run and metric, every status kept) and radii.csv (per-sample radii and attacks)."""
     input:
         run_files("record.json"),
     output:
