@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from certbench.precision import strict_float32, strict_precision
 from certbench.progress import Progress
 from certbench.records import load_tensors
 from certbench.storage import read_json, write_json
-from certbench.train import select_device, subset
+from certbench.train import peak_memory_mb, select_device, subset
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,19 @@ def trained_run(
     if trained["status"] != "ok":
         return f"skipped ({trained['status']})", None
     device = select_device(run_config["device"])
+    if device.type == "cuda":  # the job's own peak (peak_memory_mb), not an earlier step's of this process
+        torch.cuda.reset_peak_memory_stats(device)
     indices, x, y = test_points(run_config)
     return "ok", (load_model(run_config, Path(run_dir), device), indices, x.to(device), y.to(device))
+
+
+def selected_certificates(selection: Sequence[str]) -> list[str]:
+    """The configured names; ``all`` stands for every registered certificate whose ``in_all`` is set
+    (in registry order), followed by the ones named besides it."""
+    if "all" not in selection:
+        return list(selection)
+    default = [name for name in CERTIFICATES.names() if CERTIFICATES.get(name).in_all]
+    return default + [name for name in selection if name != "all" and name not in default]
 
 
 def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | Path) -> dict[str, Any]:
@@ -139,7 +150,7 @@ def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | 
         model, indices, x, y = trained
         evaluation = run_config["evaluation"]
         eps = eps_by_norm(run_config)
-        names = CERTIFICATES.names() if "all" in evaluation["certificates"] else evaluation["certificates"]
+        names = selected_certificates(evaluation["certificates"])
         with strict_float32(x.device) as precision:
             prediction, margin = predict_all(model, x, y, evaluation["batch_size"])
             certificates: dict[str, dict[str, Any]] = {}
@@ -170,6 +181,7 @@ def certify(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | 
             clean_accuracy=float(np.mean(prediction == y.cpu().numpy())),
             precision={**precision, "model_dtypes": _dtypes(model)},
             certificates=certificates,
+            peak_memory_mb=peak_memory_mb(x.device),
         )
     write_json(out_path, result)
     return result
@@ -213,6 +225,7 @@ def attack(run_config: Mapping[str, Any], run_dir: str | Path, out_path: str | P
                 for a in attacks
                 for e in (eps[a.norm] if a.kind == "eps" else [None])
             ],
+            peak_memory_mb=peak_memory_mb(x.device),
         )
     write_json(out_path, result)
     return result

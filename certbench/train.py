@@ -197,6 +197,8 @@ def train(run_config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
     checkpoint_path, chash = out / "checkpoint.pt", config_hash(run_config)
     training, seed = run_config["training"], run_config["run"]["seed"]
     device = select_device(run_config["device"])
+    if device.type == "cuda":  # peak_memory_mb: this run's peak, not an earlier one's in the same process
+        torch.cuda.reset_peak_memory_stats(device)
     seed_everything(seed)
     _, (train_set, _) = load_split(
         run_config["dataset"]["name"], run_config["data"]["dir"], run_config["data"]["download"]

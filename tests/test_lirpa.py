@@ -1,4 +1,4 @@
-"""auto_LiRPA compat shims, bound helpers, the ibp/crown/crown-ibp certificates and the
+"""auto_LiRPA compat shims, bound helpers, the ibp/crown/crown-ibp/alpha-crown certificates and the
 ibp/crown-ibp methods: soundness against sampling and PGD, determinism, training progress."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 import certbench.bounds.lirpa as lirpa
 from certbench.bounds import lirpa_compat
 from certbench.bounds.lirpa import (
+    AlphaCROWN,
     BoundedModule,
     BoundedTensor,
     Bounder,
@@ -277,6 +278,59 @@ def test_shim_register_opset_symbolics_parses_gather() -> None:
     assert torch.allclose(bounded(x, y), expected, atol=1e-5)
 
 
+def unstable_mlp(seed: int) -> nn.Sequential:
+    """A float64 random ReLU MLP (16-32-32-5) whose hidden neurons are mostly unstable at ε = 0.1."""
+    torch.manual_seed(seed)
+    layers = [nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)]
+    return nn.Sequential(*layers).double().eval()
+
+
+def test_shim_relu_alpha_gradient_makes_alpha_crown_tighter_than_crown() -> None:
+    """Shims 8–10: α-CROWN's bound on a float64 net with many unstable ReLUs is float64, never below
+    CROWN's and above it on most margins (without shim 8 every α has a zero gradient and the two
+    are equal; without 9 the bound is float32 or the call fails; without 10 it fails on a layer
+    with more than 90 % unstable neurons)."""
+    model = unstable_mlp(0)
+    torch.manual_seed(1)
+    x = torch.rand(8, 1, 4, 4, dtype=torch.float64)
+    y = model(x).argmax(1)
+    bounds = Bounder().margin_lower_bounds(
+        model, x, y, 0.1, ["CROWN", "alpha-CROWN"], alpha=AlphaCROWN(iterations=10, lr=0.1)
+    )
+    crown, alpha = bounds["CROWN"], bounds["alpha-CROWN"]
+    assert alpha.dtype == torch.float64 and alpha.shape == crown.shape == (8, 4)
+    assert (alpha >= crown - 1e-9).all()
+    tighter = alpha > crown + 1e-6 * crown.abs().clamp_min(1.0)
+    assert tighter.float().mean() > 0.5, f"tighter on {tighter.float().mean():.0%} of the margins only"
+    with torch.no_grad():
+        points = box_samples(x.float(), 0.1).flatten(0, 1)
+        sampled = margins(copy.deepcopy(model).float(), points, y.repeat(64)).view(64, 8, -1).amin(0)
+    assert_never_below(alpha.float(), sampled)
+
+
+def test_shim_full_alpha_indices_on_a_mostly_unstable_layer() -> None:
+    """Shim 10: α-CROWN on a net whose 12-unit layer has more than 90 % unstable neurons (0.3 then
+    keeps a full α with the sparse one's indices, and its backward pass failed)."""
+    model = small_mlp(5).double()
+    torch.manual_seed(5)
+    x = torch.rand(16, 2, 4, 4).double()
+    y = model(x).argmax(1)
+    bounds = Bounder().margin_lower_bounds(
+        model, x, y, 0.03, ["CROWN", "alpha-CROWN"], alpha=AlphaCROWN(iterations=2)
+    )
+    assert (bounds["alpha-CROWN"] >= bounds["CROWN"] - 1e-9).all()
+
+
+def test_alpha_crown_time_limit_raises_and_the_bounder_recovers() -> None:
+    model, x, y = small_mlp(0), torch.rand(4, 2, 4, 4), torch.arange(4)
+    bounder = Bounder()
+    with pytest.raises(lirpa.BoundTimeLimitExceeded, match="time limit of 1e-06 s"):
+        bounder.margin_lower_bounds(model, x, y, 0.05, ["alpha-CROWN"], alpha=AlphaCROWN(time_limit=1e-6))
+    assert bounder._bounded is None and torch.get_default_dtype() == torch.float32
+    lower = bounder.margin_lower_bounds(model, x, y, 0.05, ["alpha-CROWN"], alpha=AlphaCROWN(iterations=3))
+    assert lower["alpha-CROWN"].shape == (4, 4)
+
+
 def test_bounder_rebuilds_after_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     model, x, y = small_cnn(2), torch.rand(4, 2, 8, 8), torch.arange(4)
     bounder = Bounder()
@@ -339,10 +393,14 @@ def test_bounds_contain_sampled_points_and_pgd_iterates(arch: str, seed: int, ep
     torch.manual_seed(seed + 1)
     x, y = torch.rand(3, 2, side, side), torch.randint(0, 5, (3,))
     bounds = Bounder().margin_lower_bounds(model, x, y, eps, METHODS)
+    bounds |= Bounder().margin_lower_bounds(
+        model, x, y, eps, ["alpha-CROWN"], alpha=AlphaCROWN(iterations=5, lr=0.2)
+    )
     with torch.no_grad():
         sampled = margins(model, box_samples(x, eps).flatten(0, 1), y.repeat(64)).view(64, 3, -1).amin(0)
     attacked = torch.stack(pgd_margin_iterates(model, x, y, eps)).amin(0)
-    for method in METHODS:
+    assert (bounds["alpha-CROWN"] >= bounds["CROWN"] - 1e-5).all()
+    for method in [*METHODS, "alpha-CROWN"]:
         assert_never_below(bounds[method], sampled)
         assert_never_below(bounds[method], attacked)
 
@@ -434,14 +492,15 @@ def test_l2_crown_matches_folded_network_and_contains_pgd() -> None:
 # --- certificates -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ibp", "crown", "crown-ibp"])
+@pytest.mark.parametrize("name", ["ibp", "crown", "crown-ibp", "alpha-crown"])
 def test_certified_samples_resist_pgd_and_certification_is_deterministic(name: str) -> None:
     model = small_cnn(5)
     torch.manual_seed(5)
     x = torch.rand(48, 2, 8, 8)
     y = model(x).argmax(1)
     y[:6] = (y[:6] + 1) % 5  # some misclassified samples
-    certificate = CERTIFICATES.get(name)(batch_size=16)
+    params = {"iterations": 5} if name == "alpha-crown" else {}
+    certificate = CERTIFICATES.get(name)(batch_size=16, **params)
     assert certificate.applies(model) and certificate.norm == "linf"
     eps = [0.002, 0.01]
     result = certificate.certify(model, x, y, eps)
@@ -479,9 +538,44 @@ def test_certificate_retries_failed_batches_per_sample(monkeypatch: pytest.Monke
     assert np.array_equal(np.delete(status, 3), np.delete(expected, 3))
 
 
+def test_alpha_crown_time_limit_gives_error_not_certified() -> None:
+    model = small_mlp(6)
+    torch.manual_seed(6)
+    x = torch.rand(8, 2, 4, 4)
+    y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 5  # misclassified: not_certified whatever the bound
+    result = CERTIFICATES.get("alpha-crown")(batch_size=4, time_limit=1e-6).certify(model, x, y, [0.01])
+    status = result.status[0.01]
+    assert status[0] == NOT_CERTIFIED and set(status[1:]) == {ERROR}
+    assert len(result.errors) == 7 and all("time limit" in e for e in result.errors)
+    # the same certificate without a binding limit certifies some of them
+    assert (
+        CERTIFICATES.get("alpha-crown")(iterations=3).certify(model, x, y, [0.01]).status[0.01] == CERTIFIED
+    ).any()
+
+
+def test_alpha_crown_certifies_beyond_crown() -> None:
+    """On a float32 net with many unstable neurons α-CROWN certifies every sample CROWN does, and more."""
+    model = unstable_mlp(2).float()
+    torch.manual_seed(3)
+    x = torch.rand(16, 1, 4, 4)
+    y = model(x).argmax(1)
+    eps = [0.1, 0.2]
+    crown = CERTIFICATES.get("crown")().certify(model, x, y, eps)
+    alpha = CERTIFICATES.get("alpha-crown")(iterations=20, lr=0.1).certify(model, x, y, eps)
+    assert not alpha.errors
+    gained = 0
+    for e in eps:
+        by_crown, by_alpha = crown.status[e] == CERTIFIED, alpha.status[e] == CERTIFIED
+        assert not (by_crown & ~by_alpha).any()
+        gained += int((by_alpha & ~by_crown).sum())
+    assert gained > 0
+
+
 def test_certificates_not_applicable_to_other_layers() -> None:
     model = nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(4, 2), nn.Tanh())
-    assert not any(CERTIFICATES.get(n)().applies(model) for n in ("ibp", "crown", "crown-ibp"))
+    names = ("ibp", "crown", "crown-ibp", "alpha-crown")
+    assert not any(CERTIFICATES.get(n)().applies(model) for n in names)
 
 
 # --- methods --------------------------------------------------------------------------------

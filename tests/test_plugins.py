@@ -20,6 +20,7 @@ from certbench.certificates import CERTIFICATES, CERTIFIED
 from certbench.config import check_params
 from certbench.data import DATASETS
 from certbench.data.loaders import load_split
+from certbench.evaluate import selected_certificates
 from certbench.method import METHODS
 from certbench.models import ARCHITECTURES, build
 from certbench.registry import Registry
@@ -89,6 +90,15 @@ def test_every_certificate_is_never_beaten_by_pgd(small_models, name: str) -> No
         assert not (certified & flipped).any(), f"{name} certifies points that PGD flips at ε = {e}"
         certified_somewhere |= bool(certified.any())
     assert certified_somewhere, f"{name} certifies nothing: the check above would pass vacuously"
+
+
+def test_all_selects_every_certificate_but_the_opt_in_ones_which_may_be_named_besides() -> None:
+    opt_in = [name for name in CERTIFICATES.names() if not CERTIFICATES.get(name).in_all]
+    assert "alpha-crown" in opt_in
+    default = selected_certificates(["all"])
+    assert sorted(default + opt_in) == CERTIFICATES.names() and not set(default) & set(opt_in)
+    assert selected_certificates(["all", "alpha-crown"]) == default + ["alpha-crown"]
+    assert selected_certificates(["crown", "alpha-crown"]) == ["crown", "alpha-crown"]
 
 
 # --- one new file of each kind in a copy of the repository -------------------------------------------

@@ -8,8 +8,18 @@ raised is never used again (it keeps per-call state on its nodes), and one is bu
 norm. With loss fusion, the labels of the ``GatherElements`` node are set before every
 call: auto_LiRPA 0.3's fused IBP pass skips that node's forward, and CROWN's backward pass
 reads the labels the forward stored, so a module reused on a new batch gave unsound bounds
-(found by our tests; its own examples always run a forward pass first). α-CROWN is not
-offered: on torch ≥ 2 its α receive zero gradients (``STACK.md``).
+(found by our tests; its own examples always run a forward pass first).
+
+α-CROWN (Xu et al., ICLR 2021: CROWN with the lower ReLU slopes α ∈ [0, 1] optimised by
+gradient ascent on the bound, ``method="CROWN-Optimized"``) needs shims 8 and 9 of
+:mod:`~certbench.bounds.lirpa_compat` (without them α never moves on torch 2.14, and float64
+bounds came back rounded to float32). Every iterate is a CROWN bound with some slopes in [0, 1]
+and auto_LiRPA returns the best one per margin, starting from CROWN's own slopes, so the answer
+is a valid bound never looser than CROWN's (up to rounding). A call may be given a time limit
+(:class:`BoundTimeLimitExceeded`, checked after every iteration) and per-margin targets: the
+optimisation of a sample stops once all its bounds exceed them. Its α are kept for every neuron of
+each start node (``sparse_spec_alpha`` off): 0.3's sparse-spec α failed an assertion on
+BatchNorm CNNs when a later pass bounded a start node densely.
 
 Soundness limits of auto_LiRPA 0.3 found here: for an ℓ2 ball the input node carries
 ``x_L = x_U = x``, so IBP through ``Normalize`` is a zero-width, unsound interval, and
@@ -19,9 +29,13 @@ for CROWN only, with ``sparse_intermediate_bounds_with_ibp`` off.
 
 from __future__ import annotations
 
+import io
+import logging
+import time
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -37,12 +51,34 @@ from auto_LiRPA.operators import BoundExp, BoundGatherElements
 
 from certbench.nn import Normalize, Residual
 
+log = logging.getLogger(__name__)
+
 # --- bound helpers ---------------------------------------------------------------------
 
-BoundMethod = Literal["IBP", "CROWN", "CROWN-IBP"]
+BoundMethod = Literal["IBP", "CROWN", "CROWN-IBP", "alpha-CROWN"]
 BoundNorm = Literal["linf", "l2"]
-BOUND_METHODS: tuple[BoundMethod, ...] = ("IBP", "CROWN", "CROWN-IBP")
-_AUTO_LIRPA_METHOD = {"IBP": "IBP", "CROWN": "backward", "CROWN-IBP": "CROWN-IBP"}
+BOUND_METHODS: tuple[BoundMethod, ...] = ("IBP", "CROWN", "CROWN-IBP", "alpha-CROWN")
+_AUTO_LIRPA_METHOD = {
+    "IBP": "IBP",
+    "CROWN": "backward",
+    "CROWN-IBP": "CROWN-IBP",
+    "alpha-CROWN": "CROWN-Optimized",
+}
+
+
+@dataclass(frozen=True)
+class AlphaCROWN:
+    """Settings of α-CROWN's optimisation: Adam steps on the slopes, their learning rate (decayed
+    by 0.98 a step, auto_LiRPA's default) and a limit in seconds for one call (None: none)."""
+
+    iterations: int = 20
+    lr: float = 0.5
+    time_limit: float | None = None
+
+
+class BoundTimeLimitExceeded(TimeoutError):
+    """An α-CROWN call ran past its time limit; its bounds are not returned."""
+
 
 #: Module types whose bounds auto_LiRPA computes soundly here (exact types: a subclass may
 #: change ``forward``); ℓ∞-dist layers and other activations are not among them. auto_LiRPA
@@ -166,6 +202,49 @@ def ball(x: torch.Tensor, eps: float, norm: BoundNorm) -> PerturbationLpNorm:
     raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
 
 
+def _alpha_crown(
+    bounded: BoundedModule,
+    x: torch.Tensor,
+    perturbation: PerturbationLpNorm,
+    spec: torch.Tensor,
+    settings: AlphaCROWN,
+    targets: torch.Tensor | None,
+) -> torch.Tensor:
+    """α-CROWN lower bounds (B, K−1) of ``spec``·logits: the best over the iterations, per margin."""
+    started = time.perf_counter()
+
+    def over_time() -> bool:
+        return settings.time_limit is not None and time.perf_counter() - started > settings.time_limit
+
+    def stop(lower: torch.Tensor) -> torch.Tensor | bool:
+        """auto_LiRPA's stop criterion, asked after every iteration: (B, 1), True where done."""
+        if over_time():
+            raise BoundTimeLimitExceeded(
+                f"alpha-CROWN ran past its time limit of {settings.time_limit:g} s "
+                f"({time.perf_counter() - started:.3g} s, {len(x)} samples)"
+            )
+        return False if targets is None else (lower.detach() > targets).all(dim=1, keepdim=True)
+
+    bounded.set_bound_opts(
+        {
+            "optimize_bound_args": {
+                "iteration": settings.iterations,
+                "lr_alpha": settings.lr,
+                "stop_criterion_func": stop,
+            }
+        }
+    )
+    printed = io.StringIO()  # auto_LiRPA prints its early stops
+    with torch.enable_grad(), redirect_stdout(printed):
+        lower, _ = bounded.compute_bounds(
+            x=(BoundedTensor(x, perturbation),), C=spec, method="CROWN-Optimized", bound_upper=False
+        )
+    if printed.getvalue().strip():
+        log.debug("auto_LiRPA: %s", printed.getvalue().strip())
+    stop(lower)  # the time limit covers the whole call
+    return lower.detach()
+
+
 class Bounder:
     """Lower bounds on the margins z_y − z_j over an ε-ball, through a cached BoundedModule.
 
@@ -214,7 +293,13 @@ class Bounder:
             try:
                 with torch.no_grad():
                     # ℓ2: choose unstable neurons by CROWN itself, not by (unsound, zero-width) IBP.
-                    opts = {"sparse_intermediate_bounds_with_ibp": norm == "linf", "loss_fusion": fused}
+                    # α over the unstable neurons of a start node only (sparse spec) failed an
+                    # assertion in 0.3 when a later pass bounds that node densely: full α instead.
+                    opts = {
+                        "sparse_intermediate_bounds_with_ibp": norm == "linf",
+                        "loss_fusion": fused,
+                        "sparse_spec_alpha": False,
+                    }
                     bounded = (
                         BoundedModule(CrossEntropyWrapper(model), (x.detach(), labels), bound_opts=opts)
                         if fused
@@ -244,12 +329,16 @@ class Bounder:
         eps: float,
         methods: Sequence[BoundMethod],
         norm: BoundNorm = "linf",
+        alpha: AlphaCROWN | None = None,
+        targets: torch.Tensor | None = None,
     ) -> dict[BoundMethod, torch.Tensor]:
         """Lower bounds (B, K−1) on z_y − z_j, j ≠ y, over the ε-ball, for each of ``methods``.
 
         The perturbation set is :func:`ball`; ℓ2 is offered for CROWN only. Gradients flow to
-        the model's parameters unless the caller disables them. IBP and CROWN-IBP asked
-        together share one IBP pass.
+        the model's parameters unless the caller disables them (except for α-CROWN, whose bound is
+        detached). IBP and CROWN-IBP asked together share one IBP pass. α-CROWN runs with
+        ``alpha`` (default :class:`AlphaCROWN`); ``targets`` (B, K−1), if given, end the
+        optimisation of a sample once all its bounds exceed them.
         """
         unknown = [m for m in methods if m not in BOUND_METHODS]
         if unknown or not methods:
@@ -267,6 +356,11 @@ class Bounder:
             for method in [m for m in BOUND_METHODS if m in methods]:
                 if method == "IBP" and "CROWN-IBP" in methods:
                     continue  # read off the CROWN-IBP call below
+                if method == "alpha-CROWN":
+                    results[method] = _alpha_crown(
+                        bounded, x, perturbation, spec, alpha or AlphaCROWN(), targets
+                    )
+                    continue
                 lower, _ = bounded.compute_bounds(
                     x=(BoundedTensor(x, perturbation),),
                     C=spec,

@@ -4,7 +4,7 @@ Importing this module checks the installed auto_LiRPA version (anything but a te
 one is refused), applies the compat shims below and only then imports auto_LiRPA.
 Tested together: auto_LiRPA 0.3 (the last release, for torch ≤ 1.12 and numpy < 2),
 torch 2.14.1, numpy 2.4, Python 3.11. Shims 1–3 act only when what they restore is
-missing; 4–7 always act. Torch internals are reached at their torch 2.14 location
+missing; 4–10 always act. Torch internals are reached at their torch 2.14 location
 (``torch.onnx._internal.torchscript_exporter``).
 
 =====  ==========================================  ===========================================
@@ -23,6 +23,13 @@ shim   restores                                    needed since
        constant (``Normalize``, ``Residual``)      (patches) code asserts batch(constant) = B
 7      the opset-10–12 symbolics (``torch.gather`` torch 2.x (registered only when their
        as GatherElements, used by loss fusion)     modules are imported; else opset 9's)
+8      a gradient for α at 0 and 1 (α-CROWN:       torch ≥ 2 at the latest (``clamp`` passes
+       ``BoundRelu._relu_mask_alpha``)             no gradient at its limits; 0.3 starts α there)
+9      ``get_optimized_bounds``: a float64 model's auto_LiRPA 0.3 itself, any torch (it casts
+       bounds in float64, ``final_shape`` kept     the best bound to the default dtype, and
+                                                   sets ``final_shape`` to C's shape)
+10     α-CROWN on a layer with more than 90 % of   auto_LiRPA 0.3 itself, any torch (it keeps
+       its neurons unstable                        the sparse α's indices with a full α)
 =====  ==========================================  ===========================================
 
 Everything auto_LiRPA-specific that a fixed upstream release would make unnecessary lives here, so
@@ -166,6 +173,101 @@ def _shim_patches_times_channel_constant(bound_mul: type) -> None:
     bound_mul._multiply_by_const = staticmethod(_multiply_by_const)
 
 
+class _UnitClampStraightThrough(torch.autograd.Function):
+    """``clamp(α, 0, 1)`` forward, the identity backward (a straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, alpha: torch.Tensor) -> torch.Tensor:
+        return alpha.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _shim_relu_alpha_gradient(bound_relu: type) -> None:
+    """Shim 8: let α-CROWN's ReLU slopes α move off 0 and 1.
+
+    0.3 starts every α at CROWN's adaptive slope, exactly 0 or 1, and uses ``clamp(α, 0, 1)`` as
+    the slope; torch passes no gradient through ``clamp`` at its limits, so every α had a zero
+    gradient and ``CROWN-Optimized`` returned CROWN's bound. The slope is still ``clamp(α, 0, 1)``
+    (any slope in [0, 1] gives a lower line of ReLU on [l, u] with l < 0 < u, so the bound stays
+    valid; 0.3 also clips α to [0, 1] after each step); only its gradient becomes the identity.
+    The rest is 0.3's ``_relu_mask_alpha`` as it is: stable neurons get slope 1 (l ≥ 0) or 0 (u ≤ 0).
+    """
+
+    def _relu_mask_alpha(
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+        lb_lower_d: torch.Tensor | None,
+        ub_lower_d: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        lower_mask = (lower >= 0).requires_grad_(False).to(lower.dtype)
+        upper_mask = (upper <= 0).requires_grad_(False)
+        zero_coeffs = upper_mask.all()
+        no_mask = (1.0 - lower_mask) * (1.0 - upper_mask.to(upper.dtype))
+        if lb_lower_d is not None:
+            lb_lower_d = _UnitClampStraightThrough.apply(lb_lower_d) * no_mask + lower_mask
+        if ub_lower_d is not None:
+            ub_lower_d = _UnitClampStraightThrough.apply(ub_lower_d) * no_mask + lower_mask
+        return lb_lower_d, ub_lower_d, zero_coeffs
+
+    bound_relu._relu_mask_alpha = staticmethod(_relu_mask_alpha)
+
+
+def _shim_optimized_bounds_dtype(bounded_module: type) -> None:
+    """Shim 9: α-CROWN on a float64 model returns float64 bounds and leaves ``final_shape`` alone.
+
+    At its last iteration ``get_optimized_bounds`` casts the best bounds so far to
+    ``torch.get_default_dtype()`` (float32) and then writes that iteration's float64 bounds into
+    them where they improved: a float64 model got its bound rounded to nearest in float32 (upwards
+    half the time, outside any float64 error allowance), or, once α really moves (shim 8), an
+    ``index_put`` dtype error. The call runs with the default dtype set to the input's
+    floating-point dtype; a float32 model is bounded exactly as before. It also overwrites the
+    module's ``final_shape`` (the model's output shape, which callers read to build C) with
+    C's (batch, specs); it is restored after the call.
+    """
+    get_optimized_bounds = bounded_module.get_optimized_bounds
+
+    def get_optimized_bounds_in_input_dtype(self: nn.Module, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        inputs = x if isinstance(x, (tuple, list)) else (x,)
+        dtype = next(
+            (t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()),
+            torch.get_default_dtype(),
+        )
+        previous, final_shape = torch.get_default_dtype(), self.final_shape
+        torch.set_default_dtype(dtype)
+        try:
+            return get_optimized_bounds(self, x, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+            self.final_shape = final_shape
+            self.bound_opts["final_shape"] = final_shape
+
+    bounded_module.get_optimized_bounds = get_optimized_bounds_in_input_dtype
+
+
+def _shim_full_alpha_indices(bound_relu: type) -> None:
+    """Shim 10: a full α of a ReLU layer comes without the indices of a sparse one.
+
+    ``BoundRelu.init_opt_parameters`` stores α only for the unstable neurons of a layer and their
+    indices in ``alpha_indices``, unless more than 90 % are unstable: then α covers the whole
+    layer, but the line that clears ``alpha_indices`` sits under ``if verbosity > 0``, so the
+    backward pass scattered the full α into the unstable positions and failed ("shape mismatch").
+    After the call, the indices are cleared when α has the layer's full shape (a sparse α's
+    feature shape is one dimension of fewer entries than the layer has, so the two never agree).
+    """
+    init_opt_parameters = bound_relu.init_opt_parameters
+
+    def init_opt_parameters_full_alpha(self: nn.Module, start_nodes: Any) -> None:
+        init_opt_parameters(self, start_nodes)
+        alpha = next(iter(self.alpha.values()), None)
+        if self.alpha_indices is not None and alpha is not None and alpha.shape[3:] == tuple(self.shape):
+            self.alpha_indices = None
+
+    bound_relu.init_opt_parameters = init_opt_parameters_full_alpha
+
+
 check_version(importlib.metadata.version("auto_LiRPA"))
 _shim_numpy_arraysetops()
 _shim_set_opset_version()
@@ -180,3 +282,6 @@ from auto_LiRPA import BoundedModule  # noqa: E402
 _shim_dynamic_batch(auto_LiRPA.bound_general)
 _shim_named_members(BoundedModule)
 _shim_patches_times_channel_constant(auto_LiRPA.operators.BoundMul)
+_shim_relu_alpha_gradient(auto_LiRPA.operators.BoundRelu)
+_shim_full_alpha_indices(auto_LiRPA.operators.BoundRelu)
+_shim_optimized_bounds_dtype(BoundedModule)

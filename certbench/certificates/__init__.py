@@ -54,6 +54,8 @@ class Certificate:
     #: JSON-schema ``properties`` of the certificate's parameters, each with a ``default``
     #: (:func:`certbench.config.check_params`); each becomes an attribute of the instance.
     params_schema: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: False: a costly certificate that ``certificates: [all]`` leaves out; it runs only when named.
+    in_all: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         filled = check_params(self.params_schema, params, f"evaluation.certificate_params.{self.name}.")
