@@ -10,10 +10,14 @@
                       [--published results/published.csv] --out-dir figures
     certbench check-config CONFIG.yaml [--config KEY=VALUE ...]
     certbench run [SNAKEMAKE OPTIONS ...]
+    certbench evaluate --dataset NAME (--onnx FILE | --state-dict FILE --arch ARCH [--arch-params JSON])
+                       --out-dir DIR [--name NAME] [--configfile CONFIG.yaml] [--config KEY=VALUE ...]
+    certbench export  --out-dir DIR [--timeout SECONDS] RUN_DIR...
 
 and the DAG's bookkeeping steps, one library call each:
 
     certbench run-config      --resolved JSON --out run.json
+    certbench import          --run-config run.json --out-dir DIR   (an external model's model.pt, train.json)
     certbench record          --run-config run.json --train train.json --certify certify.json
                               --attack attack.json --out record.json --samples samples.csv
     certbench audit-check     --audit results/audit.csv --out results/audit.ok
@@ -37,6 +41,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 RUN_HELP = """\
 Run the DAG: `snakemake` with the same options. Snakemake reads --configfile and parses --config
@@ -191,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     figures.add_argument(
         "--out-dir", type=Path, required=True, metavar="DIR", help="where to write the figures"
     )
+    _add_external(commands)
     _add_workflow_steps(commands)
     text = "validate a config file (schema and registries) as the DAG would"
     check = commands.add_parser("check-config", help=text, description=text)
@@ -221,6 +227,85 @@ def _json_value(text: str) -> object:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
 
 
+def _add_external(commands: argparse._SubParsersAction) -> None:
+    """`evaluate` (a model trained elsewhere) and `export` (trained runs for external verifiers)."""
+    text = (
+        "certify, attack and audit a model trained elsewhere (a state dict of a registered architecture, "
+        "or an ONNX file) into a run directory with the files of a trained run"
+    )
+    evaluate = commands.add_parser("evaluate", help=text, description=text)
+    evaluate.add_argument("--dataset", required=True, metavar="NAME", help="the data set it classifies")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--onnx", type=Path, metavar="FILE", help="an ONNX file (images in [0, 1] in, logits out)"
+    )
+    source.add_argument(
+        "--state-dict",
+        type=Path,
+        metavar="FILE",
+        help="a state dict (torch.save; loaded with weights_only=True)",
+    )
+    evaluate.add_argument("--arch", metavar="ARCH", help="the registered architecture of --state-dict")
+    evaluate.add_argument(
+        "--arch-params",
+        type=_json_value,
+        default={},
+        metavar="JSON",
+        help="the architecture's parameters as a JSON object (default: its defaults)",
+    )
+    evaluate.add_argument(
+        "--name",
+        metavar="NAME",
+        help="its name in records and tables (default: the file's name without suffix)",
+    )
+    evaluate.add_argument(
+        "--out-dir", type=Path, required=True, metavar="DIR", help="the run directory to write"
+    )
+    evaluate.add_argument(
+        "--configfile",
+        type=Path,
+        default=Path("config/config.yaml"),
+        metavar="CONFIG.yaml",
+        help="the config whose data set settings (ε, test points) and evaluation apply "
+        "(default: config/config.yaml)",
+    )
+    evaluate.add_argument(
+        "--config",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides as for the DAG (evaluation.attacks=[pgd-linf] datasets.digits.test_size=50)",
+    )
+    text = "write trained runs as ONNX and their test points as VNN-LIB properties (VNN-COMP's layout)"
+    export = commands.add_parser("export", help=text, description=text)
+    export.add_argument(
+        "--out-dir", type=Path, required=True, metavar="DIR", help="the benchmark folder to write"
+    )
+    export.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="the per-instance timeout written to instances.csv (default: 60)",
+    )
+    export.add_argument(
+        "run_dirs",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories (run.json, model.pt, train.json)",
+    )
+    for sub in (evaluate, export):
+        sub.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)")
+    evaluate.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="GPUs to take (sets CUDA_VISIBLE_DEVICES); 0 hides every GPU (default: leaves it as it is)",
+    )
+
+
 def _add_workflow_steps(commands: argparse._SubParsersAction) -> None:
     """The subcommands of the DAG's bookkeeping rules: each reads its inputs and writes its outputs."""
     text = "write a run's resolved config (run.json, with its hash)"
@@ -233,6 +318,21 @@ def _add_workflow_steps(commands: argparse._SubParsersAction) -> None:
         help="the run's resolved config as a JSON object",
     )
     run_config.add_argument("--out", type=Path, required=True, metavar="JSON", help="where to write run.json")
+    text = "read and check an external model (run.json's `external`): its model.pt and train.json"
+    imported = commands.add_parser("import", help=text, description=text)
+    imported.add_argument(
+        "--run-config", type=Path, required=True, metavar="RUN.JSON", help="the external run's run.json"
+    )
+    imported.add_argument(
+        "--out-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the run directory for model.pt and train.json",
+    )
+    imported.add_argument(
+        "--threads", type=int, default=1, metavar="N", help="torch CPU threads (default: 1)"
+    )
     text = "join a run's config, training, certificates and attacks into its record and per-sample table"
     record = commands.add_parser("record", help=text, description=text)
     for option, name in (
@@ -371,6 +471,19 @@ def _check_paths(args: argparse.Namespace) -> None:
     elif args.command == "record":
         for option in ("run_config", "train", "certify", "attack"):
             need_file(f"--{option.replace('_', '-')}", getattr(args, option))
+    elif args.command == "import":
+        need_file("--run-config", args.run_config)
+    elif args.command == "evaluate":
+        need_file("--onnx", args.onnx)
+        need_file("--state-dict", args.state_dict)
+        if (args.state_dict is None) != (args.arch is None):
+            raise UsageError("evaluate: --arch goes with --state-dict (and only with it)")
+    elif args.command == "export":
+        for path in args.run_dirs:
+            need_dir("run directory", path)
+            for name in ("run.json", "train.json", "model.pt"):
+                if not (path / name).is_file():
+                    raise UsageError(f"{path}: no {name} in it (is the run trained?)")
     elif args.command == "audit-check":
         need_file("--audit", args.audit)
     elif args.command == "front-page":
@@ -438,12 +551,93 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         write_figures(args.summary, args.radii, args.out_dir, args.history, args.published)
         return 0
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "export":
+        return _export(args)
     if args.command in WORKFLOW_STEPS:
         return WORKFLOW_STEPS[args.command](args)
     from certbench import config as cfg
 
     cfg.validate(cfg.merge(cfg.read_config_file(args.config), cfg.parse_overrides(args.overrides)))
     print(f"{args.config}: valid")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """One external model through import, certificates, attacks, record and audit; a summary on stdout.
+    The config's data set settings and evaluation apply; its own `external` list does not."""
+    from certbench import config as cfg
+    from certbench.gpu_slots import claim_gpus
+
+    model_path = args.onnx if args.onnx is not None else args.state_dict
+    source = (
+        {"onnx": str(args.onnx)}
+        if args.onnx is not None
+        else {"state_dict": str(args.state_dict), "arch": args.arch, "arch_params": args.arch_params}
+    )
+    config = cfg.merge(cfg.read_config_file(args.configfile), cfg.parse_overrides(args.overrides))
+    config = cfg.merge(config, {"datasets": {args.dataset: {}}})
+    config["external"] = [{"name": args.name or model_path.stem, "dataset": args.dataset, **source}]
+    claim_gpus(args.gpus)  # before torch starts CUDA
+    _threads(args.threads)
+    from certbench.catalogue import check_config
+    from certbench.external import evaluate_model, external_runs, resolve_external
+
+    checked = check_config(config)
+    record = evaluate_model(resolve_external(checked, external_runs(checked)[0]), args.out_dir)
+    if record["status"] != "ok":
+        print(f"certbench: {record['message']}", file=sys.stderr)
+        return 1
+    return _report_evaluation(record, args.out_dir)
+
+
+def _report_evaluation(record: dict[str, Any], out_dir: Path) -> int:
+    """Print what ``certbench evaluate`` found; exit status 1 when the audit found a beaten certificate."""
+    from certbench.audit import verdict
+    from certbench.storage import read_json
+
+    print(f"{out_dir / 'record.json'}: clean accuracy {record['certify']['clean_accuracy']:.4f}")
+    conversion = read_json(out_dir / "train.json")["external"]["certificates"]
+    if conversion is not None:  # the model runs as onnx2torch's modules, which no certificate knows
+        print(f"  conversion: {conversion}")
+    for name, entry in record["certify"]["certificates"].items():
+        if not entry["applicable"]:
+            print(f"  {name}: not applicable ({entry['reason']})")
+            continue
+        accuracy = [
+            f"{row['norm']} {row['eps']:g}: {row['value']:.4f}"
+            for row in record["metrics"]
+            if row["metric"] == "certified_accuracy" and row["evaluation"] == name
+        ]
+        print(f"  {name}: certified accuracy at {', '.join(accuracy)}")
+    message = verdict(out_dir / "audit.csv")
+    print(f"  audit: {message or 'no violations'}")
+    return 1 if message else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """A run that cannot be exported faithfully is one line on stderr (and ``failed`` in export.json);
+    the others are written all the same, and the exit status stays 0 so that the DAG keeps them."""
+    _threads(args.threads)
+    from certbench.export import export_runs
+
+    result = export_runs(args.run_dirs, args.out_dir, args.timeout)
+    for entry in result["runs"].values():
+        if entry["status"] == "failed":
+            print(f"certbench: {entry['message']}", file=sys.stderr)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """A refused model is reported on stderr (one line) and recorded; the DAG goes on with the others."""
+    from certbench.external import import_model
+    from certbench.storage import read_json
+
+    _threads(args.threads)
+    record = import_model(read_json(args.run_config), args.out_dir)
+    if record["status"] != "ok":
+        print(f"certbench: {record['message']}", file=sys.stderr)
     return 0
 
 
@@ -506,6 +700,7 @@ def _front_page(args: argparse.Namespace) -> int:
 
 WORKFLOW_STEPS = {
     "run-config": _run_config,
+    "import": _import,
     "record": _record,
     "audit-check": _audit_check,
     "config-snapshot": _config_snapshot,

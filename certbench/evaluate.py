@@ -42,7 +42,12 @@ def test_points(run_config: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tens
 
 
 def load_model(run_config: Mapping[str, Any], run_dir: Path, device: torch.device) -> nn.Module:
-    """Rebuild the architecture and load ``model.pt`` (hash-checked, ``weights_only=True``)."""
+    """Rebuild the architecture and load ``model.pt`` (hash-checked, ``weights_only=True``); an
+    external model's by :func:`certbench.external.load_imported`."""
+    if "external" in run_config:
+        from certbench.external import load_imported
+
+        return load_imported(run_config, run_dir / "model.pt").to(device).eval()
     method = get_method(run_config["method"])(run_config["params"], run_context(run_config, device))
     model = method.build_model(run_config["run"]["arch"], run_config["arch_params"])
     model.load_state_dict(load_tensors(run_dir / "model.pt", map_location="cpu"))

@@ -11,6 +11,8 @@
 - ``cost``: seconds per training epoch.
 - ``lipschitz_vs_accuracy``: the Lipschitz bound each certificate computed against clean accuracy.
 - ``radius_distribution``: per-sample certified ℓ2 and ℓ∞ radii (any certificate, converted).
+- ``lipsdp_tradeoff`` (only with ``--lipsdp-tradeoff``, for ``config/paper/pauli.yaml``): clean and
+  certified accuracy against the verified LipSDP bound, as Pauli et al. (2021) present their sweep.
 
 Conventions (see :mod:`certbench.plotting`): colour per experiment in the hues of its method
 family, marker per architecture; means over seeds with ±1 sample sd (ddof = 1); human labels
@@ -27,9 +29,10 @@ from typing import Any
 
 import pandas as pd
 
-from certbench.collect import SUMMARY_COLUMNS, SUMMARY_DTYPES
+from certbench.collect import SUMMARY_COLUMNS, SUMMARY_DTYPES, select
+from certbench.labels import dataset_label
 from certbench.plotting.bounds import bounds_figure
-from certbench.plotting.common import placeholder
+from certbench.plotting.common import experiment_styles, family_legend, grid, ordered, placeholder, save
 from certbench.plotting.comparison import (
     cost_figure,
     lipschitz_figure,
@@ -80,6 +83,65 @@ def write_figures(
     radius_distribution_figure(radii, out_dir)
 
 
+def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: str = "lipsdp-l2") -> None:
+    """``lipsdp_tradeoff``: per data set, clean accuracy and ``certificate``'s certified accuracy at
+    each evaluated ε against its verified Lipschitz bound, one point per run (the accuracy/robustness
+    trade-off of Pauli et al. 2021, Figs. 2–3: plain training, weight decay, LMT and the μ and L̄
+    sweeps of both ADMM variants on the same MLPs)."""
+    name = "lipsdp_tradeoff"
+    certified = summary[(summary["metric"] == "certified_accuracy") & (summary["evaluation"] == certificate)]
+    eps_values = sorted(certified["eps"].dropna().unique())
+    # select() gives every run in the same order: the columns line up
+    points = select(summary, "lipschitz_bound", evaluation=certificate).assign(
+        clean=select(summary, "clean_accuracy")["value"],
+        **{
+            f"eps{i}": select(summary, "certified_accuracy", evaluation=certificate, eps=eps)["value"]
+            for i, eps in enumerate(eps_values)
+        },
+    )
+    points = points[(points["status"] == "ok") & points["value"].notna()]
+    if points.empty:
+        placeholder(out_dir, name, f"no run has a {certificate} bound")
+        return
+    datasets = sorted(points["dataset"].unique())
+    styles = experiment_styles(points)
+    figure, axes = grid(2 * len(datasets), 2, width=4.0, height=3.2, sharex=False, sharey=False)
+    for row, dataset in enumerate(datasets):
+        mine = points[points["dataset"] == dataset]
+        shown = [i for i in range(len(eps_values)) if mine[f"eps{i}"].notna().any()]
+        clean_axis, cert_axis = axes[2 * row], axes[2 * row + 1]
+        for key in ordered(styles, mine[["name", "arch"]].itertuples(index=False, name=None)):
+            run, style = mine[(mine["name"] == key[0]) & (mine["arch"] == key[1])], styles[key]
+            clean_axis.scatter(run["value"], run["clean"] * 100, color=style.color, marker=style.marker, s=45)
+            for shade, i in enumerate(shown):
+                alpha = 1.0 - 0.6 * shade / max(1, len(shown) - 1)
+                cert_axis.scatter(
+                    run["value"],
+                    run[f"eps{i}"] * 100,
+                    color=style.color,
+                    marker=style.marker,
+                    s=45,
+                    alpha=alpha,
+                )
+        for axis, label in ((clean_axis, "clean accuracy (%)"), (cert_axis, "certified accuracy (%)")):
+            axis.set_xscale("log")
+            axis.set_xlabel(f"verified Lipschitz bound ({certificate})", fontsize="small")
+            axis.set_ylabel(label)
+        clean_axis.set_title(dataset_label(dataset), fontsize="small")
+        at = ", ".join(f"{eps_values[i]:g}" for i in shown)
+        cert_axis.set_title(f"{dataset_label(dataset)}, ε = {at} (fainter: larger)", fontsize="small")
+    family_legend(
+        figure,
+        styles,
+        ordered(styles, points[["name", "arch"]].itertuples(index=False, name=None)),
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        title="experiment (one point per seed)",
+    )
+    figure.tight_layout()
+    save(figure, out_dir, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m certbench.figures",
@@ -91,12 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", type=Path, help="history.csv (per-epoch training logs)")
     parser.add_argument("--published", type=Path, help="published.csv (published figures of the config)")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the PNG and PDF files")
+    parser.add_argument(
+        "--lipsdp-tradeoff", action="store_true", help="also draw lipsdp_tradeoff (config/paper/pauli.yaml)"
+    )
     args = parser.parse_args(argv)
     for path in (args.summary, args.radii, args.history, args.published):
         if path is not None and not path.exists():
             print(f"certbench figures: no such file: {path}", file=sys.stderr)
             return 2
     write_figures(args.summary, args.radii, args.out_dir, args.history, args.published)
+    if args.lipsdp_tradeoff:
+        lipsdp_tradeoff_figure(_read(args.summary, SUMMARY_DTYPES), args.out_dir)
     return 0
 
 

@@ -70,9 +70,13 @@ PACKAGES = (
     "scikit-learn",
     "auto_LiRPA",
     "foolbox",
+    "torchattacks",
     "cvxpy",
     "scs",
     "snakemake",
+    "onnx",
+    "onnxruntime",
+    "onnx2torch",
 )
 
 

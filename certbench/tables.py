@@ -95,17 +95,27 @@ def _by_run(summary: pd.DataFrame, columns: Mapping[str, pd.DataFrame]) -> pd.Da
     return frame
 
 
+#: The ℓ∞ attacks with columns in :func:`linf_table`: (column key, attack, header), where evaluated.
+ATTACK_COLUMNS = [
+    ("pgd", "pgd-linf", "PGD accuracy"),
+    ("autoattack", "autoattack-linf", "AutoAttack accuracy"),
+]
+
+
 def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The ℓ∞-dist paper's Table 1 layout: clean / PGD / certified accuracy (%) at each ℓ∞ ε.
+    """The ℓ∞-dist paper's Table 1 layout: clean / PGD / AutoAttack / certified accuracy (%) at each ℓ∞ ε.
 
     ``certified`` counts a point certified by any certificate (ℓ2 radii converted); with a paper
     config, the published figures of each row stand in adjacent columns with our difference.
     """
     columns = {"clean": select(summary, "clean_accuracy")}
     labels = {"clean": COLUMNS["clean"]}
-    for _, _, eps in _evaluated(summary, "robust_accuracy", evaluation="pgd-linf"):
-        columns[f"pgd@{format_eps(eps)}"] = select(summary, "robust_accuracy", evaluation="pgd-linf", eps=eps)
-        labels[f"pgd@{format_eps(eps)}"] = accuracy_label("PGD accuracy", "linf", eps)
+    for key, attack, what in ATTACK_COLUMNS:
+        for _, _, eps in _evaluated(summary, "robust_accuracy", evaluation=attack):
+            columns[f"{key}@{format_eps(eps)}"] = select(
+                summary, "robust_accuracy", evaluation=attack, eps=eps
+            )
+            labels[f"{key}@{format_eps(eps)}"] = accuracy_label(what, "linf", eps)
     for _, _, eps in _evaluated(summary, "certified_accuracy", evaluation=ANY, norm="linf"):
         columns[f"certified@{format_eps(eps)}"] = select(
             summary, "certified_accuracy", evaluation=ANY, norm="linf", eps=eps
@@ -222,7 +232,7 @@ TABLES: dict[str, Callable[..., pd.DataFrame]] = {
 
 
 TITLES = {
-    "linf": "Clean, PGD and certified ℓ∞ accuracy",
+    "linf": "Clean, PGD, AutoAttack and certified ℓ∞ accuracy",
     "lmt": "Certified ℓ2 radii (LMT)",
     "cost": "Training cost",
     "cross": "Certified accuracy under every certificate",
@@ -230,7 +240,8 @@ TITLES = {
 }
 CAPTIONS = {
     "linf": "Reproduces Table 1 of Zhang et al. (2021), “Towards certifying ℓ∞ robustness using neural "
-    "networks with ℓ∞-dist neurons”: clean, PGD and certified accuracy (%) at each ℓ∞ ε; with a paper "
+    "networks with ℓ∞-dist neurons”: clean, PGD and certified accuracy (%) at each ℓ∞ ε, and AutoAttack "
+    "accuracy (Croce & Hein 2020) where it was run; with a paper "
     "configuration, the published numbers and our difference stand beside ours.",
     "lmt": "Reproduces the certified-radius comparison of Tsuzuku et al. (2018), “Lipschitz-margin training” "
     "(§5): clean accuracy and the mean and median certified ℓ2 radius divided by √n (n the input size), "

@@ -13,6 +13,9 @@ PYTHON="${PYTHON:-python3}"
 # without dependencies (its runtime needs are in pyproject.toml) and certbench.bounds.lirpa_compat makes
 # it work on torch 2.14.
 "$VENV/bin/python" -m pip install --quiet --no-deps auto-LiRPA==0.3
+# torchattacks 3.5.1 (AutoAttack) pins requests~=2.25.1, which its code never imports; its other needs
+# (torch, torchvision, scipy, tqdm, numpy) are in pyproject.toml.
+"$VENV/bin/python" -m pip install --quiet --no-deps torchattacks==3.5.1
 
 # Full Fashion-MNIST from Debian (IDX files under /usr/share/datasets/fashion-mnist).
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then

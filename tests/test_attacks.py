@@ -69,6 +69,16 @@ def test_registry_holds_the_six_foolbox_attacks_with_norm_and_kind() -> None:
     }
 
 
+def test_registry_holds_autoattack_for_both_norms_at_fixed_eps_with_the_papers_defaults() -> None:
+    kinds = {
+        name: (Attack(name).norm, Attack(name).kind, Attack(name).settings)
+        for name in ATTACKS.names()
+        if ATTACKS.get(name).runner.__module__ == "certbench.attacks.autoattack"
+    }
+    standard = {"steps": 100, "n_queries": 5000, "n_restarts": 1, "n_target_classes": 9}
+    assert kinds == {"autoattack-linf": ("linf", "eps", standard), "autoattack-l2": ("l2", "eps", standard)}
+
+
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_attack_beats_undefended_model_and_results_are_self_consistent(digits, name: str) -> None:
     model, x, y = digits
@@ -145,6 +155,23 @@ def test_minimum_norm_attacks_on_affine_model_near_exact_distance(name: str, med
         assert ratio.max() <= 1.03
 
 
+@pytest.mark.parametrize(("name", "eps"), [("autoattack-linf", 0.01), ("autoattack-l2", 0.1)])
+def test_autoattack_on_affine_model_breaks_exactly_the_points_within_eps(name: str, eps: float) -> None:
+    """On an affine model the exact minimal distance d of every point is known, and FAB-T's step, a
+    projection onto the linearised decision boundary (Croce & Hein 2020, "Minimally distorted
+    adversarial examples with a fast adaptive boundary attack", Sec. 2), is exact there for each of
+    the 9 target classes: AutoAttack breaks every point with d below ε (with a margin for FAB's
+    final search) and none with d above ε, as its examples are projected into the ε-ball."""
+    model, x, y, d2, dinf = _affine_problem(64)
+    exact = d2 if name.endswith("l2") else dinf
+    within, beyond = exact < 0.9 * eps, exact > 1.01 * eps
+    assert within.sum() >= 20 and beyond.sum() >= 5
+    result = Attack(name, n_queries=100).run(model, x, y, eps, seed=0)
+    assert not result.error.any()
+    assert result.success[within].all()
+    assert not result.success[beyond].any()
+
+
 @pytest.mark.parametrize(
     ("name", "settings_", "message"),
     [
@@ -155,6 +182,7 @@ def test_minimum_norm_attacks_on_affine_model_near_exact_distance(name: str, med
         ("ddn-l2", {"gamma": 1.0}, "gamma: 1.0 is greater than or equal to the maximum of 1"),
         ("pgd-l2", {"random_start": 1}, "random_start: 1 is not of type 'boolean'"),
         ("fmn-linf", {"step": 10}, "fmn-linf.step: unknown key; allowed: steps, max_stepsize"),
+        ("autoattack-l2", {"n_queries": 0}, "autoattack-l2.n_queries: 0 is less than the minimum of 1"),
         (
             "pgd-linf",
             {"rel_stepsize": float("nan")},
@@ -327,13 +355,16 @@ def test_numpy_scalars_accepted_as_eps_and_settings(digits) -> None:
     assert result.eps == float(np.float32(0.25)) and result.linf[result.success].max() <= 0.25
 
 
-def test_model_state_restored_and_rng_untouched(digits) -> None:
+@pytest.mark.parametrize(
+    ("name", "settings_"), [("pgd-linf", {"steps": 5}), ("autoattack-linf", {"steps": 5, "n_queries": 20})]
+)
+def test_model_state_restored_and_rng_untouched(digits, name: str, settings_: dict) -> None:
     model, x, y = digits
     model.train()
     model.zero_grad(set_to_none=True)
     state = torch.random.get_rng_state()
-    first = Attack("pgd-linf", steps=5).run(model, x, y, 0.1, seed=7)
-    second = Attack("pgd-linf", steps=5).run(model, x, y, 0.1, seed=7)
+    first = Attack(name, **settings_).run(model, x, y, 0.1, seed=7)
+    second = Attack(name, **settings_).run(model, x, y, 0.1, seed=7)
     assert torch.equal(first.x_adv, second.x_adv)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert model.training and all(p.requires_grad for p in model.parameters())
@@ -342,8 +373,9 @@ def test_model_state_restored_and_rng_untouched(digits) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_runs_on_the_models_device(digits) -> None:
+@pytest.mark.parametrize("name", ["pgd-linf", "autoattack-linf"])
+def test_runs_on_the_models_device(digits, name: str) -> None:
     model, x, y = digits
-    result = Attack("pgd-linf").run(model.cuda(), x, y, 0.3)
+    result = Attack(name).run(model.cuda(), x, y, 0.3)
     model.cpu()
     assert result.x_adv.device.type == "cuda" and result.success.mean() > 0.5

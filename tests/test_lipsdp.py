@@ -4,6 +4,7 @@ lipsdp-admm method, MLPs that average-pool their input, and the rings2d generato
 
 from __future__ import annotations
 
+import copy
 import math
 
 import cvxpy as cp
@@ -15,6 +16,7 @@ from torch import nn
 
 from certbench.bounds.lipsdp import (
     NotAnMLPError,
+    fixed_multiplier_bound,
     is_certified,
     is_mlp,
     lipsdp,
@@ -225,6 +227,25 @@ def test_weight_step_enforces_the_bound_and_keeps_feasible_weights() -> None:
     regularised = weight_step(weights, result.multipliers, rho_admm=1.0, mu=0.05)
     assert math.sqrt(regularised.rho) < 0.95 * result.bound
     assert lipsdp(regularised.weights).bound <= math.sqrt(regularised.rho) * (1 + 1e-3)
+
+
+def test_fixed_multiplier_bound_is_certified_and_homogeneous_in_the_last_layer() -> None:
+    """The bound for a given T is a float64 certificate, matches LipSDP at its own T, and scales
+    exactly with the last layer when T scales by s² (what the enforced ADMM relies on). The bound is
+    proven on the reduced, scaled LMI, which is congruent to this one; checked here 1e-6 above it."""
+    slack = (1 + 1e-6) ** 2
+    weights = [2 * w for w in random_weights(9, (12, 6, 5, 3))]
+    result = lipsdp(weights)
+    bound, ts = fixed_multiplier_bound(weights, result.multipliers)
+    assert is_certified(weights, slack * bound**2, ts)
+    assert bound == pytest.approx(result.bound, rel=1e-6)
+    perturbed = [1.05 * weights[0], *weights[1:]]  # another W, the same T: still a verified bound
+    bound_p, ts_p = fixed_multiplier_bound(perturbed, result.multipliers)
+    assert is_certified(perturbed, slack * bound_p**2, ts_p)
+    s = 0.3
+    scaled, ts_s = fixed_multiplier_bound([*weights[:-1], s * weights[-1]], [s * s * t for t in ts])
+    assert scaled == pytest.approx(s * bound, rel=1e-6)
+    assert is_certified([*weights[:-1], s * weights[-1]], slack * scaled**2, ts_s)
 
 
 def test_weight_step_reduction_of_a_wide_first_layer() -> None:
@@ -488,10 +509,51 @@ def _train(
 
 
 def test_admm_enforced_variant_ends_below_the_bound() -> None:
-    method, model = _admm_method({"variant": "enforced", "max_bound": 3.0, "tolerance": 0.01}, epochs=8)
+    params = {"variant": "enforced", "max_bound": 3.0, "rho_admm": 0.1, "tolerance": 0.01}
+    method, model = _admm_method(params, epochs=8)
     _train(method, model, torch.optim.Adam(model.parameters(), lr=0.03), range(8), 8)
     assert max(method._bounds) > 3.0  # the trained W alone would break the bound
     assert lipsdp(mlp_weights(model)).bound <= 3.0
+
+
+def test_admm_enforced_bound_holds_after_every_epoch_on_the_rings() -> None:
+    """Pauli et al. 2021, enforced variant: W̄ has L ≤ L̄ during the whole training. The ADMM starts
+    from the initial weights, and after every epoch the recorded ``wbar_bound`` is a float64-verified
+    bound ≤ L̄ of the W̄ the method holds (checked again here by an independent LipSDP solve)."""
+    epochs, max_bound = 5, 2.5
+    params = {"variant": "enforced", "max_bound": max_bound, "rho_admm": 0.1}
+    method, model = _admm_method(params, epochs=epochs)
+    x, y = _rings()
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
+    recorded = []
+    for epoch in range(epochs):
+        for batch, idx in enumerate(torch.arange(len(x)).split(30)):
+            out = method.loss(model, x[idx], y[idx], (epoch + batch / 10) / epochs)
+            optimiser.zero_grad()
+            out.loss.backward()
+            optimiser.step()
+        assert method._wbar is not None, f"no W̄ in epoch {epoch + 1}"
+        recorded.append(out.stats["wbar_bound"])
+        assert recorded[-1] <= max_bound
+        assert lipsdp(method._wbar).bound <= max_bound * (1 + 1e-6)
+    assert method._stats["admm_iterations"] == epochs  # no early stop by default
+    assert max(method._bounds) > max_bound  # W alone breaks the bound: W̄ is what keeps it
+    wbar_model = copy.deepcopy(model)
+    method.finish(model)
+    mlp_structure(wbar_model).load_weights(method._wbar)
+    with torch.no_grad():  # the delivered model is W̄ with its last layer (and bias) scaled
+        assert torch.equal(model(x).argmax(1), wbar_model(x).argmax(1))
+    assert lipsdp(mlp_weights(model)).bound <= max_bound
+
+
+def test_admm_stopping_rule_is_optional() -> None:
+    """With ``tolerance`` set the ADMM stops once the bound of W changes by less; by default it runs
+    every epoch (the paper's 0.5 froze W̄ after two iterations on the rings)."""
+    for tolerance, iterations in ((None, 4), (100.0, 2)):
+        method, model = _admm_method({"mu": 0.01, "tolerance": tolerance}, epochs=4)
+        _train(method, model, torch.optim.Adam(model.parameters(), lr=0.03), range(4), 4, batches=5)
+        assert method._stats["admm_iterations"] == iterations
+        assert method._converged == (tolerance is not None)
 
 
 def test_admm_state_survives_a_checkpoint() -> None:
@@ -515,7 +577,7 @@ def test_admm_state_survives_a_checkpoint() -> None:
     resumed.load_state_dict(saved["method"])
     _train(method, model, optimiser, range(2, 4), 4, batches=5)
     _train(resumed, model2, optimiser2, range(2, 4), 4, batches=5)
-    assert method._stats["admm_iterations"] == 3
+    assert method._stats["admm_iterations"] == 4  # one per epoch, from the initial weights on
     final, final2 = model.state_dict(), model2.state_dict()
     assert all(torch.allclose(final[key], final2[key], atol=1e-6) for key in final)
     assert resumed._bounds == pytest.approx(method._bounds)
@@ -538,3 +600,57 @@ def test_admm_rejects_bad_configurations() -> None:
     method.context = RunContext(DATASETS.get("digits"), 1, (0.1,), (0.5,), torch.device("cpu"))
     with pytest.raises(ConfigError, match="arch"):
         method.build_model("cnn-small", {})
+
+
+# --- the trade-off figure of config/paper/pauli.yaml ------------------------------------------
+
+
+def test_lipsdp_tradeoff_figure_from_a_tiny_summary(tmp_path) -> None:  # noqa: ANN001
+    """Clean and certified accuracy against the verified LipSDP bound, per data set; a summary with
+    no LipSDP bound gives the placeholder, never an error."""
+    import pandas as pd
+
+    from certbench.figures import lipsdp_tradeoff_figure
+
+    rows = []
+    runs = [("standard", "standard", 239.0, 1.0), ("admm-enforced", "lipsdp-admm", 8.0, 0.75)]
+    runs += [(f"admm-regularised-mu{mu}", "lipsdp-admm", 8 / mu, 0.9) for mu in (1, 10)]
+    for dataset in ("rings2d", "mnist"):
+        for name, method, bound, clean in runs:
+            run = {
+                "dataset": dataset,
+                "name": name,
+                "method": method,
+                "arch": "mlp",
+                "seed": 0,
+                "status": "ok",
+            }
+            rows.append({**run, "metric": "clean_accuracy", "kind": "clean", "value": clean})
+            rows.append(
+                {
+                    **run,
+                    "metric": "lipschitz_bound",
+                    "kind": "certificate",
+                    "evaluation": "lipsdp-l2",
+                    "value": bound,
+                }
+            )
+            for eps in (0.02, 0.05):
+                rows.append(
+                    {
+                        **run,
+                        "metric": "certified_accuracy",
+                        "kind": "certificate",
+                        "evaluation": "lipsdp-l2",
+                        "norm": "l2",
+                        "eps": eps,
+                        "value": clean / (1 + bound * eps),
+                    }
+                )
+    summary = pd.DataFrame(rows)
+    lipsdp_tradeoff_figure(summary, tmp_path / "figures")
+    assert (tmp_path / "figures" / "lipsdp_tradeoff.png").stat().st_size > 5000
+    assert (tmp_path / "figures" / "lipsdp_tradeoff.pdf").read_bytes().startswith(b"%PDF")
+    no_bound = summary[summary["metric"] != "lipschitz_bound"]
+    lipsdp_tradeoff_figure(no_bound, tmp_path / "empty")
+    assert (tmp_path / "empty" / "lipsdp_tradeoff.png").exists()

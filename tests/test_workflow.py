@@ -213,7 +213,23 @@ def test_paper_and_cpu_configs_dry_run_to_the_expected_jobs(tmp_path: Path, path
     assert int(counts["audit"]) == int(counts["tables"]) == 1
 
 
-def test_slurm_profile_is_accepted(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "requests", "gpus"),
+    [
+        (
+            ["resources={gpus_per_job: 1, partition: cpu, gpu_partition: gpu, account: lab}"],
+            "gpu=1, slurm_partition=gpu, slurm_account=lab",
+            1,
+        ),
+        (["device=cuda"], "gpu=1", 1),
+        (["device=cpu", "resources={partition: cpu, gpu_partition: gpu}"], "gpu=0, slurm_partition=cpu", 0),
+    ],
+)
+def test_slurm_profile_asks_for_what_the_config_decides(
+    tmp_path: Path, overrides: list[str], requests: str, gpus: int
+) -> None:
+    """The profile forces no GPU: `resources.gpus_per_job` (unset: from `device`) decides the `gpu`
+    request and the partition (tests/test_slurm_cluster.py submits them to a real cluster)."""
     result = snakemake(
         "-n",
         "--profile",
@@ -222,8 +238,11 @@ def test_slurm_profile_is_accepted(tmp_path: Path) -> None:
         str(REPO / "config/smoke.yaml"),
         "--config",
         f"results_dir={tmp_path}/results",
+        *overrides,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     train_job = result.stdout.split("rule train:")[1].split("rule ")[0]
-    assert "gpu=1" in train_job and "runtime=240" in train_job
+    resources = next(line for line in train_job.splitlines() if line.strip().startswith("resources:"))
+    assert resources.endswith(f"runtime=240, {requests}"), resources
+    assert f"--gpus {gpus} " in train_job

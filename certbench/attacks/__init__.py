@@ -8,6 +8,8 @@ Registered attacks (``ATTACKS.names()``), defaults from METHODS.md "Attacks used
 - ``ddn-l2`` (l2, minimal): steps 100, init_epsilon 1, gamma 0.05.
 - ``fmn-linf`` (linf, minimal): steps 100, max_stepsize 1, gamma 0.05, binary_search_steps 10.
 - ``pgd-linf`` / ``pgd-l2`` (eps): steps 50, rel_stepsize 0.25 (step ε/4), random_start.
+- ``autoattack-linf`` / ``autoattack-l2`` (eps): AutoAttack's standard version (Croce & Hein 2020):
+  APGD-CE, APGD-T, FAB-T and Square; steps 100, n_target_classes 9, n_queries 5000, n_restarts 1.
 
 An attack is a runner function in a module of this package, decorated with
 ``@register_attack("<name>", norm=…, kind=…, params_schema={…})``; the modules are imported on the

@@ -42,6 +42,7 @@ import numpy as np
 import scipy.linalg
 import torch
 from scipy.optimize import minimize_scalar
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from certbench.nn import Normalize
@@ -50,6 +51,9 @@ SOLVERS = ("SCS", "CLARABEL")
 #: Clarabel (interior point) factors a dense block of (d(d+1)/2)² entries for a d×d PSD cone:
 #: d = 300 needs about 16 GB. Larger LMIs are refused instead of exhausting the memory.
 CLARABEL_MAX_DIM = 150
+#: BLAS threads for the SDP solve and the float64 check: more threads than free cores made the
+#: eigenvalue bisection of the repair 100× slower on a loaded 2-core machine (benchmarks/lipsdp.py).
+BLAS_THREADS = 1
 _EPS64 = np.finfo(np.float64).eps
 _BISECTION_STEPS = 40
 
@@ -278,10 +282,16 @@ def _solver_options(solver: str, time_limit: float | None, eps: float) -> dict[s
 
 
 def solve_sdp(
-    problem: cp.Problem, solver: str, time_limit: float | None, eps: float, started: float, lmi_dim: int
+    problem: cp.Problem,
+    solver: str,
+    time_limit: float | None,
+    eps: float,
+    started: float,
+    lmi_dim: int,
+    warm_start: bool = False,
 ) -> tuple[str, str]:
-    """Solve ``problem`` (one LMI of size ``lmi_dim``) within the time left of ``time_limit``
-    (seconds since ``started``).
+    """Solve ``problem`` (``lmi_dim``: the side of its largest PSD cone) within the time left of
+    ``time_limit`` (seconds since ``started``).
 
     Returns ``(outcome, message)`` with outcome "ok" (optimal or optimal_inaccurate and in time),
     "time_limit" or "solver_failed". The solver's own accuracy warnings are silenced: the caller
@@ -300,7 +310,7 @@ def solve_sdp(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Solution may be inaccurate")
-            problem.solve(solver=solver, **_solver_options(solver, left, eps))
+            problem.solve(solver=solver, warm_start=warm_start, **_solver_options(solver, left, eps))
     except cp.SolverError as error:
         return "solver_failed", f"{solver} failed: {error}"
     elapsed = time.perf_counter() - started
@@ -313,15 +323,87 @@ def solve_sdp(
     return "ok", ""
 
 
+class LipSDPProblem:
+    """The LipSDP-Neuron SDP for one pattern of layer sizes, with the (reduced, scaled) weights as
+    cvxpy parameters: compiled once (DPP) and, re-solved with new weights, started by SCS from the
+    previous solution (warm start). Meant to be kept across the solves of one training run (the
+    ADMM's once-per-iteration LipSDP); the answer is checked and repaired by :func:`lipsdp` as always.
+
+    The LMI is block tridiagonal (blocks ``M_{k,k−1}`` only), a chordal sparsity pattern whose
+    maximal cliques are the consecutive block pairs (k−1, k). By the chordal decomposition theorem
+    (Agler, Helton, McCullough & Rodman 1988; Vandenberghe & Andersen 2015, Thm. 9.2), −M ⪰ 0 iff
+    ``−M = Σ_k E_kᵀ S_k E_k`` with ``S_k ⪰ 0`` on clique k, so the one PSD cone of size Σn_k is replaced,
+    exactly, by l cones of size n_{k−1} + n_k (as in Chordal-LipSDP, Xue et al. 2022). Measured on
+    784-100-100-10: 300 → two cones of 200, about half the SCS time (``benchmarks/lipsdp.py --study``).
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        """``sizes = [n₀, …, n_l]``: the inputs of W₀ … W_l (after the first-layer reduction)."""
+        self.sizes = tuple(sizes)
+        self.weights = [cp.Parameter((sizes[k + 1], sizes[k])) for k in range(len(sizes) - 1)]
+        self.gram = cp.Parameter((sizes[-1], sizes[-1]), symmetric=True)
+        self.rho = cp.Variable(nonneg=True)
+        self.ts = [cp.Variable(n, nonneg=True) for n in sizes[1:]]
+        if len(sizes) == 1:  # no hidden layer: ρI − W₀ᵀW₀ ⪰ 0
+            constraints = [self.rho * np.eye(sizes[0]) - self.gram >> 0]
+        else:
+            constraints = self._clique_constraints()
+        self.problem = cp.Problem(cp.Minimize(self.rho), constraints)
+        self.solved = False
+
+    @property
+    def largest_cone(self) -> int:
+        """The side of the largest PSD cone (what an interior-point solver's memory grows with)."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
+        return max(a + b for a, b in zip(self.sizes, self.sizes[1:]))
+
+    def _clique_constraints(self) -> list[cp.Constraint]:
+        """−M(ρ, T) = Σ_k E_kᵀ S_k E_k, S_k ⪰ 0 on blocks (k−1, k): off-diagonal blocks of S_k are
+        −T_k W_{k−1}; diagonal block k of −M (2T_k, or ρI for k = 0, minus W_lᵀW_l for k = l) is split
+        between the two cliques that hold it."""
+        sizes, count = self.sizes, len(self.sizes) - 1
+        cliques = [cp.Variable((sizes[k - 1] + sizes[k],) * 2, PSD=True) for k in range(1, count + 1)]
+        constraints = [cliques[0][: sizes[0], : sizes[0]] == self.rho * np.eye(sizes[0])]
+        for k in range(1, count + 1):
+            before, clique = sizes[k - 1], cliques[k - 1]
+            constraints.append(clique[before:, :before] == -cp.diag(self.ts[k - 1]) @ self.weights[k - 1])
+            diagonal = clique[before:, before:]
+            if k < count:
+                diagonal = diagonal + cliques[k][: sizes[k], : sizes[k]]
+                constraints.append(diagonal == 2 * cp.diag(self.ts[k - 1]))
+            else:
+                constraints.append(diagonal == 2 * cp.diag(self.ts[k - 1]) - self.gram)
+        return constraints
+
+    def load(self, scaled: Sequence[np.ndarray]) -> None:
+        """Set the parameters to the weights ``[W₀ … W_l]`` (W_l only through W_lᵀW_l)."""
+        for parameter, w in zip(self.weights, scaled[:-1]):
+            parameter.value = w
+        gram = scaled[-1].T @ scaled[-1]
+        self.gram.value = (gram + gram.T) / 2
+
+
 def lipsdp(
-    weights: Sequence[np.ndarray], *, solver: str = "SCS", time_limit: float | None = None, eps: float = 1e-5
+    weights: Sequence[np.ndarray],
+    *,
+    solver: str = "SCS",
+    time_limit: float | None = None,
+    eps: float = 1e-5,
+    cache: dict[tuple[int, ...], LipSDPProblem] | None = None,
+    warm_start: bool = False,
+    blas_threads: int | None = BLAS_THREADS,
 ) -> LipSDPResult:
     """Verified LipSDP-Neuron bound for ``f = W_l φ(… φ(W₀x))`` with φ slope-restricted in [0, 1].
 
     Solves ``min ρ s.t. M(ρ, T) ⪯ 0, T ⪰ 0 diagonal`` (Fazlyab et al. 2019, eq. (10)) on the reduced,
     scaled weights (module docstring), then checks and repairs the answer in float64
     (:func:`repair`). ``time_limit`` (seconds, wall clock, including problem construction) is a hard
-    limit on claiming a bound: past it, no bound is returned.
+    limit on claiming a bound: past it, no bound is returned. ``cache`` (a dict owned by the caller)
+    keeps one :class:`LipSDPProblem` per size pattern, so repeated solves skip the compilation; with
+    ``warm_start`` SCS starts from the cached problem's last solution (fewer iterations near it, but
+    the answer then depends on the previous solve, not on the weights alone). Dense linear algebra
+    runs on ``blas_threads`` BLAS threads (None: the library's default).
     """
     started = time.perf_counter()
     weights = [np.asarray(w, dtype=np.float64) for w in weights]
@@ -329,19 +411,41 @@ def lipsdp(
     reduced = reduce_first_layer(weights)
     scales = layer_scales(reduced)
     scaled = [w / s for w, s in zip(reduced, scales)]
+    sizes = tuple(w.shape[1] for w in scaled)
+    sdp = cache.get(sizes) if cache is not None else None
+    if sdp is None:
+        sdp = LipSDPProblem(sizes)
+        if cache is not None:
+            cache[sizes] = sdp
+    sdp.load(scaled)
+    problem, rho, ts = sdp.problem, sdp.rho, sdp.ts
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        outcome, message = solve_sdp(
+            problem,
+            solver,
+            time_limit,
+            eps,
+            started,
+            sdp.largest_cone,
+            warm_start=warm_start and sdp.solved and solver == "SCS",
+        )
+        sdp.solved = sdp.solved or outcome == "ok"
+        return _lipsdp_result(problem, rho, ts, scaled, scales, solver, outcome, message, time_limit, started)
 
-    rho = cp.Variable(nonneg=True)
-    ts = [cp.Variable(w.shape[0], nonneg=True) for w in scaled[:-1]]
-    sizes = [w.shape[1] for w in scaled]
-    blocks: list[list[object]] = [[np.zeros((a, b)) for b in sizes] for a in sizes]
-    blocks[0][0] = rho * np.eye(sizes[0])
-    for k in range(1, len(scaled)):
-        blocks[k][k] = 2 * cp.diag(ts[k - 1])
-        coupling = -cp.diag(ts[k - 1]) @ scaled[k - 1]
-        blocks[k][k - 1], blocks[k - 1][k] = coupling, coupling.T
-    blocks[-1][-1] = blocks[-1][-1] - scaled[-1].T @ scaled[-1]
-    problem = cp.Problem(cp.Minimize(rho), [cp.bmat(blocks) >> 0])  # −M(ρ, T) ⪰ 0
-    outcome, message = solve_sdp(problem, solver, time_limit, eps, started, sum(sizes))
+
+def _lipsdp_result(
+    problem: cp.Problem,
+    rho: cp.Variable,
+    ts: Sequence[cp.Variable],
+    scaled: Sequence[np.ndarray],
+    scales: np.ndarray,
+    solver: str,
+    outcome: str,
+    message: str,
+    time_limit: float | None,
+    started: float,
+) -> LipSDPResult:
+    """Check and repair the solver's answer of :func:`lipsdp` in float64; map T back to the weights."""
 
     def result(
         status: str,
@@ -382,6 +486,37 @@ def lipsdp(
     if time_limit is not None and time.perf_counter() - started > time_limit:
         return result("time_limit", raw_bound, note=f"time limit of {time_limit:g} s exceeded during repair")
     return result("verified", raw_bound, bound, multipliers)
+
+
+def fixed_multiplier_bound(
+    weights: Sequence[np.ndarray], multipliers: Sequence[np.ndarray]
+) -> tuple[float, list[np.ndarray]] | None:
+    """Verified LipSDP bound of ``weights`` near the given T (no SDP) and the T that certifies it, or
+    None if no multiple of T certifies any ρ.
+
+    The smallest ρ with M(ρ, T) ⪯ 0 (Fazlyab et al. 2019, Thm. 2) found by :func:`repair` in float64,
+    after the same exact reductions as :func:`lipsdp`: with ``W₀ = UΣVᵀ`` the LMI of W₀ is congruent to
+    that of UΣ plus a decoupled −ρI block, so the same T certifies both; layer scaling maps T_k to
+    ``T_k / c_k`` (:func:`multiplier_factors`). Used for the ADMM's W̄ (Pauli et al. 2021, Sec. IV),
+    which an SDP solver returns only approximately feasible. T is kept if the hidden block of
+    M(·, T) is negative definite, else scaled (:func:`repair`). Homogeneity: if (ρ, T) certifies
+    ``[W₀ … W_l]``, then (s²ρ, s²T) certifies ``[W₀ … s·W_l]`` (M scales by s²).
+    """
+    weights = [np.asarray(w, dtype=np.float64) for w in weights]
+    _check_chain(weights)
+    if len(multipliers) != len(weights) - 1:
+        raise ValueError(f"{len(weights)} weight matrices need {len(weights) - 1} multiplier vectors")
+    reduced = reduce_first_layer(weights)
+    scales = layer_scales(reduced)
+    scaled = [w / s for w, s in zip(reduced, scales)]
+    factors = multiplier_factors(scales)
+    repaired = repair(
+        scaled, math.inf, [np.asarray(t, dtype=np.float64) / c for t, c in zip(multipliers, factors)]
+    )
+    if repaired is None:
+        return None
+    rho, ts = repaired
+    return math.sqrt(rho) * float(np.prod(scales)), [c * t for c, t in zip(factors, ts)]
 
 
 def isotropic_gain(input_map: np.ndarray, rows: int) -> float:

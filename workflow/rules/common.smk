@@ -14,8 +14,23 @@ FIGURES = CONFIG["figures_dir"]
 RUN_DIR = os.path.join(RESULTS, "{dataset}", "{name}", "{arch}", "seed{seed}")
 RUNS = runs(CONFIG)
 
-# Jobs that run on CUDA request the `gpu` resource, so `--resources gpu=N` caps them.
-GPU = 1 if CONFIG["device"] == "cuda" or (CONFIG["device"] == "auto" and shutil.which("nvidia-smi")) else 0
+
+def gpus_per_job(wildcards=None):
+    """GPUs each train/certify/attack job requests: one config decision (`resources.gpus_per_job`).
+
+    Unset, it follows `device`: 1 for `cuda`, 0 for `cpu`. `auto` asks for the GPUs of the machine
+    that runs Snakemake only when the jobs run on that machine too; jobs that run elsewhere (a
+    cluster executor, and the cluster job's own Snakemake process) ask for none, whatever the
+    submitting host has. Called when a job is made, after Snakemake has chosen its executor.
+    """
+    wanted = CONFIG["resources"]["gpus_per_job"]
+    if wanted is not None:
+        return wanted
+    if CONFIG["device"] != "auto":
+        return int(CONFIG["device"] == "cuda")
+    if workflow.remote_exec or workflow.non_local_exec:
+        return 0
+    return 1 if shutil.which("nvidia-smi") else 0
 
 
 wildcard_constraints:
@@ -57,8 +72,18 @@ def run_id(wildcards):
 def job_resources(rule_name):
     """Scheduler requests of a train/certify/attack job (see `resources` in the config schema)."""
     wanted = CONFIG["resources"]
-    requests = {"gpu": GPU, "mem_mb": wanted["mem_mb"], "runtime": wanted["runtime_minutes"][rule_name]}
-    partition = (GPU and wanted["gpu_partition"]) or wanted["partition"]
-    if partition:
+
+    def partition(wildcards):
+        # GPU jobs go to `gpu_partition` when set; "" leaves the choice to the cluster's default
+        return (gpus_per_job() and wanted["gpu_partition"]) or wanted["partition"] or ""
+
+    requests = {
+        "gpu": gpus_per_job,
+        "mem_mb": wanted["mem_mb"],
+        "runtime": wanted["runtime_minutes"][rule_name],
+    }
+    if wanted["partition"] or wanted["gpu_partition"]:
         requests["slurm_partition"] = partition
+    if wanted["account"]:
+        requests["slurm_account"] = wanted["account"]
     return requests
