@@ -1,6 +1,6 @@
 """Names of the tables and figures the DAG makes (torch-free, read while the DAG is built)."""
 
-TABLE_NAMES = ["linf", "lmt", "cost", "cross", "audit"]
+TABLE_NAMES = ["linf", "l2", "lmt", "cost", "cross", "audit"]
 FIGURE_NAMES = [
     "certified_accuracy_l2",
     "certified_accuracy_linf",

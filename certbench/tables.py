@@ -95,11 +95,37 @@ def _by_run(summary: pd.DataFrame, columns: Mapping[str, pd.DataFrame]) -> pd.Da
     return frame
 
 
-#: The ℓ∞ attacks with columns in :func:`linf_table`: (column key, attack, header), where evaluated.
-ATTACK_COLUMNS = [
-    ("pgd", "pgd-linf", "PGD accuracy"),
-    ("autoattack", "autoattack-linf", "AutoAttack accuracy"),
-]
+#: The attacks with columns in the accuracy tables, per norm: (column key, attack, header), where evaluated.
+ATTACK_COLUMNS = {
+    "linf": [("pgd", "pgd-linf", "PGD accuracy"), ("autoattack", "autoattack-linf", "AutoAttack accuracy")],
+    "l2": [("pgd", "pgd-l2", "PGD accuracy"), ("autoattack", "autoattack-l2", "AutoAttack accuracy")],
+}
+
+
+def _accuracy_columns(summary: pd.DataFrame, norm: str) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """Clean accuracy, then the accuracy under each attack of :data:`ATTACK_COLUMNS` and the certified
+    accuracy (any certificate, radii of the other norm converted) at each ``norm`` ε."""
+    columns = {"clean": select(summary, "clean_accuracy")}
+    labels = {"clean": COLUMNS["clean"]}
+    for key, attack, what in ATTACK_COLUMNS[norm]:
+        for _, _, eps in _evaluated(summary, "robust_accuracy", evaluation=attack):
+            columns[f"{key}@{format_eps(eps)}"] = select(
+                summary, "robust_accuracy", evaluation=attack, eps=eps
+            )
+            labels[f"{key}@{format_eps(eps)}"] = accuracy_label(what, norm, eps)
+    for _, _, eps in _evaluated(summary, "certified_accuracy", evaluation=ANY, norm=norm):
+        columns[f"certified@{format_eps(eps)}"] = select(
+            summary, "certified_accuracy", evaluation=ANY, norm=norm, eps=eps
+        )
+        labels[f"certified@{format_eps(eps)}"] = accuracy_label("certified accuracy", norm, eps)
+    return columns, labels
+
+
+def l2_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The ℓ2 counterpart of :func:`linf_table`: clean / PGD / AutoAttack / certified accuracy (%) at each
+    ℓ2 ε (no paper has this table; published figures are not merged)."""
+    columns, labels = _accuracy_columns(summary, "l2")
+    return _labelled(aggregate(_by_run(summary, columns), list(columns), percent=list(columns)), labels)
 
 
 def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -108,19 +134,7 @@ def linf_table(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> 
     ``certified`` counts a point certified by any certificate (ℓ2 radii converted); with a paper
     config, the published figures of each row stand in adjacent columns with our difference.
     """
-    columns = {"clean": select(summary, "clean_accuracy")}
-    labels = {"clean": COLUMNS["clean"]}
-    for key, attack, what in ATTACK_COLUMNS:
-        for _, _, eps in _evaluated(summary, "robust_accuracy", evaluation=attack):
-            columns[f"{key}@{format_eps(eps)}"] = select(
-                summary, "robust_accuracy", evaluation=attack, eps=eps
-            )
-            labels[f"{key}@{format_eps(eps)}"] = accuracy_label(what, "linf", eps)
-    for _, _, eps in _evaluated(summary, "certified_accuracy", evaluation=ANY, norm="linf"):
-        columns[f"certified@{format_eps(eps)}"] = select(
-            summary, "certified_accuracy", evaluation=ANY, norm="linf", eps=eps
-        )
-        labels[f"certified@{format_eps(eps)}"] = accuracy_label("certified accuracy", "linf", eps)
+    columns, labels = _accuracy_columns(summary, "linf")
     table = aggregate(_by_run(summary, columns), list(columns), percent=list(columns))
     if published is None or published.empty:
         return _labelled(table, labels)
@@ -225,6 +239,7 @@ def audit_table(audit: pd.DataFrame) -> pd.DataFrame:
 
 TABLES: dict[str, Callable[..., pd.DataFrame]] = {
     "linf": linf_table,
+    "l2": l2_table,
     "lmt": lmt_table,
     "cost": cost_table,
     "cross": cross_table,
@@ -233,6 +248,7 @@ TABLES: dict[str, Callable[..., pd.DataFrame]] = {
 
 TITLES = {
     "linf": "Clean, PGD, AutoAttack and certified ℓ∞ accuracy",
+    "l2": "Clean, PGD, AutoAttack and certified ℓ2 accuracy",
     "lmt": "Certified ℓ2 radii (LMT)",
     "cost": "Training cost",
     "cross": "Certified accuracy under every certificate",
@@ -243,6 +259,8 @@ CAPTIONS = {
     "networks with ℓ∞-dist neurons”: clean, PGD and certified accuracy (%) at each ℓ∞ ε, and AutoAttack "
     "accuracy (Croce & Hein 2020) where it was run; with a paper "
     "configuration, the published numbers and our difference stand beside ours.",
+    "l2": "No paper table (the ℓ2 counterpart of the ℓ∞ table): clean, PGD-ℓ2 and certified accuracy (%) "
+    "at each ℓ2 ε (any certificate, ℓ∞ radii converted), and AutoAttack-ℓ2 accuracy where it was run.",
     "lmt": "Reproduces the certified-radius comparison of Tsuzuku et al. (2018), “Lipschitz-margin training” "
     "(§5): clean accuracy and the mean and median certified ℓ2 radius divided by √n (n the input size), "
     "per certificate.",

@@ -12,6 +12,7 @@ from certbench.tables import (
     cost_table,
     cross_table,
     human,
+    l2_table,
     linf_table,
     lmt_table,
     published_table,
@@ -94,6 +95,24 @@ def test_published_figures_stand_beside_ours_with_the_difference() -> None:
     assert table.loc["standard", "Δ clean"] == "+5.00" and table.loc["standard", "Δ certified@0.1"] == "-5.00"
     assert table.loc["lmt", "Δ clean"] == "–"
     assert table.loc["standard", "paper:clean"] == "80.00" and table.loc["lmt", "paper:clean"] == "–"
+
+
+def test_each_norm_table_takes_the_attacks_and_certified_rows_of_its_norm() -> None:
+    rows = summary()
+    ok = rows[rows["metric"] == "clean_accuracy"]
+    l2_rows = [
+        ok.assign(metric="robust_accuracy", kind="attack", evaluation=attack, norm="l2", eps=0.5, value=value)
+        for attack, value in (("pgd-l2", 0.6), ("autoattack-l2", 0.4))
+    ]
+    certified = {"metric": "certified_accuracy", "kind": "certificate", "evaluation": ANY, "norm": "l2"}
+    l2_rows.append(ok.assign(**certified, eps=0.5, value=0.2))
+    rows = pd.concat([rows, *l2_rows], ignore_index=True)
+    l2 = l2_table(rows).set_index("name")
+    assert list(l2.columns[-4:]) == ["clean", "pgd@0.5", "autoattack@0.5", "certified@0.5"]
+    assert l2.loc["standard", "autoattack@0.5"] == "40.00 ± 0.00" and l2.loc["lmt", "pgd@0.5"] == "60.00"
+    assert "AutoAttack accuracy (%) at ℓ2 ε = 0.5" in human(l2_table(rows)).columns
+    linf = linf_table(rows)  # the ℓ∞ table keeps to ℓ∞: no ℓ2 attack or ε leaks in
+    assert not any("0.5" in column or "autoattack" in column for column in linf.columns)
 
 
 def test_cost_ratio_to_standard_and_error_counts() -> None:

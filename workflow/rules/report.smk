@@ -13,6 +13,7 @@ localrules:
 FRONT_PAGE = result("report", "front_page.rst")
 TABLE_LABELS = {
     "linf": "Zhang et al. 2021, Table 1",
+    "l2": "certbench (no paper table)",
     "lmt": "Tsuzuku et al. 2018, §5",
     "cost": "Zhang et al. 2021, Table 4",
     "cross": "certbench (no paper table)",
