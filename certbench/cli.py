@@ -43,6 +43,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from certbench.outputs import OPTIONAL_FIGURE_NAMES
+
 RUN_HELP = """\
 Run the DAG: `snakemake` with the same options. Snakemake reads --configfile and parses --config
 before it reads the workflow, so a missing config file or a dotted key ends there in a traceback.
@@ -195,6 +197,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     figures.add_argument(
         "--out-dir", type=Path, required=True, metavar="DIR", help="where to write the figures"
+    )
+    figures.add_argument(
+        "--extra",
+        nargs="+",
+        default=[],
+        choices=OPTIONAL_FIGURE_NAMES,
+        metavar="NAME",
+        help=f"optional figures to draw too ({', '.join(OPTIONAL_FIGURE_NAMES)})",
     )
     _add_external(commands)
     _add_workflow_steps(commands)
@@ -549,7 +559,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "figures":
         from certbench.figures import write_figures
 
-        write_figures(args.summary, args.radii, args.out_dir, args.history, args.published)
+        write_figures(args.summary, args.radii, args.out_dir, args.history, args.published, args.extra)
         return 0
     if args.command == "evaluate":
         return _evaluate(args)

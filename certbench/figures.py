@@ -11,7 +11,7 @@
 - ``cost``: seconds per training epoch.
 - ``lipschitz_vs_accuracy``: the Lipschitz bound each certificate computed against clean accuracy.
 - ``radius_distribution``: per-sample certified ℓ2 and ℓ∞ radii (any certificate, converted).
-- ``lipsdp_tradeoff`` (only with ``--lipsdp-tradeoff``, for ``config/paper/pauli.yaml``): clean and
+- ``lipsdp_tradeoff`` (optional: a config's ``extra_figures``, as in ``config/paper/pauli.yaml``): clean and
   certified accuracy against the verified LipSDP bound, as Pauli et al. (2021) present their sweep.
 
 Conventions (see :mod:`certbench.plotting`): colour per experiment in the hues of its method
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,11 @@ def write_figures(
     out_dir: Path,
     history_path: Path | None = None,
     published_path: Path | None = None,
+    extra: Sequence[str] = (),
 ) -> None:
-    """Every figure of :data:`certbench.outputs.FIGURE_NAMES` into ``out_dir`` (a placeholder
-    that says why where there is nothing to draw, so that every output exists)."""
+    """Every figure of :data:`certbench.outputs.FIGURE_NAMES`, and those of ``extra`` (names of
+    :data:`OPTIONAL_FIGURES`), into ``out_dir`` (a placeholder that says why where there is nothing to
+    draw, so that every output exists)."""
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
@@ -81,6 +83,8 @@ def write_figures(
     cost_figure(summary, out_dir)
     lipschitz_figure(summary, out_dir)
     radius_distribution_figure(radii, out_dir)
+    for name in extra:
+        OPTIONAL_FIGURES[name](summary, out_dir)
 
 
 def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: str = "lipsdp-l2") -> None:
@@ -142,6 +146,12 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
     save(figure, out_dir, name)
 
 
+#: The optional figures by name (:data:`certbench.outputs.OPTIONAL_FIGURE_NAMES`).
+OPTIONAL_FIGURES: dict[str, Callable[[pd.DataFrame, Path], None]] = {
+    "lipsdp_tradeoff": lipsdp_tradeoff_figure
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m certbench.figures",
@@ -154,16 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--published", type=Path, help="published.csv (published figures of the config)")
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the PNG and PDF files")
     parser.add_argument(
-        "--lipsdp-tradeoff", action="store_true", help="also draw lipsdp_tradeoff (config/paper/pauli.yaml)"
+        "--extra",
+        nargs="+",
+        default=[],
+        choices=sorted(OPTIONAL_FIGURES),
+        help="optional figures to draw too",
     )
     args = parser.parse_args(argv)
     for path in (args.summary, args.radii, args.history, args.published):
         if path is not None and not path.exists():
             print(f"certbench figures: no such file: {path}", file=sys.stderr)
             return 2
-    write_figures(args.summary, args.radii, args.out_dir, args.history, args.published)
-    if args.lipsdp_tradeoff:
-        lipsdp_tradeoff_figure(_read(args.summary, SUMMARY_DTYPES), args.out_dir)
+    write_figures(args.summary, args.radii, args.out_dir, args.history, args.published, args.extra)
     return 0
 
 

@@ -13,3 +13,5 @@ FIGURE_NAMES = [
     "lipschitz_vs_accuracy",
     "radius_distribution",
 ]
+#: Figures a config asks for by name in ``extra_figures`` (a paper's own figure, meaningless elsewhere).
+OPTIONAL_FIGURE_NAMES = ["lipsdp_tradeoff"]

@@ -17,9 +17,9 @@ from certbench.collect import (
     radius_certificate_radius,
     status_certified_radius,
 )
-from certbench.figures import write_figures
+from certbench.figures import OPTIONAL_FIGURES, write_figures
 from certbench.labels import experiment_label, styles
-from certbench.outputs import FIGURE_NAMES
+from certbench.outputs import FIGURE_NAMES, OPTIONAL_FIGURE_NAMES
 from certbench.plotting.bounds import run_curves
 
 EXPERIMENTS = [
@@ -139,6 +139,17 @@ def test_no_results_give_placeholders(tmp_path: Path) -> None:
     (tmp_path / "radii.csv").write_text("\n")
     write_figures(tmp_path / "summary.csv", tmp_path / "radii.csv", tmp_path / "out")
     assert {p.stem for p in (tmp_path / "out").glob("*.png")} == set(FIGURE_NAMES)
+
+
+def test_optional_figures_are_drawn_when_named_and_the_config_knows_them(tmp_path: Path) -> None:
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    assert schema["properties"]["extra_figures"]["items"]["enum"] == OPTIONAL_FIGURE_NAMES
+    assert sorted(OPTIONAL_FIGURES) == sorted(OPTIONAL_FIGURE_NAMES)
+    paths = synthetic(tmp_path)
+    write_figures(paths["summary"], paths["radii"], tmp_path / "out", extra=OPTIONAL_FIGURE_NAMES)
+    assert {p.stem for p in (tmp_path / "out").glob("*.png")} == {*FIGURE_NAMES, *OPTIONAL_FIGURE_NAMES}
 
 
 def test_bounds_certified_is_strict_and_attacks_count_at_their_norm() -> None:

@@ -211,6 +211,8 @@ def test_paper_and_cpu_configs_dry_run_to_the_expected_jobs(tmp_path: Path, path
     for rule in ("run_config", "train", "certify", "attack", "record"):
         assert int(counts[rule]) == expected, (rule, counts)
     assert int(counts["audit"]) == int(counts["tables"]) == 1
+    for figure in yaml.safe_load(path.read_text()).get("extra_figures", []):  # drawn by the figures rule
+        assert f"{tmp_path}/figures/{figure}.png" in result.stdout, figure
 
 
 @pytest.mark.parametrize(

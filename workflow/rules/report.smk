@@ -124,16 +124,18 @@ rule figures:
                 category="Figures",
                 labels={"figure": figure.replace("_", " ")},
             )
-            for figure in FIGURE_NAMES
+            for figure in FIGURE_NAMES + CONFIG["extra_figures"]
         ],
-        expand(os.path.join(FIGURES, "{figure}.pdf"), figure=FIGURE_NAMES),
+        expand(os.path.join(FIGURES, "{figure}.pdf"), figure=FIGURE_NAMES + CONFIG["extra_figures"]),
     log:
         log_file("figures"),
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output[0]),
+        extra=" ".join(["--extra", *CONFIG["extra_figures"]]) if CONFIG["extra_figures"] else "",
     shell:
         "python -m certbench figures --summary {input.summary:q} --radii {input.radii:q} "
-        "--history {input.history:q} --published {input.published:q} --out-dir {params.out_dir:q} 2> {log:q}"
+        "--history {input.history:q} --published {input.published:q} --out-dir {params.out_dir:q} "
+        "{params.extra} 2> {log:q}"
 
 
 rule front_page:
