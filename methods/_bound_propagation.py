@@ -3,10 +3,23 @@
 :class:`BoundPropagationMethod` is ``ibp`` (see :mod:`methods.ibp` for the loss and the ε schedule);
 ``crown-ibp`` changes the bounds and their weights. Not a method (no ``register_method``): a
 family base, so that no method imports a sibling method.
+
+Both methods also take the short-warm-up recipe of Shi et al. (NeurIPS 2021, "Fast certified robust
+training with short warmup") as options, off by default (the default runs are unchanged bit for bit):
+
+* ``init: ibp`` — IBP initialisation (their Sec. 3.1, :func:`ibp_init`);
+* ``warmup_reg: λ > 0`` with ``warmup_tau: τ`` — the warm-up regularisers L_tightness and L_relu
+  (their Sec. 3.3, :func:`warmup_regularisers`), weighted by λ·(1 − ε_t/ε_train), so they fade out
+  over the ε ramp and are off once ε = ε_train. Before the ramp (ε = 0) they are computed from an
+  IBP pass at ε = 10⁻⁶, as the authors' code does.
+
+Their third ingredient, BatchNorm after every layer, is an architecture, not a training option, and
+no architecture these methods train here has BatchNorm: see the README.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -16,13 +29,16 @@ from torch import nn
 
 from certbench.bounds.lirpa import Bounder, robust_cross_entropy, unsupported_reason
 from certbench.config import ConfigError
-from certbench.method import LossOutput, Method, unit_interval
+from certbench.method import LossOutput, Method, non_negative, unit_interval
 
 #: Defaults for a null ramp start/length, as fractions of the run's epochs (CROWN-IBP's
 #: MNIST runs ramp over epochs 1–61 of 100).
 DEFAULT_RAMP = (0.1, 0.5)
 #: Smoothed ramp: power ``SMOOTH_POWER`` up to ``SMOOTH_MID`` of the ramp, linear after.
 SMOOTH_POWER, SMOOTH_MID = 4.0, 0.25
+#: ε of the IBP pass that feeds the warm-up regularisers while ε_t = 0 (the authors' ``min_eps_reg``):
+#: their ratios do not depend on the scale of ε, only a positive width is needed.
+REG_EPS = 1e-6
 
 
 def ramp(u: float, kind: str) -> float:
@@ -40,6 +56,74 @@ def ramp(u: float, kind: str) -> float:
         return a * u**beta
     at_mid = a * m**beta
     return at_mid + (1 - at_mid) * (u - m) / (1 - m)
+
+
+def ibp_init(model: nn.Module) -> None:
+    """IBP initialisation (Shi et al. 2021, Sec. 3.1), in place.
+
+    With w_ij ~ N(0, σ²), E|w_ij| = σ·√(2/π), so an affine layer with fan-in n maps an interval of
+    width Δ to one of expected width n·σ·√(2/π)·Δ, and a ReLU passes about half of it (half the
+    neurons off at initialisation). σ = √(2π)/n makes the expected width the same after each
+    affine + ReLU block, where the usual fan-in initialisations (σ ∝ 1/√n) let it grow with √n per
+    layer (their Fig. 1). Every Linear and Conv2d weight but the last layer's is redrawn (the
+    classifier keeps its initialisation, as in the authors' code); n is ``weight[0].numel()``,
+    in_features or in_channels/groups·k_h·k_w. Biases are left as initialised, as in the authors'
+    code: they do not change interval widths.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        for layer in layers[:-1]:
+            fan_in = layer.weight[0].numel()
+            layer.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in)
+
+
+def _balance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """min(a/b, b/a) for a, b ≥ 0: 1 when equal, 0 when one is 0, NaN when both are."""
+    return torch.minimum(a, b) / torch.maximum(a, b)
+
+
+def warmup_regularisers(
+    reference: tuple[torch.Tensor, torch.Tensor],
+    layers: list[tuple[torch.Tensor, torch.Tensor]],
+    tau: float,
+) -> dict[str, torch.Tensor]:
+    """Shi et al. (2021), Sec. 3.3: the warm-up regularisers from IBP pre-activation bounds.
+
+    ``reference`` is the interval entering the first affine layer (width Δ_0), ``layers`` the
+    interval [l_i, u_i] of each of the m ReLUs' inputs, c_i = (u_i + l_i)/2, Δ_i = (u_i − l_i)/2,
+    means over the batch and the layer's neurons.
+
+    * L_tightness = (1/m) Σ_i ReLU(τ − E(Δ_0)/E(Δ_i)) / τ: penalises a layer whose bounds are
+      more than 1/τ times as wide as the input's (the growth IBP initialisation starts without).
+    * L_relu = (1/m) Σ_i [ReLU(τ − r_mean,i) + ReLU(τ − r_var,i)] / τ, where r_mean,i balances
+      the mean of c over active neurons (l > 0) against that over inactive ones (u < 0),
+      min(ρ, 1/ρ) with ρ = E(c·1[l>0]) / −E(c·1[u<0]), and r_var,i the same for the sums of
+      (c − E c)² over each set: it keeps the active and inactive states balanced (IBP training
+      otherwise kills ReLUs). A layer with neither active nor inactive neurons (0/0) adds nothing.
+
+    The normalisation of both by τ and of L_relu by m follows the authors' code.
+    """
+    if not layers:
+        raise ValueError("warm-up regularisers: the model has no ReLU layer")
+    width0 = ((reference[1] - reference[0]) / 2).mean()
+    tightness, relu = [], []
+    for lower, upper in layers:
+        center, width = (upper + lower) / 2, (upper - lower) / 2
+        tightness.append(F.relu(tau - width0 / width.mean().clamp(min=1e-12)) / tau)
+        active, inactive = (lower > 0).to(center.dtype), (upper < 0).to(center.dtype)
+        spread = (center - center.mean()) ** 2
+        ratios = (
+            _balance((center * active).mean(), -(center * inactive).mean()),
+            _balance((spread * active).sum(), (spread * inactive).sum()),
+        )
+        term = sum(F.relu(tau - r) / tau for r in ratios)
+        if bool(torch.isfinite(term)):
+            relu.append(term)
+    zero = width0.new_zeros(())
+    return {
+        "tightness": torch.stack(tightness).mean(),
+        "relu": (torch.stack(relu).sum() if relu else zero) / len(layers),
+    }
 
 
 class BoundPropagationMethod(Method):
@@ -75,6 +159,24 @@ class BoundPropagationMethod(Method):
             "default": 0.5,
             "description": "weight of the natural loss once ε = eps_train",
         },
+        "init": {
+            "enum": ["default", "ibp"],
+            "default": "default",
+            "description": "ibp: Shi et al. (2021) IBP initialisation, σ = √(2π)/fan-in",
+        },
+        "warmup_reg": {
+            "type": "number",
+            "minimum": 0,
+            "default": 0.0,
+            "description": "λ of Shi et al.'s (2021) warm-up regularisers (tightness, ReLU balance); 0: off",
+        },
+        "warmup_tau": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 1,
+            "default": 0.5,
+            "description": "τ, the target ratio of Shi et al.'s warm-up regularisers",
+        },
     }
 
     def __init__(self, params: Mapping[str, Any], context: Any) -> None:
@@ -103,12 +205,22 @@ class BoundPropagationMethod(Method):
     def check(self) -> None:
         unit_interval("eps_train", self.eps_train)
         unit_interval("kappa_final", float(self.params["kappa_final"]))
+        non_negative("warmup_reg", float(self.params["warmup_reg"]))
+        tau = float(self.params["warmup_tau"])
+        if not 0 < tau <= 1:
+            raise ConfigError(f"params.warmup_tau: must lie in (0, 1], got {tau}")
         start, length = self.ramp_epochs()
         if start + length > self.context.epochs:
             raise ConfigError(
                 f"params.schedule_length: the ε ramp ends at epoch {start + length:g}, after "
                 f"the last epoch ({self.context.epochs})"
             )
+
+    def build_model(self, arch: str, arch_params: Mapping[str, Any]) -> nn.Module:
+        model = super().build_model(arch, arch_params)
+        if self.params["init"] == "ibp":
+            ibp_init(model)
+        return model
 
     def prepare(self, model: nn.Module) -> None:
         reason = unsupported_reason(model)
@@ -133,6 +245,11 @@ class BoundPropagationMethod(Method):
         """The mixing weights at ε (logged with the losses)."""
         return {"kappa": self.mix(eps, float(self.params["kappa_final"]))}
 
+    def reg_weight(self, eps: float) -> float:
+        """λ·(1 − ε/ε_train) during the warm-up, 0 once ε = ε_train (and without a robust phase)."""
+        lam = float(self.params["warmup_reg"])
+        return 0.0 if lam == 0 or self.eps_train == 0 else lam * max(0.0, 1.0 - eps / self.eps_train)
+
     def lower_bounds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         """Margin lower bounds (B, K−1) the robust loss is computed from."""
         return self.bounder.margin_lower_bounds(model, x, y, eps, ["IBP"])["IBP"]
@@ -149,6 +266,13 @@ class BoundPropagationMethod(Method):
         weights = self.weights(eps)
         # bounds before the forward pass: building a BoundedModule rewrites the parameters in place
         bounded = self.robust_loss(model, x, y, eps) if eps > 0 else None
+        reg_weight = self.reg_weight(eps)
+        regularisers = None
+        if reg_weight > 0:
+            if bounded is None:  # ε = 0: an IBP pass for the regularisers alone
+                self.bounder.margin_lower_bounds(model, x, y, REG_EPS, ["IBP"])
+            reference, layers = self.bounder.preactivation_bounds()
+            regularisers = warmup_regularisers(reference, layers, float(self.params["warmup_tau"]))
         logits = model(x)
         natural = F.cross_entropy(logits, y)
         # at ε = 0 every bound is exact, so the robust CE equals the natural CE
@@ -161,4 +285,8 @@ class BoundPropagationMethod(Method):
             "robust_loss": robust.item(),
             "robust_error": robust_error,
         }
-        return LossOutput(kappa * natural + (1 - kappa) * robust, stats, logits=logits.detach())
+        total = kappa * natural + (1 - kappa) * robust
+        if regularisers is not None:
+            total = total + reg_weight * (regularisers["tightness"] + regularisers["relu"])
+            stats |= {"reg_weight": reg_weight, **{f"reg_{k}": v.item() for k, v in regularisers.items()}}
+        return LossOutput(total, stats, logits=logits.detach())

@@ -47,7 +47,7 @@ from certbench.bounds import lirpa_compat  # noqa: F401  (first: the version che
 
 # isort: split
 from auto_LiRPA import BoundedModule, BoundedTensor, CrossEntropyWrapper, PerturbationLpNorm
-from auto_LiRPA.operators import BoundExp, BoundGatherElements
+from auto_LiRPA.operators import BoundConv, BoundExp, BoundGatherElements, BoundLinear, BoundRelu
 
 from certbench.nn import Normalize, Residual
 
@@ -311,6 +311,25 @@ class Bounder:
             self._key = self._key_of(model, norm, x, fused)  # conversion may re-create buffers on GPU
         self._bounded.train(model.training)
         return self._bounded
+
+    def preactivation_bounds(
+        self,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The intervals of the last bound call's IBP pass, still attached to the autograd graph:
+        ``(reference, layers)``, where ``reference`` is the box entering the first affine layer
+        (the normalised input box) and ``layers`` the (lower, upper) of every ReLU's input, in graph
+        order. CROWN-IBP bounds the hidden layers by IBP, so after either kind of call these are IBP
+        intervals. Read them before the next call, which overwrites them."""
+        if self._bounded is None:
+            raise RuntimeError("no bounds computed yet: call margin_lower_bounds first")
+        nodes = list(self._bounded.modules())
+        affine = next((n for n in nodes if isinstance(n, (BoundLinear, BoundConv))), None)
+        relus = [n.inputs[0] for n in nodes if isinstance(n, BoundRelu)]
+        found = [affine.inputs[0], *relus] if affine is not None else []
+        if not relus or any(getattr(n, "lower", None) is None for n in found):
+            raise RuntimeError("the bounded model has no affine layer followed by ReLUs with IBP bounds")
+        first = affine.inputs[0]
+        return (first.lower, first.upper), [(n.lower, n.upper) for n in relus]
 
     @contextmanager
     def _discarded_on_failure(self) -> Iterator[None]:
