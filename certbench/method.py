@@ -86,7 +86,9 @@ class Method:
     example_arch: ClassVar[tuple[str, dict[str, Any]]] = ("mlp", {"widths": [32]})
 
     def __init__(self, params: Mapping[str, Any], context: RunContext) -> None:
-        self.params = dict(params)
+        # defaults first: a run.json written before a parameter existed still loads as it was trained
+        defaults = {key: spec["default"] for key, spec in self.params_schema.items() if "default" in spec}
+        self.params = {**defaults, **params}
         self.context = context
 
     def check(self) -> None:

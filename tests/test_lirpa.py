@@ -580,6 +580,26 @@ def test_alpha_crown_certifies_beyond_crown() -> None:
     assert gained > 0
 
 
+def test_alpha_crown_skips_only_refuted_samples() -> None:
+    """The PGD pre-filter refutes some samples, none that α-CROWN certifies without it, and changes
+    no status: it only saves the optimisation where no bound could succeed."""
+    from certbench.certificates.lirpa import refuted
+
+    model = small_mlp(6)
+    torch.manual_seed(6)
+    x = torch.rand(16, 2, 4, 4)
+    y = model(x).argmax(1)
+    eps = [0.05, 0.1]
+    plain = CERTIFICATES.get("alpha-crown")(iterations=20, falsify_steps=0).certify(model, x, y, eps)
+    filtered = CERTIFICATES.get("alpha-crown")(iterations=20).certify(model, x, y, eps)
+    needed = torch.full((16, 4), 1e-6, dtype=torch.float64)
+    for e in eps:
+        assert np.array_equal(plain.status[e], filtered.status[e])
+        hopeless = refuted(copy.deepcopy(model).double(), x.double(), y, e, needed, steps=10).numpy()
+        assert hopeless.any() and not (hopeless & (plain.status[e] == CERTIFIED)).any()
+    assert (plain.status[0.05] == CERTIFIED).any()
+
+
 def test_certificates_not_applicable_to_other_layers() -> None:
     model = nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(4, 2), nn.Tanh())
     names = ("ibp", "crown", "crown-ibp", "alpha-crown")
