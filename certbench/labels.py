@@ -85,6 +85,7 @@ CERTIFICATES = {
     "ibp": "IBP (ℓ∞)",
     "crown": "CROWN (ℓ∞)",
     "crown-ibp": "CROWN-IBP (ℓ∞)",
+    "alpha-crown": "α-CROWN (ℓ∞)",
     "linf-dist": "ℓ∞-dist margin (ℓ∞)",
     "linf-dist-l2": "ℓ∞-dist margin read in ℓ2",
 }
