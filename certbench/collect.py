@@ -9,6 +9,7 @@ one row per (sample, evaluation, ε), with the sample's own columns repeated on 
     evaluation                            the certificate's or attack's name (empty for clean)
     norm, eps                             the evaluation's norm and ε (eps empty where none applies)
     status                                certified | not_certified | error   (certificate at ε)
+    verifier                              the verifier that certified it (a cascade's rows only)
     radius                                certified radius in ``norm``         (radius certificate, no ε)
     success, error, adv_l2, adv_linf      attack outcome and the norms measured on its example
                                           (fixed-ε attack at ε; minimum-norm attack without ε)
@@ -49,6 +50,7 @@ SAMPLE_DTYPES: dict[str, str] = {
     "norm": "object",
     "eps": "float64",
     "status": "object",
+    "verifier": "object",
     "radius": "float64",
     "success": "boolean",
     "error": "boolean",
@@ -109,7 +111,10 @@ def sample_table(
             parts.append(points.assign(**evaluation, eps=np.nan, radius=radius))
         for value in eps[entry["norm"]]:
             status = entry["status"][format_eps(value)]
-            parts.append(points.assign(**evaluation, eps=float(value), status=status))
+            by = entry.get("verifier", {}).get(format_eps(value))
+            if by is not None:  # missing where no verifier certified, as the CSV reads it back
+                by = {"verifier": np.where(np.asarray(by) == "", np.nan, np.asarray(by, dtype=object))}
+            parts.append(points.assign(**evaluation, eps=float(value), status=status, **(by or {})))
     for outcome in attack.get("evaluations", []):
         fields = {
             field: np.asarray(outcome[field], dtype=float if field.startswith("adv_") else bool)
@@ -382,7 +387,7 @@ def _without_samples(part: Mapping[str, Any]) -> dict[str, Any]:
     keep = {k: v for k, v in part.items() if k not in ("samples", "evaluations")}
     if "certificates" in keep:
         keep["certificates"] = {
-            name: {k: v for k, v in entry.items() if k not in ("radius", "status")}
+            name: {k: v for k, v in entry.items() if k not in ("radius", "status", "verifier")}
             for name, entry in keep["certificates"].items()
         }
     return keep

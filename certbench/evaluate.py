@@ -107,6 +107,12 @@ def _certify_one(
             extra=result.extra,
             status={format_eps(e): s for e, s in result.status.items()},
         )
+        if result.verifier is not None:  # which verifier certified each sample, and how many each
+            entry["verifier"] = {format_eps(e): v for e, v in result.verifier.items()}
+            entry["certified_by"] = {
+                format_eps(e): {name: int(np.sum(v == name)) for name in sorted(set(v.tolist()) - {""})}
+                for e, v in result.verifier.items()
+            }
     except Exception as error:  # a crashing verifier marks every sample "error", never "not certified"
         log.error("certificate %s failed:\n%s", name, traceback.format_exc())
         entry.update(

@@ -86,6 +86,7 @@ CERTIFICATES = {
     "crown": "CROWN (ℓ∞)",
     "crown-ibp": "CROWN-IBP (ℓ∞)",
     "alpha-crown": "α-CROWN (ℓ∞)",
+    "cascade": "verifier cascade (ℓ∞)",
     "linf-dist": "ℓ∞-dist margin (ℓ∞)",
     "linf-dist-l2": "ℓ∞-dist margin read in ℓ2",
 }

@@ -22,7 +22,7 @@ from certbench.collect import (
     select,
     write_samples,
 )
-from certbench.storage import write_json
+from certbench.storage import read_json, write_json
 
 RUN_CONFIG = {
     "run": {"dataset": "digits", "name": "lmt", "arch": "mlp", "seed": 0},
@@ -58,6 +58,9 @@ CERTIFY = {
                 "0.1": ["certified", "error", "not_certified", "not_certified"],
                 "0.0313725": ["certified", "certified", "certified", "not_certified"],
             },
+            # a cascade's record of the verifier that certified each sample
+            "verifier": {"0.1": ["ibp", "", "", ""], "0.0313725": ["ibp", "crown", "alpha-crown", ""]},
+            "certified_by": {"0.1": {"ibp": 1}, "0.0313725": {"alpha-crown": 1, "crown": 1, "ibp": 1}},
         },
         "never": {"norm": "l2", "applicable": False, "reason": "not this architecture"},
     },
@@ -108,6 +111,9 @@ def test_the_per_sample_table_round_trips_with_typed_columns(tmp_path: Path) -> 
     assert len(again) == 4 * 8 and (groups == 4).all() and "never" not in set(again["evaluation"])
     box = again[(again["kind"] == "certificate") & (again["norm"] == "linf") & (again["eps"] == 8 / 255)]
     assert box["evaluation"].unique().tolist() == ["box"] and box["status"].tolist()[-1] == "not_certified"
+    assert box["verifier"].tolist()[:3] == ["ibp", "crown", "alpha-crown"]
+    assert pd.isna(box["verifier"].iloc[3])
+    assert again.loc[again["evaluation"] != "box", "verifier"].isna().all()
     radius = again[(again["evaluation"] == "lip") & again["eps"].isna()]
     assert radius["radius"].tolist() == [0.6, 0.2, np.inf, 0.0] and radius["status"].isna().all()
     pgd = again[(again["evaluation"] == "pgd") & (again["eps"] == 0.1)]
@@ -131,6 +137,8 @@ def test_a_record_and_its_summary_round_trip_with_the_metrics_as_rows(tmp_path: 
         tmp_path / "samples.csv",
     )
     collect([tmp_path / "record.json"], tmp_path / "summary.csv", tmp_path / "radii.csv")
+    box = read_json(tmp_path / "record.json")["certify"]["certificates"]["box"]
+    assert "verifier" not in box and box["certified_by"]["0.1"] == {"ibp": 1}  # per sample: samples.csv
     summary = read_summary(tmp_path / "summary.csv")
     assert list(summary.columns) == SUMMARY_COLUMNS
     assert summary["eps"].dtype == float and summary["value"].dtype == float

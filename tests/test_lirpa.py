@@ -321,6 +321,66 @@ def test_shim_full_alpha_indices_on_a_mostly_unstable_layer() -> None:
     assert (bounds["alpha-CROWN"] >= bounds["CROWN"] - 1e-9).all()
 
 
+def ibp_trained_digits_cnn(steps: int = 40) -> nn.Module:
+    """cnn-small after ``steps`` IBP steps on sklearn digits (ε ramping to 0.1): a few seconds, and
+    enough for IBP to prove neurons stable that CROWN's intervals leave unstable."""
+    from certbench.data.digits import load as load_digits_split
+
+    torch.manual_seed(0)
+    train, _ = load_digits_split(Path("."), False)
+    x, y = train.tensors
+    method = make_method(IBP, epochs=1, eps_train=0.1, schedule="linear", schedule_start=0, schedule_length=1)
+    model = method.build_model("cnn-small", {})
+    method.prepare(model)
+    model.train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for step in range(steps):
+        index = torch.randint(0, len(x), (64,))
+        out = method.loss(model, x[index], y[index], min(1.0, 2 * step / steps))
+        optimiser.zero_grad()
+        out.loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+def test_shim_per_sample_sparse_bounds_batched_crown_equals_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shim 11: CROWN's margin bounds of a batch equal those of each sample alone (0.3 merged the
+    batch's unstable neurons: its bounds moved by up to 0.08 here), and so do the certified sets."""
+    import auto_LiRPA.backward_bound as backward_bound
+
+    from certbench.data.digits import load as load_digits_split
+
+    model = ibp_trained_digits_cnn()
+    _, test = load_digits_split(Path("."), False)
+    x, y = test.tensors[0][:48], test.tensors[1][:48]
+    model64 = copy.deepcopy(model).double().requires_grad_(False)
+
+    def batched_and_single(eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        bounder = Bounder()
+        batched = bounder.margin_lower_bounds(model64, x.double(), y, eps, ["CROWN"])["CROWN"]
+        single = [
+            bounder.margin_lower_bounds(model64, x[i : i + 1].double(), y[i : i + 1], eps, ["CROWN"])["CROWN"]
+            for i in range(len(x))
+        ]
+        return batched, torch.cat(single)
+
+    for eps in (0.05, 0.1):
+        batched, single = batched_and_single(eps)
+        assert torch.allclose(batched, single, rtol=0, atol=1e-10)
+    crown = CERTIFICATES.get("crown")
+    for eps in (0.05, 0.1):
+        together = crown(batch_size=len(x)).certify(model, x, y, [eps]).status[eps]
+        alone = crown(batch_size=1).certify(model, x, y, [eps]).status[eps]
+        assert np.array_equal(together, alone) and (together == CERTIFIED).any()
+    # without the shim the batch changes the bounds
+    monkeypatch.setattr(BoundedModule, "restore_sparse_bounds", backward_bound.restore_sparse_bounds)
+    monkeypatch.setattr(BoundedModule, "get_sparse_C", backward_bound.get_sparse_C)
+    batched, single = batched_and_single(0.1)
+    assert (batched - single).abs().max() > 1e-3
+
+
 def test_alpha_crown_time_limit_raises_and_the_bounder_recovers() -> None:
     model, x, y = small_mlp(0), torch.rand(4, 2, 4, 4), torch.arange(4)
     bounder = Bounder()

@@ -4,7 +4,7 @@ Importing this module checks the installed auto_LiRPA version (anything but a te
 one is refused), applies the compat shims below and only then imports auto_LiRPA.
 Tested together: auto_LiRPA 0.3 (the last release, for torch ≤ 1.12 and numpy < 2),
 torch 2.14.1, numpy 2.4, Python 3.11. Shims 1–3 act only when what they restore is
-missing; 4–10 always act. Torch internals are reached at their torch 2.14 location
+missing; 4–11 always act. Torch internals are reached at their torch 2.14 location
 (``torch.onnx._internal.torchscript_exporter``).
 
 =====  ==========================================  ===========================================
@@ -30,6 +30,9 @@ shim   restores                                    needed since
                                                    sets ``final_shape`` to C's shape)
 10     α-CROWN on a layer with more than 90 % of   auto_LiRPA 0.3 itself, any torch (it keeps
        its neurons unstable                        the sparse α's indices with a full α)
+11     CROWN's intermediate bounds of a sample     auto_LiRPA 0.3 itself, any torch (sparse
+       independent of the rest of its batch        intermediate bounds merge the batch's
+                                                   unstable neurons)
 =====  ==========================================  ===========================================
 
 Everything auto_LiRPA-specific that a fixed upstream release would make unnecessary lives here, so
@@ -268,6 +271,55 @@ def _shim_full_alpha_indices(bound_relu: type) -> None:
     bound_relu.init_opt_parameters = init_opt_parameters_full_alpha
 
 
+def _shim_per_sample_sparse_bounds(bounded_module: type) -> None:
+    """Shim 11: CROWN's intermediate bounds of a sample do not depend on the rest of its batch.
+
+    With ``sparse_intermediate_bounds`` (0.3's default), CROWN bounds only the neurons of a layer that
+    a reference interval (IBP from the bounds already found) leaves unstable, and keeps the reference
+    interval for the others; but it takes the union of the unstable neurons over the whole batch,
+    so a neuron stable for one sample got that sample's CROWN interval whenever it was unstable for
+    another. CROWN's interval is not always inside IBP's, so a neuron IBP proves stable could turn
+    unstable, and a sample's bounds depended on its batch (130 vs 131 of 256 samples certified,
+    batched vs one at a time). After the scatter, every neuron the reference proves stable for a
+    sample gets the reference interval back, which is what that sample alone gets. 0.3 also bounds
+    a layer densely (every neuron by CROWN, no reference kept) once the union holds more than
+    ``minimum_sparsity`` (90 %) of its neurons, again a choice made on the batch: while it chooses
+    the C matrix of an intermediate bound, ``minimum_sparsity`` reads 1 (α's own choice of a sparse
+    layout, which reads it too, is left alone). With both, a sample's CROWN bounds are those it gets
+    alone (up to float rounding). The reference is a valid interval, so the bounds stay valid.
+    """
+    restore_sparse_bounds = bounded_module.restore_sparse_bounds
+    get_sparse_c = bounded_module.get_sparse_C
+
+    def get_sparse_c_never_dense(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        previous = self.bound_opts.get("minimum_sparsity", 0.9)
+        self.bound_opts["minimum_sparsity"] = 1.0
+        try:
+            return get_sparse_c(self, *args, **kwargs)
+        finally:
+            self.bound_opts["minimum_sparsity"] = previous
+
+    def restore_sparse_bounds_per_sample(
+        self: nn.Module,
+        node: Any,
+        unstable_idx: Any,
+        unstable_size: Any,
+        ref_lower: torch.Tensor,
+        ref_upper: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        restore_sparse_bounds(self, node, unstable_idx, unstable_size, ref_lower, ref_upper, *args, **kwargs)
+        if unstable_size == 0:
+            return
+        stable = ((ref_lower >= 0) | (ref_upper <= 0)).view(node.lower.shape)
+        node.lower = torch.where(stable, ref_lower.detach().view(node.lower.shape), node.lower)
+        node.upper = torch.where(stable, ref_upper.detach().view(node.upper.shape), node.upper)
+
+    bounded_module.restore_sparse_bounds = restore_sparse_bounds_per_sample
+    bounded_module.get_sparse_C = get_sparse_c_never_dense
+
+
 check_version(importlib.metadata.version("auto_LiRPA"))
 _shim_numpy_arraysetops()
 _shim_set_opset_version()
@@ -285,3 +337,4 @@ _shim_patches_times_channel_constant(auto_LiRPA.operators.BoundMul)
 _shim_relu_alpha_gradient(auto_LiRPA.operators.BoundRelu)
 _shim_full_alpha_indices(auto_LiRPA.operators.BoundRelu)
 _shim_optimized_bounds_dtype(BoundedModule)
+_shim_per_sample_sparse_bounds(BoundedModule)

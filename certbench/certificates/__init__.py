@@ -29,12 +29,17 @@ Norm = Literal["l2", "linf"]
 
 @dataclass
 class CertificateResult:
-    """Per-sample outcome of one certificate on one batch or test set."""
+    """Per-sample outcome of one certificate on one batch or test set.
+
+    ``verifier``, for a certificate that runs several verifiers (``cascade``): per ε, the name of the
+    one that certified each sample ('' where none did); evaluation writes it to the per-sample records.
+    """
 
     radius: np.ndarray | None
     status: dict[float, np.ndarray]
     errors: list[str] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
+    verifier: dict[float, np.ndarray] | None = None
 
 
 class Certificate:

@@ -80,6 +80,25 @@ def crown_batch_size(model: nn.Module, x: torch.Tensor, limit: int = 64, copies:
     return max(1, min(limit, CROWN_MEMORY_BYTES // per_sample))
 
 
+def needed_margins(
+    model: nn.Module, depth: int, x: torch.Tensor, y: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """What each float64 margin bound (B, K−1) must exceed over the box of radius ``eps``: its
+    rounding slack plus the float32 error bound of the margin (module docstring); ``depth`` is the
+    number of layers of ``model``."""
+    error = margin_bounds(model, input_region(x, eps), y).error
+    slack = LIRPA_SLACK * (depth + 2) * (U64 / model_roundoff(model)) * error
+    others = torch.ones_like(error, dtype=torch.bool).scatter_(1, y[:, None], False)
+    return (slack + error)[others].view(len(y), -1).double()
+
+
+def proven(lower: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    """Per sample (B,): whether every float64 margin bound exceeds its entry of ``needed``."""
+    if not torch.isfinite(lower).all():
+        raise FloatingPointError("non-finite margin bound")
+    return (lower - needed > 0).all(dim=1)
+
+
 class LiRPACertificate(Certificate):
     """Per-ε statuses from auto_LiRPA margin bounds; ``radius`` is None (ε-based)."""
 
@@ -126,11 +145,7 @@ class LiRPACertificate(Certificate):
     def _statuses(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
     ) -> tuple[dict[float, np.ndarray], list[str]]:
-        batch = (
-            self.batch_size
-            or self.default_batch_size
-            or crown_batch_size(model, x, copies=self.memory_copies)
-        )
+        batch = self._batch(model, x)
         with torch.no_grad():
             correct = (
                 torch.cat(
@@ -173,6 +188,15 @@ class LiRPACertificate(Certificate):
                     progress.update(eps=float(e))
         return status, errors
 
+    def _batch(self, model: nn.Module, x: torch.Tensor) -> int:
+        """Samples per bound call: ``batch_size``, else the method's default, else as many as fit
+        in memory (:func:`crown_batch_size`)."""
+        return (
+            self.batch_size
+            or self.default_batch_size
+            or crown_batch_size(model, x, copies=self.memory_copies)
+        )
+
     def _certified(
         self,
         bounder: Bounder,
@@ -189,15 +213,9 @@ class LiRPACertificate(Certificate):
         picked = torch.as_tensor(index, device=x.device)
         xb, yb = x[picked], y[picked]
         with torch.no_grad():
-            error = margin_bounds(model, input_region(xb, eps), yb).error
-            slack = LIRPA_SLACK * (depth + 2) * (U64 / model_roundoff(model)) * error
-            others = torch.ones_like(error, dtype=torch.bool).scatter_(1, yb[:, None], False)
-            needed = (slack + error)[others].view(len(yb), -1)
-            lower = self._lower_bounds(bounder, model64, xb.double(), yb, eps, needed.double())
-        if not torch.isfinite(lower).all():
-            raise FloatingPointError("non-finite margin bound")
-        proven = lower - needed > 0
-        return np.where(proven.all(dim=1).cpu().numpy(), CERTIFIED, NOT_CERTIFIED)
+            needed = needed_margins(model, depth, xb, yb, eps)
+            lower = self._lower_bounds(bounder, model64, xb.double(), yb, eps, needed)
+        return np.where(proven(lower, needed).cpu().numpy(), CERTIFIED, NOT_CERTIFIED)
 
 
 @register_certificate("ibp")
@@ -268,13 +286,29 @@ class AlphaCROWNCertificate(CROWNCertificate):
         needed: torch.Tensor,
     ) -> torch.Tensor:
         lower = bounder.margin_lower_bounds(model64, x64, y, eps, ["CROWN"])["CROWN"]
+        return self._optimised(bounder, model64, x64, y, eps, needed, lower, self.time_limit)
+
+    def _optimised(
+        self,
+        bounder: Bounder,
+        model64: nn.Module,
+        x64: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        needed: torch.Tensor,
+        crown: torch.Tensor,
+        time_limit: float | None,
+    ) -> torch.Tensor:
+        """α-CROWN's bounds from CROWN's (``crown``, of the same samples): the optimisation runs on the
+        samples CROWN leaves unproven, within ``time_limit`` seconds, and the larger bound is kept."""
+        lower = crown.clone()
         open_ = ~(lower > needed).all(dim=1)
         if open_.any() and self.falsify_steps:
             open_[open_.clone()] = ~refuted(
                 model64, x64[open_], y[open_], eps, needed[open_], self.falsify_steps
             )
         if open_.any():
-            settings = AlphaCROWN(iterations=self.iterations, lr=self.lr, time_limit=self.time_limit)
+            settings = AlphaCROWN(iterations=self.iterations, lr=self.lr, time_limit=time_limit)
             optimised = bounder.margin_lower_bounds(
                 model64, x64[open_], y[open_], eps, ["alpha-CROWN"], alpha=settings, targets=needed[open_]
             )["alpha-CROWN"]
