@@ -224,8 +224,9 @@ def test_run_nests_dotted_config_keys() -> None:
 def test_figures_takes_the_history_and_the_published_figures(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`certbench figures` passes --history and --published on (training curves, ours vs published),
-    as `python -m certbench.figures` does, and names either one when it is missing."""
+    """`certbench figures` passes --history and --published on (training curves, ours vs published)
+    and the optional figures of --extra, as `python -m certbench.figures` does, and names a missing
+    file."""
     import certbench.figures
 
     calls = []
@@ -243,6 +244,8 @@ def test_figures_takes_the_history_and_the_published_figures(
                 str(tmp_path / "history.csv"),
                 "--published",
                 str(tmp_path / "published.csv"),
+                "--extra",
+                "lipsdp_tradeoff",
                 *out,
             ]
         )
@@ -256,8 +259,9 @@ def test_figures_takes_the_history_and_the_published_figures(
             tmp_path / "figures",
             tmp_path / "history.csv",
             tmp_path / "published.csv",
+            ["lipsdp_tradeoff"],
         ),
-        (tmp_path / "summary.csv", tmp_path / "radii.csv", tmp_path / "figures", None, None),
+        (tmp_path / "summary.csv", tmp_path / "radii.csv", tmp_path / "figures", None, None, []),
     ]
     code = cli.main(["figures", *inputs, "--history", str(tmp_path / "nope.csv"), *out])
     assert one_line_error(capsys, code) == f"certbench: --history {tmp_path / 'nope.csv'}: no such file"
