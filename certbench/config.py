@@ -343,13 +343,19 @@ def experiment(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
     raise ConfigError(f"experiments: no experiment '{run.name}' on '{run.arch}' for '{run.dataset}'")
 
 
+def dataset_settings(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """A run's ``dataset`` section: its name and the config's settings, the ε lists defaulting to the
+    data set's own."""
+    spec = DATASETS.get(dataset)
+    settings = dict(config["datasets"][dataset])
+    settings.setdefault("eps_linf", list(spec.eps_linf))
+    settings.setdefault("eps_l2", list(spec.eps_l2))
+    return {"name": dataset, **settings}
+
+
 def resolve_run(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
     """Everything one run needs, with every default filled in: the unit that is hashed."""
     entry = experiment(config, run)
-    spec = DATASETS.get(run.dataset)
-    dataset_cfg = dict(config["datasets"][run.dataset])
-    dataset_cfg.setdefault("eps_linf", list(spec.eps_linf))
-    dataset_cfg.setdefault("eps_l2", list(spec.eps_l2))
     schema = load_schema()
     training = {**config["training"], **entry.get("training", {})}
     training = validate_against(
@@ -365,7 +371,7 @@ def resolve_run(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
         )
     return {
         "run": {"dataset": run.dataset, "name": run.name, "arch": run.arch, "seed": run.seed},
-        "dataset": {"name": run.dataset, **dataset_cfg},
+        "dataset": dataset_settings(config, run.dataset),
         "data": dict(config["data"]),
         "device": config["device"],
         "method": entry["method"],

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from certbench.config import ConfigError, RunId, config_hash
+from certbench.config import ConfigError, RunId, config_hash, dataset_settings
 from certbench.data.specs import DATASETS, DatasetSpec
 from certbench.storage import sha256_bytes, write_json
 
@@ -98,10 +98,6 @@ def resolve_external(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
     """The resolved config (``run.json``) of an external model: what a trained run's has for its
     data set, data, device and evaluation, and the model's source under ``external``."""
     entry = external_entries(config)[run]
-    spec = DATASETS.get(run.dataset)
-    dataset_cfg = dict(config["datasets"][run.dataset])
-    dataset_cfg.setdefault("eps_linf", list(spec.eps_linf))
-    dataset_cfg.setdefault("eps_l2", list(spec.eps_l2))
     source = (
         {"onnx": entry["onnx"]}
         if "onnx" in entry
@@ -113,7 +109,7 @@ def resolve_external(config: Mapping[str, Any], run: RunId) -> dict[str, Any]:
     )
     return {
         "run": {"dataset": run.dataset, "name": run.name, "arch": EXTERNAL, "seed": SEED},
-        "dataset": {"name": run.dataset, **dataset_cfg},
+        "dataset": dataset_settings(config, run.dataset),
         "data": dict(config["data"]),
         "device": config["device"],
         "method": EXTERNAL,
