@@ -53,7 +53,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if request.param == "kernel" and not ld.kernel_available():
         pytest.skip("no C++ compiler: the compiled kernel is unavailable")
     if request.param == "torch":
-        monkeypatch.setattr(ld, "_use_kernel", lambda *tensors: False)
+        monkeypatch.setattr(ld, "use_kernel", lambda *tensors: False)
     return request.param
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certbench.nn import Normalize, Residual
-from certbench.nn.linf_dist import LinfDist, MeanShift, Negate
+from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lp_distance, use_kernel
 
 U64 = 2.0**-53
 #: Elementwise kernels of smooth activations: error ≤ SMOOTH_ULPS·u·(|f(x)| + 1) (see the module docstring).
@@ -282,7 +282,27 @@ def _activation(m: nn.Module, region: Region, u: float) -> Region:
     return Region(lo, hi, err)
 
 
-def _linf_distance_box(lo: Tensor, hi: Tensor, w: Tensor, tight: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _linf_distances(points: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``‖points_b − w_j‖∞`` for float64 ``points`` (B, in) and the layer's ``weight`` (out, in), with a
+    bound on its error (a scalar tensor).
+
+    Where the layer's own float32 kernel runs (float32 CPU weights, the compiled kernel; 6× faster than
+    a float64 ``torch.cdist``), the points are rounded to float32 and the distances taken there: the
+    ℓ∞ distance is 1-Lipschitz in the points, so rounding them moves it by at most ``u₃₂·max|points|``;
+    each difference ``x_i − w_ji`` is then one correctly rounded float32 operation (the same arithmetic
+    the forward pass's rule in :func:`_linf_dist` relies on) and ``|·|`` and ``max`` are exact, so the
+    float32 distance d̃ is within ``γ₁·d̃`` of the exact one; ``2^−125`` covers subnormal flushing.
+    Elsewhere the distances are float64 ``torch.cdist`` (exact up to the ``u₆₄`` terms of the caller).
+    """
+    if not use_kernel(weight):
+        return torch.cdist(points, weight.detach().double(), p=math.inf), torch.zeros((), dtype=points.dtype)
+    u32 = 2.0**-24
+    value = lp_distance(points.float(), weight.detach(), math.inf).double()
+    error = u32 * points.abs().amax() + gamma(1, u32) * value.amax() + 2.0**-125
+    return value, _up(error, 2)
+
+
+def _linf_distance_box(lo: Tensor, hi: Tensor, weight: Tensor, tight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Float64 bounds of ``d_j(x) = max_i |x_i − w_ji|`` over the box ``lo ≤ x ≤ hi`` and their rounding.
 
     Coordinate-wise extremes (the box is a product):
@@ -297,29 +317,38 @@ def _linf_distance_box(lo: Tensor, hi: Tensor, w: Tensor, tight: bool) -> tuple[
     to the spread. Without ``tight`` every box takes the one-distance enclosure (valid for any box,
     looser for uneven ones: enough where only the error bound is used).
     Each difference is at most three correctly rounded operations on terms of size ≤ 3M, so every
-    bound is off by at most ``8·u₆₄·M`` plus ``u₆₄`` of its size: the third value (to be added to the
-    layer's slack).
+    bound is off by at most ``8·u₆₄·M`` plus ``u₆₄`` of its size, plus what :func:`_linf_distances`
+    adds when it computes the distances in float32: the third value (to be added to the layer's slack).
     """
+    w = weight.detach().double()
     offset = float(torch.maximum(lo.abs().amax(), hi.abs().amax()) + w.abs().amax()) + 1.0
+    distance_error = torch.zeros((), dtype=torch.float64, device=lo.device)
+
+    def distances(points: Tensor) -> Tensor:
+        nonlocal distance_error
+        value, error = _linf_distances(points, weight)
+        distance_error = torch.maximum(distance_error, error)
+        return value
+
     half = (hi - lo) / 2
     spread = half.amax(dim=1, keepdim=True) - half.amin(dim=1, keepdim=True)
     if not tight or bool((spread <= UNIFORM_SPREAD).all()):
-        centre = torch.cdist((lo + hi) / 2, w, p=math.inf)
+        centre = distances((lo + hi) / 2)
         radius = half.amax(dim=1, keepdim=True) + 2 * U64 * (lo.abs() + hi.abs()).amax(dim=1, keepdim=True)
         upper, lower = centre + radius, (centre - radius).clamp_min(0.0)
     else:
         batch = len(lo)
-        plus = torch.cdist(torch.cat([hi, lo]) + offset, w, p=math.inf) - offset
-        minus = torch.cdist(torch.cat([lo, hi]) - offset, w, p=math.inf) - offset
+        plus = distances(torch.cat([hi, lo]) + offset) - offset
+        minus = distances(torch.cat([lo, hi]) - offset) - offset
         upper = torch.maximum(plus[:batch], minus[:batch])
         lower = torch.maximum(plus[batch:], minus[batch:]).clamp_min(0.0)
-    return lower, upper, 8 * U64 * offset + U64 * upper.abs()
+    return lower, upper, 8 * U64 * offset + U64 * upper.abs() + distance_error
 
 
 def _linf_dist(m: LinfDist, region: Region, u: float, tight: bool) -> Region:
     """p = ∞: y_j = max_i |x_i − w_ji| (+ b_j); each difference is rounded once, max and |·| are exact,
     so |ỹ − y| ≤ max_i e_i + u·|ỹ| (+ the bias addition)."""
-    lo, hi, rounding = _linf_distance_box(region.lo, region.hi, m.weight.detach().double(), tight)
+    lo, hi, rounding = _linf_distance_box(region.lo, region.hi, m.weight, tight)
     err_in = region.err.amax(dim=1, keepdim=True)
     b = m.bias.detach().double() if m.bias is not None else torch.zeros((), dtype=torch.float64)
     lo, hi = lo + b, hi + b
@@ -515,14 +544,11 @@ def margin_bounds(model: nn.Module, region: Region, y: Tensor, tight: bool = Tru
             else last.bias.detach().double()
         )
         bias_diff = bias[y][:, None] - bias[None]
-        size = (
-            (diff.abs() @ (c.abs() + r)[:, :, None]).squeeze(-1) + bias[y][:, None].abs() + bias.abs()[None]
-        )
+        # |w_y − w_j| · r and |w_y − w_j| · (|c| + r) in one batched product
+        spread, magnitude = (diff.abs() @ torch.stack([r, c.abs() + r], dim=2)).unbind(dim=2)
+        size = magnitude + bias[y][:, None].abs() + bias.abs()[None]
         lower = (
-            (diff @ c[:, :, None]).squeeze(-1)
-            - (diff.abs() @ r[:, :, None]).squeeze(-1)
-            + bias_diff
-            - gamma(last.in_features + 6, U64) * size
+            (diff @ c[:, :, None]).squeeze(-1) - spread + bias_diff - gamma(last.in_features + 6, U64) * size
         )
         error = out.err.gather(1, y[:, None]) + out.err
     lower = lower.scatter(1, y[:, None], math.inf)

@@ -184,7 +184,7 @@ def kernel_available() -> bool:
     return _kernel() is not None
 
 
-def _use_kernel(*tensors: Tensor) -> bool:
+def use_kernel(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _kernel() is not None
 
 
@@ -331,7 +331,7 @@ def _torch_backward(x: Tensor, w: Tensor, g: Tensor, y: Tensor, p: float) -> tup
 
 def _backend(*tensors: Tensor) -> tuple[Forward, Backward]:
     """The compiled kernel for float32 CPU tensors, Triton for float32 CUDA tensors, else PyTorch."""
-    if _use_kernel(*tensors):
+    if use_kernel(*tensors):
         return _kernel_forward, _kernel_backward
     kernels = _triton_for(*tensors)
     return (kernels.forward, kernels.backward) if kernels is not None else (_torch_forward, _torch_backward)
