@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,29 @@ def test_digits_is_real_and_split_deterministically() -> None:
     assert int(counts.min()) >= 35  # stratified: every class about 36 times
     mean = float(train.tensors[0].mean())
     assert abs(mean - spec.mean[0]) < 0.01
+
+
+def test_digits_split_is_saved_once_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load saves scikit-learn's split; later loads read the same arrays back without
+    splitting again; a damaged file is split and saved again."""
+    from certbench.data import digits
+
+    splits = []
+    split = digits._split
+    monkeypatch.setattr(digits, "_split", lambda: splits.append(1) or split())
+    _, (train, test) = load_split("digits", tmp_path)
+    (saved,) = tmp_path.glob("digits-split-*.npz")
+    _, (train_again, test_again) = load_split("digits", tmp_path)
+    assert len(splits) == 1
+    for first, again in ((train, train_again), (test, test_again)):
+        assert all(torch.equal(a, b) for a, b in zip(first.tensors, again.tensors, strict=True))
+    saved.write_bytes(b"not an npz file")
+    _, (_, repaired) = load_split("digits", tmp_path)
+    _, (_, read_back) = load_split("digits", tmp_path)
+    assert len(splits) == 2
+    assert torch.equal(repaired.tensors[0], test.tensors[0]) and torch.equal(
+        read_back.tensors[0], test.tensors[0]
+    )
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -232,7 +256,6 @@ def test_every_data_set_module_registers_one_data_set() -> None:
 def test_data_set_names_are_known_without_torch() -> None:
     """The DAG checks data set names: looking into the registry imports every data set module, never torch."""
     import subprocess
-    import sys
 
     code = (
         "import sys; from certbench.data import DATASETS; names = DATASETS.names(); "

@@ -747,3 +747,27 @@ def test_method_copies_start_with_an_empty_bounder() -> None:
     copied = copy.deepcopy(method)
     assert method.bounder._bounded is not None and copied.bounder._bounded is None
     assert copied.loss(model, torch.rand(4, 1, 8, 8), torch.arange(4), 1.0).loss.isfinite()
+
+
+def test_alpha_crown_reuses_crowns_bounds_only_for_the_same_model_and_points() -> None:
+    """α-CROWN after ``crown`` starts from CROWN's stored bounds and certifies exactly what it certifies
+    from fresh ones; a weight changed in place, another ε or another point is not served a stored bound."""
+    from certbench.certificates import fingerprint
+    from certbench.certificates.lirpa import CROWN_MEMO
+
+    model = small_cnn(3)
+    x = torch.rand(12, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = model(x).argmax(1)
+    alpha = CERTIFICATES.get("alpha-crown")(iterations=3)
+    CROWN_MEMO.__init__()
+    fresh = alpha.certify(model, x, y, [0.02])
+    CERTIFICATES.get("crown")().certify(model, x, y, [0.02])
+    x64 = x.double()
+    assert CROWN_MEMO.lookup(fingerprint(model), x64, y, 0.02) is not None
+    reused = alpha.certify(model, x, y, [0.02])
+    assert np.array_equal(fresh.status[0.02], reused.status[0.02])
+    assert CROWN_MEMO.lookup(fingerprint(model), x64, y, 0.03) is None
+    assert CROWN_MEMO.lookup(fingerprint(model), x64 + 1e-9, y, 0.02) is None
+    with torch.no_grad():
+        model[-1].weight[0, 0] += 1.0
+    assert CROWN_MEMO.lookup(fingerprint(model), x64, y, 0.02) is None

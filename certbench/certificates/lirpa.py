@@ -24,6 +24,7 @@ float32 error bound of its margin on the box, so the float32 pass of the model a
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ from certbench.certificates import (
     NOT_CERTIFIED,
     Certificate,
     CertificateResult,
+    fingerprint,
     register_certificate,
 )
 from certbench.progress import Progress
@@ -234,20 +236,96 @@ class CROWNIBPCertificate(LiRPACertificate):
     default_batch_size = 256
 
 
+class CrownMemo:
+    """CROWN's float64 margin lower bounds of the samples of one model, so that α-CROWN, which starts
+    from them, does not compute them again after ``crown`` ran in the same process (a certify job
+    runs both on the same points).
+
+    A bound is served only for the same model content (:func:`~certbench.certificates.fingerprint`
+    of the float32 model), ε, label and input bytes; a sample's CROWN bounds do not depend on the
+    rest of its batch (shim 11 of :mod:`certbench.bounds.lirpa_compat`), so a bound computed in any
+    batch is the one this batch would compute. Only the latest model's bounds are kept.
+    """
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.rows: dict[tuple[float, int, bytes], torch.Tensor] = {}
+
+    @staticmethod
+    def _keys(x64: torch.Tensor, y: torch.Tensor, eps: float) -> list[tuple[float, int, bytes]]:
+        rows = x64.detach().cpu().flatten(1).numpy()
+        return [
+            (float(eps), int(label), hashlib.blake2b(row.tobytes(), digest_size=16).digest())
+            for row, label in zip(rows, y.tolist(), strict=True)
+        ]
+
+    def store(self, model: str, x64: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor) -> None:
+        if model != self.model:
+            self.model, self.rows = model, {}
+        self.rows.update(zip(self._keys(x64, y, eps), lower.detach().clone(), strict=True))
+
+    def lookup(self, model: str, x64: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """The stored bounds (B, K−1) of every sample, or None unless all are stored."""
+        if model != self.model:
+            return None
+        found = [self.rows.get(key) for key in self._keys(x64, y, eps)]
+        return None if any(row is None for row in found) else torch.stack(found).to(x64.device)  # type: ignore[misc]
+
+
+CROWN_MEMO = CrownMemo()
+
+
 @register_certificate("crown")
 class CROWNCertificate(LiRPACertificate):
     """Full CROWN (Zhang et al. 2018): every hidden layer bounded backwards; costly, so
-    batches are sized by :func:`crown_batch_size` unless ``batch_size`` is given."""
+    batches are sized by :func:`crown_batch_size` unless ``batch_size`` is given. Its bounds are kept
+    in :data:`CROWN_MEMO` for α-CROWN."""
 
     method = "CROWN"
     default_batch_size = None
+    #: The fingerprint of the model being certified, set for the duration of :meth:`_statuses`.
+    _model: str | None = None
+
+    def _statuses(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
+    ) -> tuple[dict[float, np.ndarray], list[str]]:
+        self._model = fingerprint(model)
+        try:
+            return super()._statuses(model, x, y, eps)
+        finally:
+            self._model = None
+
+    def _crown_bounds(
+        self, bounder: Bounder, model64: nn.Module, x64: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """CROWN's margin lower bounds, from :data:`CROWN_MEMO` where it has them all."""
+        if self._model is not None:
+            known = CROWN_MEMO.lookup(self._model, x64, y, eps)
+            if known is not None:
+                return known
+        lower = bounder.margin_lower_bounds(model64, x64, y, eps, ["CROWN"])["CROWN"]
+        if self._model is not None:
+            CROWN_MEMO.store(self._model, x64, y, eps, lower)
+        return lower
+
+    def _lower_bounds(
+        self,
+        bounder: Bounder,
+        model64: nn.Module,
+        x64: torch.Tensor,
+        y: torch.Tensor,
+        eps: float,
+        needed: torch.Tensor,
+    ) -> torch.Tensor:
+        return self._crown_bounds(bounder, model64, x64, y, eps)
 
 
 @register_certificate("alpha-crown")
 class AlphaCROWNCertificate(CROWNCertificate):
     """α-CROWN (Xu et al., ICLR 2021): CROWN with the lower ReLU slopes optimised per margin by
     ``iterations`` Adam steps of rate ``lr`` (auto_LiRPA's ``CROWN-Optimized``), never looser than
-    CROWN. CROWN runs first; the optimisation runs only on the samples whose CROWN bounds do not
+    CROWN. CROWN runs first (its bounds taken from :data:`CROWN_MEMO` when ``crown`` already ran on
+    the same model and points); the optimisation runs only on the samples whose CROWN bounds do not
     already certify them and that ``falsify_steps`` steps of PGD on the float64 model do not refute
     (:func:`refuted`), and stops for a sample once all its bounds do. Both are valid bounds, so the
     larger one is kept per margin. A batch whose optimisation takes longer than
@@ -285,7 +363,7 @@ class AlphaCROWNCertificate(CROWNCertificate):
         eps: float,
         needed: torch.Tensor,
     ) -> torch.Tensor:
-        lower = bounder.margin_lower_bounds(model64, x64, y, eps, ["CROWN"])["CROWN"]
+        lower = self._crown_bounds(bounder, model64, x64, y, eps)
         return self._optimised(bounder, model64, x64, y, eps, needed, lower, self.time_limit)
 
     def _optimised(
