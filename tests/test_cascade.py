@@ -98,11 +98,12 @@ def test_each_stage_runs_the_points_left_to_it_in_its_own_batches(monkeypatch: p
     """α-CROWN gets the open points of a whole cascade batch in one call, starting from CROWN's bounds
     (no CROWN pass of its own), not a few points per small batch."""
     from certbench.bounds.lirpa import Bounder
-    from certbench.certificates.lirpa import AlphaCROWNCertificate
+    from certbench.certificates.lirpa import CROWN_MEMO, AlphaCROWNCertificate
 
     model, x, y, eps = mlp_case()
+    CROWN_MEMO.clear()  # CROWN's bounds from another test of the same model would be served here
     calls: list[tuple[str, int]] = []
-    optimised, bounds = AlphaCROWNCertificate._optimised, Bounder.margin_lower_bounds
+    optimised, bounds = AlphaCROWNCertificate.optimised_bounds, Bounder.margin_lower_bounds
 
     def count_optimised(self, bounder, model64, x64, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(("optimised", len(x64)))
@@ -112,7 +113,7 @@ def test_each_stage_runs_the_points_left_to_it_in_its_own_batches(monkeypatch: p
         calls.append((methods[0], len(x)))
         return bounds(self, model, x, y, eps, methods, *args, **kwargs)
 
-    monkeypatch.setattr(AlphaCROWNCertificate, "_optimised", count_optimised)
+    monkeypatch.setattr(AlphaCROWNCertificate, "optimised_bounds", count_optimised)
     monkeypatch.setattr(Bounder, "margin_lower_bounds", count_bounds)
     cascade = CERTIFICATES.get("cascade")(stages=["crown", "alpha-crown"], alpha_iterations=2)
     result = cascade.certify(model, x, y, eps[1:])

@@ -759,7 +759,7 @@ def test_alpha_crown_reuses_crowns_bounds_only_for_the_same_model_and_points() -
     x = torch.rand(12, 2, 8, 8, generator=torch.Generator().manual_seed(3))
     y = model(x).argmax(1)
     alpha = CERTIFICATES.get("alpha-crown")(iterations=3)
-    CROWN_MEMO.__init__()
+    CROWN_MEMO.clear()
     fresh = alpha.certify(model, x, y, [0.02])
     CERTIFICATES.get("crown")().certify(model, x, y, [0.02])
     x64 = x.double()

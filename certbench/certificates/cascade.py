@@ -11,8 +11,9 @@ the cascade certifies is one that stage's own certificate certifies too, and the
 the union of its stages, each run alone: a sample's IBP, CROWN-IBP and CROWN bounds do not depend
 on the rest of its batch (for CROWN, shim 11 of :mod:`certbench.bounds.lirpa_compat`); α-CROWN's
 optimisation may end early on a rule that looks at the whole batch (auto_LiRPA's patience), so
-there the union holds up to the batch it ran in. When CROWN runs just before α-CROWN, α-CROWN
-starts from CROWN's bounds instead of computing them again. Misclassified points are never certified.
+there the union holds up to the batch it ran in. When CROWN runs before α-CROWN, α-CROWN starts
+from CROWN's bounds (kept in :data:`~certbench.certificates.lirpa.CROWN_MEMO`) instead of
+computing them again. Misclassified points are never certified.
 
 Each stage runs the points that reach it in batches of its own size (its certificate's: CROWN's and
 α-CROWN's sized by memory), so the few points a batch leaves to α-CROWN are not optimised in
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,7 @@ from certbench.certificates import (
 )
 from certbench.certificates.lirpa import (
     AlphaCROWNCertificate,
+    CROWNCertificate,
     LiRPACertificate,
     needed_margins,
     proven,
@@ -113,7 +116,11 @@ class CascadeCertificate(LiRPACertificate):
     ) -> CertificateResult:
         self._by = {float(e): np.full(len(x), "", dtype=f"<U{max(map(len, STAGES))}") for e in eps}
         self._budget_errors, self._seconds = {}, {stage.name: 0.0 for stage in self._stages}
-        result = super().certify(model, x, y, eps)
+        with ExitStack() as memos:  # CROWN's bounds kept for α-CROWN (CROWN_MEMO)
+            for stage in self._stages:
+                if isinstance(stage, CROWNCertificate):
+                    memos.enter_context(stage.memo_for(model))
+            result = super().certify(model, x, y, eps)
         verifier = {}
         for e, status in result.status.items():
             verifier[e] = np.where(status == CERTIFIED, self._by[e], "")
@@ -149,7 +156,6 @@ class CascadeCertificate(LiRPACertificate):
             needed = needed_margins(model, depth, xb, yb, eps)
             x64 = xb.double()
             open_ = torch.ones(len(index), dtype=torch.bool, device=xb.device)
-            crown: tuple[torch.Tensor, torch.Tensor] | None = None  # rows and CROWN's bounds on them
             for stage in self._stages:
                 if not open_.any():
                     break
@@ -165,7 +171,7 @@ class CascadeCertificate(LiRPACertificate):
                     for start in range(0, len(rows), step):  # the stage's own batch size
                         part = slice(start, start + step)
                         lower[part] = self._stage_bounds(
-                            stage, bounder, model64, x64, yb, eps, needed, rows[part], crown, started
+                            stage, bounder, model64, x64, yb, eps, needed, rows[part], started
                         )
                 except BoundTimeLimitExceeded:
                     spent = time.perf_counter() - started
@@ -174,7 +180,6 @@ class CascadeCertificate(LiRPACertificate):
                 finally:
                     self._seconds[stage.name] += time.perf_counter() - stage_started
                 done = proven(lower, needed[rows])
-                crown = (rows[~done], lower[~done]) if stage.name == "crown" else None
                 certified = rows[done].cpu().numpy()
                 by[index[certified]] = stage.name
                 status[certified] = CERTIFIED
@@ -191,19 +196,12 @@ class CascadeCertificate(LiRPACertificate):
         eps: float,
         needed: torch.Tensor,
         rows: torch.Tensor,
-        crown: tuple[torch.Tensor, torch.Tensor] | None,
         started: float,
     ) -> torch.Tensor:
-        """``stage``'s float64 margin bounds on ``rows``; α-CROWN gets what is left of the budget and
-        starts from CROWN's bounds where CROWN ran just before on these rows."""
+        """``stage``'s float64 margin bounds on ``rows``; α-CROWN gets what is left of the budget."""
         if isinstance(stage, AlphaCROWNCertificate):
             left = None if self.time_limit is None else self.time_limit - (time.perf_counter() - started)
-            known = None if crown is None else torch.isin(rows, crown[0])
-            if known is not None and known.all():
-                start = crown[1][torch.searchsorted(crown[0], rows)]
-            else:
-                start = bounder.margin_lower_bounds(model64, x64[rows], y[rows], eps, ["CROWN"])["CROWN"]
-            return stage._optimised(bounder, model64, x64[rows], y[rows], eps, needed[rows], start, left)
+            return stage.optimised_bounds(bounder, model64, x64[rows], y[rows], eps, needed[rows], left)
         return stage._lower_bounds(bounder, model64, x64[rows], y[rows], eps, needed[rows])
 
     def _over_budget(

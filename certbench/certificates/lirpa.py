@@ -27,7 +27,8 @@ import copy
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar
 
 import numpy as np
@@ -251,6 +252,9 @@ class CrownMemo:
         self.model: str | None = None
         self.rows: dict[tuple[float, int, bytes], torch.Tensor] = {}
 
+    def clear(self) -> None:
+        self.model, self.rows = None, {}
+
     @staticmethod
     def _keys(x64: torch.Tensor, y: torch.Tensor, eps: float) -> list[tuple[float, int, bytes]]:
         rows = x64.detach().cpu().flatten(1).numpy()
@@ -261,7 +265,8 @@ class CrownMemo:
 
     def store(self, model: str, x64: torch.Tensor, y: torch.Tensor, eps: float, lower: torch.Tensor) -> None:
         if model != self.model:
-            self.model, self.rows = model, {}
+            self.clear()
+            self.model = model
         self.rows.update(zip(self._keys(x64, y, eps), lower.detach().clone(), strict=True))
 
     def lookup(self, model: str, x64: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -289,9 +294,16 @@ class CROWNCertificate(LiRPACertificate):
     def _statuses(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Sequence[float]
     ) -> tuple[dict[float, np.ndarray], list[str]]:
+        with self.memo_for(model):
+            return super()._statuses(model, x, y, eps)
+
+    @contextmanager
+    def memo_for(self, model: nn.Module) -> Iterator[None]:
+        """Within the block, CROWN's bounds are read from and kept in :data:`CROWN_MEMO` under
+        ``model``'s fingerprint."""
         self._model = fingerprint(model)
         try:
-            return super()._statuses(model, x, y, eps)
+            yield
         finally:
             self._model = None
 
@@ -363,10 +375,9 @@ class AlphaCROWNCertificate(CROWNCertificate):
         eps: float,
         needed: torch.Tensor,
     ) -> torch.Tensor:
-        lower = self._crown_bounds(bounder, model64, x64, y, eps)
-        return self._optimised(bounder, model64, x64, y, eps, needed, lower, self.time_limit)
+        return self.optimised_bounds(bounder, model64, x64, y, eps, needed, self.time_limit)
 
-    def _optimised(
+    def optimised_bounds(
         self,
         bounder: Bounder,
         model64: nn.Module,
@@ -374,12 +385,11 @@ class AlphaCROWNCertificate(CROWNCertificate):
         y: torch.Tensor,
         eps: float,
         needed: torch.Tensor,
-        crown: torch.Tensor,
         time_limit: float | None,
     ) -> torch.Tensor:
-        """α-CROWN's bounds from CROWN's (``crown``, of the same samples): the optimisation runs on the
-        samples CROWN leaves unproven, within ``time_limit`` seconds, and the larger bound is kept."""
-        lower = crown.clone()
+        """α-CROWN's bounds, starting from CROWN's: the optimisation runs on the samples CROWN leaves
+        unproven, within ``time_limit`` seconds, and the larger bound is kept."""
+        lower = self._crown_bounds(bounder, model64, x64, y, eps).clone()
         open_ = ~(lower > needed).all(dim=1)
         if open_.any() and self.falsify_steps:
             open_[open_.clone()] = ~refuted(
