@@ -16,13 +16,11 @@
 
 Conventions (see :mod:`certbench.plotting`): colour per experiment in the hues of its method
 family, marker per architecture; means over seeds with ±1 sample sd (ddof = 1); human labels
-from :mod:`certbench.labels`. ``python -m certbench.figures --help`` runs it by hand.
+from :mod:`certbench.labels`. ``certbench figures --help`` runs it by hand.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,34 +148,3 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
 OPTIONAL_FIGURES: dict[str, Callable[[pd.DataFrame, Path], None]] = {
     "lipsdp_tradeoff": lipsdp_tradeoff_figure
 }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m certbench.figures",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--summary", type=Path, required=True, help="summary.csv from `certbench collect`")
-    parser.add_argument("--radii", type=Path, required=True, help="radii.csv from `certbench collect`")
-    parser.add_argument("--history", type=Path, help="history.csv (per-epoch training logs)")
-    parser.add_argument("--published", type=Path, help="published.csv (published figures of the config)")
-    parser.add_argument("--out-dir", type=Path, required=True, help="folder for the PNG and PDF files")
-    parser.add_argument(
-        "--extra",
-        nargs="+",
-        default=[],
-        choices=sorted(OPTIONAL_FIGURES),
-        help="optional figures to draw too",
-    )
-    args = parser.parse_args(argv)
-    for path in (args.summary, args.radii, args.history, args.published):
-        if path is not None and not path.exists():
-            print(f"certbench figures: no such file: {path}", file=sys.stderr)
-            return 2
-    write_figures(args.summary, args.radii, args.out_dir, args.history, args.published, args.extra)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -225,8 +225,7 @@ def test_figures_takes_the_history_and_the_published_figures(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`certbench figures` passes --history and --published on (training curves, ours vs published)
-    and the optional figures of --extra, as `python -m certbench.figures` does, and names a missing
-    file."""
+    and the optional figures of --extra, and names a missing file."""
     import certbench.figures
 
     calls = []
