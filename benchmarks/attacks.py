@@ -36,8 +36,9 @@ def digits_28(n_train: int = 1500) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 4) -> None:
-    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 4, lr: float = 2e-3) -> None:
+    """Plain cross-entropy training with Adam, batches of 64; the model is left in eval mode."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(epochs):
         for batch in torch.randperm(len(x)).split(64):
             optimiser.zero_grad()

@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from attacks import train as fit
 from torch import nn
 
 from certbench.attacks import Attack
@@ -49,14 +50,7 @@ def trained_cnn_small(epochs: int) -> tuple[nn.Module, torch.Tensor, torch.Tenso
     spec, (train, test) = load_split("digits")
     torch.manual_seed(0)
     model = build("cnn-small", spec)
-    x, y = train.tensors
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(64):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimiser.step()
-    model.eval()
+    fit(model, *train.tensors, epochs=epochs, lr=1e-3)
     return model, *test.tensors
 
 
