@@ -53,7 +53,13 @@ def dataset() -> str:
         return "digits"
 
 
-def run_config(args: argparse.Namespace, data: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+def run_config(
+    args: argparse.Namespace,
+    data: str,
+    method: str,
+    params: dict[str, Any],
+    certificates: tuple[str, ...] = ("ibp",),
+) -> dict[str, Any]:
     config = {
         "seeds": [args.seed],
         "device": "cpu",
@@ -73,7 +79,7 @@ def run_config(args: argparse.Namespace, data: str, method: str, params: dict[st
             "grad_clip": 10.0,
         },
         "experiments": [{"method": method, "arch": "cnn-small", "params": params}],
-        "evaluation": {"batch_size": 500, "certificates": ["ibp"], "attacks": []},
+        "evaluation": {"batch_size": 500, "certificates": list(certificates), "attacks": []},
     }
     checked = check_config(config)
     return cfg.resolve_run(checked, cfg.runs(checked)[0])

@@ -1,4 +1,4 @@
-"""Shared by the bound-propagation training methods ``ibp`` and ``crown-ibp`` (auto_LiRPA).
+"""Shared by the bound-propagation methods ``ibp``, ``crown-ibp``, ``sabr``, ``mtl-ibp`` (auto_LiRPA).
 
 :class:`BoundPropagationMethod` is ``ibp`` (see :mod:`methods.ibp` for the loss and the ε schedule);
 ``crown-ibp`` changes the bounds and their weights. Not a method (no ``register_method``): a
@@ -15,6 +15,10 @@ training with short warmup") as options, off by default (the default runs are un
 
 Their third ingredient, BatchNorm after every layer, is an architecture, not a training option, and
 no architecture these methods train here has BatchNorm: see the README.
+
+:class:`AdversarialBoundMethod` is the family base of the losses that pair IBP bounds with a point
+found by PGD (``sabr``, ``mtl-ibp``): the attack (:func:`pgd_linf`), an L1 penalty on the weights,
+and the defaults both papers' code shares (the Shi et al. recipe on, no natural loss once ε = ε_train).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certbench.bounds.lirpa import Bounder, robust_cross_entropy, unsupported_reason
+from certbench.bounds.lirpa import Bounder, input_box, robust_cross_entropy, unsupported_reason
 from certbench.config import ConfigError
 from certbench.method import LossOutput, Method, non_negative, unit_interval
 
@@ -290,3 +294,129 @@ class BoundPropagationMethod(Method):
             total = total + reg_weight * (regularisers["tightness"] + regularisers["relu"])
             stats |= {"reg_weight": reg_weight, **{f"reg_{k}": v.item() for k, v in regularisers.items()}}
         return LossOutput(total, stats, logits=logits.detach())
+
+
+def pgd_linf(
+    model: nn.Module,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    step_size: float,
+    decay_at: tuple[float, ...] = (),
+) -> torch.Tensor:
+    """A point of the box [lower, upper] (elementwise) of high cross-entropy, by PGD (Madry et al. 2018).
+
+    A uniform random start in the box, then ``steps`` signed-gradient ascent steps on CE(f(x'), y),
+    each of ``step_size`` times the box's half-width per coordinate, projected back onto the box;
+    the step is multiplied by 0.1 after each fraction ``decay_at`` of the steps (SABR's schedule).
+    Every iterate, the last included, is scored, and the one of highest CE per sample is returned,
+    detached. The attack runs in eval mode (BatchNorm and dropout, if any, as at test time) and
+    differentiates with respect to the input only: no parameter gradient is touched.
+    """
+    was_training = model.training
+    model.eval()
+    half = (upper - lower) / 2
+    milestones = [math.ceil(fraction * steps) for fraction in decay_at]
+    point = (lower + torch.rand_like(lower) * (upper - lower)).detach()
+    best, best_loss = point.clone(), torch.full((len(y),), -math.inf, dtype=lower.dtype, device=y.device)
+    try:
+        for step in range(steps + 1):
+            last = step == steps
+            with torch.set_grad_enabled(not last):
+                point.requires_grad_(not last)
+                loss = F.cross_entropy(model(point), y, reduction="none")
+            better = loss.detach() >= best_loss
+            best = torch.where(better.view(-1, *[1] * (point.dim() - 1)), point.detach(), best)
+            best_loss = torch.where(better, loss.detach(), best_loss)
+            if not last:
+                (gradient,) = torch.autograd.grad(loss.sum(), point)
+                size = step_size * 0.1 ** sum(step >= m for m in milestones)
+                stepped = point.detach() + size * half * gradient.sign()
+                point = torch.minimum(torch.maximum(stepped, lower), upper)
+    finally:
+        model.train(was_training)
+    return best.detach()
+
+
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ |w| over the weights of every Linear and Conv2d layer (biases left out, as in the MTL-IBP code)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return torch.stack([layer.weight.abs().sum() for layer in layers]).sum()
+
+
+def attack_params(steps: int, step_size: float) -> dict[str, dict[str, Any]]:
+    """The ``params_schema`` entries of the PGD attack, with a method's defaults."""
+    return {
+        "attack_steps": {
+            "type": "integer",
+            "minimum": 1,
+            "default": steps,
+            "description": "PGD steps of the attack during training",
+        },
+        "attack_step_size": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": step_size,
+            "description": "PGD step as a fraction of the attacked box's half-width per pixel",
+        },
+    }
+
+
+class AdversarialBoundMethod(BoundPropagationMethod):
+    """IBP bounds paired with a PGD point (SABR, MTL-IBP): the shared parameters and the attack.
+
+    Defaults follow both papers' public code: the Shi et al. (2021) recipe on (``init: ibp``,
+    ``warmup_reg: 0.5``; SABR's and MTL-IBP's published runs all use it), no natural loss once
+    ε = ε_train (``kappa_final: 0``), and an L1 penalty ``l1``·Σ|w| on the weights, added to every
+    step's loss (0 here by default: its published value depends on the setting). Subclasses set
+    :attr:`attack_decay` and implement :meth:`robust_loss`; :attr:`robust_stats` is what they
+    measured in it, logged with the losses.
+    """
+
+    params_schema: ClassVar[dict[str, dict[str, Any]]] = {
+        **BoundPropagationMethod.params_schema,
+        "kappa_final": {**BoundPropagationMethod.params_schema["kappa_final"], "default": 0.0},
+        "init": {**BoundPropagationMethod.params_schema["init"], "default": "ibp"},
+        "warmup_reg": {**BoundPropagationMethod.params_schema["warmup_reg"], "default": 0.5},
+        "l1": {
+            "type": "number",
+            "minimum": 0,
+            "default": 0.0,
+            "description": "weight of the L1 penalty Σ|w| on the Linear/Conv2d weights",
+        },
+    }
+    #: Fractions of the attack's steps after which its step is multiplied by 0.1.
+    attack_decay: ClassVar[tuple[float, ...]] = ()
+
+    def __init__(self, params: Mapping[str, Any], context: Any) -> None:
+        super().__init__(params, context)
+        self.robust_stats: dict[str, float] = {}
+
+    def check(self) -> None:
+        super().check()
+        non_negative("l1", float(self.params["l1"]))
+        if not float(self.params["attack_step_size"]) > 0:
+            raise ConfigError(f"params.attack_step_size: must be > 0, got {self.params['attack_step_size']}")
+
+    def attack_radius(self, eps: float) -> float:
+        """The radius of the box the attack searches at training radius ε."""
+        return eps
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+        """The PGD point of highest CE in the box [x − r, x + r] ∩ [0, 1], r = :meth:`attack_radius`
+        (:func:`pgd_linf`)."""
+        lower, upper = input_box(x, self.attack_radius(eps))
+        steps, size = int(self.params["attack_steps"]), float(self.params["attack_step_size"])
+        return pgd_linf(model, lower, upper, y, steps, size, self.attack_decay)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:
+        self.robust_stats = {}
+        out = super().loss(model, x, y, progress)
+        out.stats |= self.robust_stats
+        lam = float(self.params["l1"])
+        if lam > 0:
+            penalty = l1_penalty(model)
+            out.loss = out.loss + lam * penalty
+            out.stats["l1_norm"] = penalty.item()
+        return out

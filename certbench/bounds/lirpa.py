@@ -190,10 +190,18 @@ def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
 
 
-def ball(x: torch.Tensor, eps: float, norm: BoundNorm) -> PerturbationLpNorm:
-    """ℓ∞: the box ``input_box(x, ε)``; ℓ2: the ball ‖δ‖₂ ≤ ε, unclipped (a superset: still sound)."""
+def ball(
+    x: torch.Tensor, eps: float, norm: BoundNorm, box: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> PerturbationLpNorm:
+    """ℓ∞: the box ``input_box(x, ε)``, or ``box`` = (lower, upper) when given (elementwise bounds of
+    x's shape, e.g. a sub-box of the ε-ball); ℓ2: the ball ‖δ‖₂ ≤ ε, unclipped (a superset: still sound)."""
     if not eps >= 0 or (norm == "linf" and eps > 1):
         raise ValueError(f"eps must be ≥ 0 (and ≤ 1 for linf), got {eps}")
+    if box is not None:
+        lower, upper = box
+        if norm != "linf" or lower.shape != x.shape or upper.shape != x.shape:
+            raise ValueError("an explicit input box is an ℓ∞ box of the input's shape")
+        return PerturbationLpNorm(norm=np.inf, eps=eps, x_L=lower, x_U=upper)
     if norm == "linf":
         x_lower, x_upper = input_box(x, eps)
         return PerturbationLpNorm(norm=np.inf, eps=eps, x_L=x_lower, x_U=x_upper)
@@ -350,10 +358,12 @@ class Bounder:
         norm: BoundNorm = "linf",
         alpha: AlphaCROWN | None = None,
         targets: torch.Tensor | None = None,
+        box: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[BoundMethod, torch.Tensor]:
         """Lower bounds (B, K−1) on z_y − z_j, j ≠ y, over the ε-ball, for each of ``methods``.
 
-        The perturbation set is :func:`ball`; ℓ2 is offered for CROWN only. Gradients flow to
+        The perturbation set is :func:`ball`, or the ℓ∞ box ``box`` = (lower, upper) when given
+        (SABR's small boxes); ℓ2 is offered for CROWN only. Gradients flow to
         the model's parameters unless the caller disables them (except for α-CROWN, whose bound is
         detached). IBP and CROWN-IBP asked together share one IBP pass. α-CROWN runs with
         ``alpha`` (default :class:`AlphaCROWN`); ``targets`` (B, K−1), if given, end the
@@ -367,7 +377,7 @@ class Bounder:
                 "ℓ2 bounds: auto_LiRPA 0.3 propagates IBP through Normalize with zero width "
                 "(unsound), so only CROWN is offered"
             )
-        perturbation = ball(x, eps, norm)
+        perturbation = ball(x, eps, norm, box)
         bounded = self._module(model, norm, x)
         spec = specification_matrix(y, int(bounded.final_shape[1])).to(x.dtype)
         results: dict[BoundMethod, torch.Tensor] = {}
