@@ -29,6 +29,7 @@ METHODS = {
     "crown-ibp": "CROWN-IBP",
     "linf-dist": "ℓ∞-dist net",
     "linf-dist-head": "ℓ∞-dist net + MLP",
+    "sortnet": "SortNet",
     "lipsdp-admm": "LipSDP training",
 }
 FAMILIES = {
@@ -42,6 +43,7 @@ FAMILIES = {
     "crown-ibp": "bounds",
     "linf-dist": "linf-dist",
     "linf-dist-head": "linf-dist",
+    "sortnet": "linf-dist",
     "lipsdp-admm": "lipsdp",
 }
 FAMILY_LABELS = {
@@ -68,6 +70,7 @@ ARCHS = {
     "wrn-16-4": "WRN-16-4",
     "linf-dist-mlp": "ℓ∞-dist MLP",
     "linf-dist-mlp+head": "ℓ∞-dist MLP + head",
+    "sortnet-mlp": "SortNet MLP",
 }
 ARCH_MARKERS = {
     "mlp": "o",
@@ -76,6 +79,7 @@ ARCH_MARKERS = {
     "wrn-16-4": "P",
     "linf-dist-mlp": "^",
     "linf-dist-mlp+head": "v",
+    "sortnet-mlp": "8",
 }
 SPARE_MARKERS = ["X", "*", "h", "<", ">", "p", "d"]
 
@@ -87,8 +91,8 @@ CERTIFICATES = {
     "crown-ibp": "CROWN-IBP (ℓ∞)",
     "alpha-crown": "α-CROWN (ℓ∞)",
     "cascade": "verifier cascade (ℓ∞)",
-    "linf-dist": "ℓ∞-dist margin (ℓ∞)",
-    "linf-dist-l2": "ℓ∞-dist margin read in ℓ2",
+    "linf-dist": "ℓ∞-dist / SortNet margin (ℓ∞)",
+    "linf-dist-l2": "ℓ∞-dist / SortNet margin read in ℓ2",
 }
 DATASETS = {
     "digits": "digits (8×8)",
