@@ -31,6 +31,7 @@ METHODS = {
     "mtl-ibp": "MTL-IBP",
     "linf-dist": "ℓ∞-dist net",
     "linf-dist-head": "ℓ∞-dist net + MLP",
+    "sortnet": "SortNet",
     "lipsdp-admm": "LipSDP training",
 }
 FAMILIES = {
@@ -46,6 +47,7 @@ FAMILIES = {
     "mtl-ibp": "bounds",
     "linf-dist": "linf-dist",
     "linf-dist-head": "linf-dist",
+    "sortnet": "linf-dist",
     "lipsdp-admm": "lipsdp",
 }
 FAMILY_LABELS = {
@@ -72,6 +74,7 @@ ARCHS = {
     "wrn-16-4": "WRN-16-4",
     "linf-dist-mlp": "ℓ∞-dist MLP",
     "linf-dist-mlp+head": "ℓ∞-dist MLP + head",
+    "sortnet-mlp": "SortNet MLP",
 }
 ARCH_MARKERS = {
     "mlp": "o",
@@ -80,6 +83,7 @@ ARCH_MARKERS = {
     "wrn-16-4": "P",
     "linf-dist-mlp": "^",
     "linf-dist-mlp+head": "v",
+    "sortnet-mlp": "8",
 }
 SPARE_MARKERS = ["X", "*", "h", "<", ">", "p", "d"]
 
@@ -91,8 +95,8 @@ CERTIFICATES = {
     "crown-ibp": "CROWN-IBP (ℓ∞)",
     "alpha-crown": "α-CROWN (ℓ∞)",
     "cascade": "verifier cascade (ℓ∞)",
-    "linf-dist": "ℓ∞-dist margin (ℓ∞)",
-    "linf-dist-l2": "ℓ∞-dist margin read in ℓ2",
+    "linf-dist": "ℓ∞-dist / SortNet margin (ℓ∞)",
+    "linf-dist-l2": "ℓ∞-dist / SortNet margin read in ℓ2",
 }
 DATASETS = {
     "digits": "digits (8×8)",

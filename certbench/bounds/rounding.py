@@ -24,10 +24,11 @@ that contains the certified ball), which carries per activation
   they pass the bound through; averaging pools add ``γ(k+1)`` of the pooled magnitudes;
   Normalize, BatchNorm (inference form), the residual sum, MeanShift and ℓ∞-dist layers at
   ``p = ∞`` (a max of rounded differences) add the error of their few correctly rounded
-  operations; smooth activations (tanh, sigmoid, softplus, ELU) add 16 ulps of their output
-  plus 16 ulps absolute, which covers the documented accuracy of the elementwise kernels (SLEEF's
-  ``u10`` functions ≤ 1 ulp on the CPU, CUDA's ``expf``/``tanhf``/``log1pf`` ≤ 2 ulp) and the ≤ 3
-  basic operations around them.
+  operations; SortNet layers (a weighted sum of T sorted rounded differences) add ``γ(T+2)`` of
+  their magnitude (:func:`_sort_dist`, derived there); smooth activations (tanh, sigmoid,
+  softplus, ELU) add 16 ulps of their output plus 16 ulps absolute, which covers the documented
+  accuracy of the elementwise kernels (SLEEF's ``u10`` functions ≤ 1 ulp on the CPU, CUDA's
+  ``expf``/``tanhf``/``log1pf`` ≤ 2 ulp) and the ≤ 3 basic operations around them.
 
 The error model is that of ordinary float arithmetic: every product and sum rounded to nearest in
 the model's dtype. It does not cover TF32, FFT or Winograd convolutions, which
@@ -52,6 +53,7 @@ from torch import Tensor, nn
 
 from certbench.nn import Normalize, Residual
 from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lp_distance, use_kernel
+from certbench.nn.sortnet import SortDist, sorted_distance, sorted_distance_bounds
 
 U64 = 2.0**-53
 #: Elementwise kernels of smooth activations: error ≤ SMOOTH_ULPS·u·(|f(x)| + 1) (see the module docstring).
@@ -358,6 +360,71 @@ def _linf_dist(m: LinfDist, region: Region, u: float, tight: bool) -> Region:
     return Region(lo - slack, hi + slack, err)
 
 
+def _sorted_distance_box(
+    lo: Tensor, hi: Tensor, w: Tensor, c: Tensor, lipschitz: float, tight: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Float64 bounds of ``s_j(x) = Σ_k c_k·|x − w_j|_(k)`` over the box ``lo ≤ x ≤ hi``, an upper
+    bound of ``max_i |x_i − w_ji|`` there, and the float64 rounding of the first three.
+
+    Coordinate-wise extremes (``s_j`` is non-decreasing in every ``|x_i − w_ji|``,
+    :func:`certbench.nn.sortnet.sorted_distance_bounds`). A box whose half-widths agree up to
+    ``UNIFORM_SPREAD``, and every box without ``tight``, takes one evaluation at its centre instead:
+    the box lies in the ℓ∞ ball of radius ρ (its largest half-width plus the float64 rounding of its
+    centre) around the centre and ``s_j`` is ``‖c‖₁``-Lipschitz in ℓ∞, so ``s_j`` stays within
+    ``‖c‖₁·ρ`` of ``s_j(centre)``, and ``max_i |x_i − w_ji|`` within ρ of its value there.
+    Rounding: each difference is one correctly rounded subtraction (relative error ≤ u₆₄), the
+    absolute value, the clamp and the selection of the T largest are exact, and the weighted sum of
+    T non-negative terms errs by ≤ γ₆₄(T)·s (Higham eq. (3.4)); so every computed value is within
+    γ₆₄(T+2) of its size of the exact one (the radius ``‖c‖₁·ρ`` adds u₆₄ of itself).
+    """
+    terms = c.numel()
+    half = (hi - lo) / 2
+    spread = half.amax(dim=1, keepdim=True) - half.amin(dim=1, keepdim=True)
+    if not tight or bool((spread <= UNIFORM_SPREAD).all()):
+        centre = (lo + hi) / 2
+        radius = half.amax(dim=1, keepdim=True) + 2 * U64 * (lo.abs() + hi.abs()).amax(dim=1, keepdim=True)
+        middle = sorted_distance(centre, w, c)
+        largest = torch.cdist(centre, w, p=math.inf) + radius
+        upper, lower = middle + lipschitz * radius, (middle - lipschitz * radius).clamp_min(0.0)
+    else:
+        lower, upper, largest = sorted_distance_bounds(lo, hi, w, c)
+    rounding = gamma(terms + 2, U64) * upper.abs()
+    return lower, upper, largest * (1 + gamma(2, U64)), rounding
+
+
+def _sort_dist(m: SortDist, region: Region, u: float, tight: bool) -> Region:
+    """SortNet layer (exact form, the one evaluation mode computes): y_j = Σ_{k≤T} c_k·ã_(k) (+ b_j).
+
+    Float error at a float input x̃ with |x̃_i − x_i| ≤ e_i, E = max_i e_i, A ≥ max_i |x_i − w_ji|
+    on the region, L = ‖c‖₁, u the unit roundoff of the model's dtype:
+
+    1. ``d̃_i = fl(x̃_i − w_ji)`` is one rounding, so ``ã_i = |d̃_i|`` satisfies
+       ``|ã_i − a_i| ≤ e_i + u·|x̃_i − w_ji| ≤ E + u·(A + E)``;
+    2. sorting (and taking the T largest) is exact and 1-Lipschitz in ℓ∞, so
+       ``|ã_(k) − a_(k)| ≤ max_i |ã_i − a_i|``, hence ``|Σ c_k ã_(k) − Σ c_k a_(k)| ≤ L·(E + u(A + E))``;
+    3. the weighted sum of T non-negative products, in any order, with or without fused
+       multiply–add, errs by ≤ ``γ_T·Σ c_k ã_(k) ≤ γ_T·L·(A + E)(1 + u)`` (Higham Thm. 3.5, eq. (3.4));
+    4. adding the bias is one more rounding, ≤ ``u·(|ṽ| + |b_j|)``.
+
+    Summed, ``|ỹ_j − y_j| ≤ L·E + [u + γ_T(1 + u) + u(1 + γ_T)(1 + u)]·L·(A + E) + u·|b_j|``; the
+    bracket is ``(T+2)u + (T+1)²u² + O(u³) ≤ γ_{T+2}``, and ``2·γ(T+2)·(L·(A + E) + |b_j|)`` is used
+    (the same factor of two of slack as the ℓ∞-dist rule). The exact half is
+    :func:`_sorted_distance_box` plus the bias, widened by its float64 rounding.
+    """
+    w = m.weight.detach().double()
+    c = m.coefficients.detach().double().to(w.device)
+    lipschitz = m.lipschitz_linf()
+    lo, hi, largest, rounding = _sorted_distance_box(region.lo, region.hi, w, c, lipschitz, tight)
+    err_in = region.err.amax(dim=1, keepdim=True)
+    b = m.bias.detach().double() if m.bias is not None else torch.zeros((), dtype=torch.float64)
+    lo, hi = lo + b, hi + b
+    size = torch.maximum(lo.abs(), hi.abs()) + b.abs()
+    slack = 4 * U64 * size + rounding
+    spread = lipschitz * (largest + err_in) + b.abs()
+    err = _up(lipschitz * err_in + 2 * gamma(c.numel() + 2, u) * spread, 4)
+    return Region(lo - slack, hi + slack, err)
+
+
 def _mean_shift(m: MeanShift, region: Region, u: float) -> Region:
     if m.training:
         raise RoundingUnsupported("MeanShift in training mode depends on the batch")
@@ -419,6 +486,8 @@ def walk(model: nn.Module, region: Region, u: float, tight: bool = True) -> Regi
             region = Region(-region.hi, -region.lo, region.err)
         elif kind is LinfDist:
             region = _linf_dist(m, region, u, tight)
+        elif kind is SortDist:
+            region = _sort_dist(m, region, u, tight)
         elif kind is MeanShift:
             region = _mean_shift(m, region, u)
         elif kind is Residual:
@@ -446,6 +515,8 @@ def problem(module: nn.Module) -> str | None:
         nn.Conv2d: lambda m: m.padding_mode != "zeros" and f"Conv2d with padding_mode={m.padding_mode!r}",
         LinfDist: lambda m: not math.isinf(m.p)
         and f"ℓ∞-dist layer with finite p = {m.p:g} (its p-norm kernel has no proven error bound)",
+        SortDist: lambda m: m.coefficient_problem() is not None
+        and f"SortNet layer with {m.coefficient_problem()}",
         nn.BatchNorm1d: lambda m: m.running_var is None and "BatchNorm without running statistics",
         nn.BatchNorm2d: lambda m: m.running_var is None and "BatchNorm without running statistics",
         nn.LeakyReLU: lambda m: m.negative_slope < 0 and "LeakyReLU with a negative slope is not monotone",
@@ -486,6 +557,7 @@ _HANDLED = {
     *_PASS_THROUGH,
     Negate,
     LinfDist,
+    SortDist,
     MeanShift,
     Residual,
     *_CLAMPS,
