@@ -40,7 +40,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import torch
-from shi_recipe import cpu_seconds_per_step, dataset, run_config
+from shi_recipe import dataset, print_step_costs, run_config
 
 from certbench.certificates import CERTIFIED
 from certbench.evaluate import certify
@@ -114,20 +114,7 @@ def main() -> None:
                 f"  ({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
-    print("\n| run | CPU s/epoch, ε = 0 | × standard | CPU s/epoch, mid-ramp | × standard |")
-    print("|---|---|---|---|---|")
-    before, during = 1 / 16, (1 / 8 + 1 / 4)
-    per_epoch = 60_000 / 256
-    base_cost = None
-    for label, (method, params) in runs.items():
-        config = run_config(args, data, method, params)
-        costs = [per_epoch * cpu_seconds_per_step(config, p) for p in (before, during)]
-        base_cost = base_cost or costs
-        print(
-            f"| {label} | {costs[0]:.1f} | {costs[0] / base_cost[0]:.2f} | {costs[1]:.1f} | "
-            f"{costs[1] / base_cost[1]:.2f} |",
-            flush=True,
-        )
+    print_step_costs(args, data, runs)
     print("\ngoal: a better clean/certified trade-off than IBP (same recipe and defaults), per certificate:")
     ibps = [label for label in runs if label.startswith("ibp") and label in scores]
     for label in [label for label in runs if label.startswith(("sabr", "mtl-ibp")) and label in scores]:
