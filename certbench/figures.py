@@ -21,11 +21,13 @@ from :mod:`certbench.labels`. ``certbench figures --help`` runs it by hand.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from certbench.collect import SUMMARY_COLUMNS, SUMMARY_DTYPES, select
 from certbench.labels import dataset_label
@@ -127,6 +129,14 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
                 )
         for axis, label in ((clean_axis, "clean accuracy (%)"), (cert_axis, "certified accuracy (%)")):
             axis.set_xscale("log")
+            # plain numbers, at 1, 2 and 5 per decade over two decades or less: there the default
+            # labels every sub-decade tick as 2×10⁰, 3×10⁰, … and they overlap
+            decades = math.log10(mine["value"].max() / mine["value"].min())
+            axis.xaxis.set_major_locator(
+                LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,))
+            )
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
             axis.set_xlabel(f"verified Lipschitz bound ({certificate})", fontsize="small")
             axis.set_ylabel(label)
         clean_axis.set_title(dataset_label(dataset), fontsize="small")
