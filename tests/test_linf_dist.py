@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from linf_pgd import pgd_flips
 from torch import nn
 
 from certbench import config as cfg
@@ -344,28 +345,6 @@ def test_methods_refuse_the_other_architecture() -> None:
 # --- training on digits and the certificates -----------------------------------------------------
 
 
-def pgd_finds(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int = 40, restarts: int = 3
-) -> torch.Tensor:
-    """Which points a margin-loss PGD-ℓ∞ (random start, step ε/4, projected onto the ball ∩ [0, 1])
-    misclassifies within ``eps`` (per sample). Odd restarts take gradients at p = 8: ℓ∞-dist
-    gradients are one-hot and a smooth surrogate moves every pixel."""
-    radius = eps.view(-1, 1, 1, 1)
-    found = torch.zeros(len(x), dtype=torch.bool)
-    for restart in range(restarts):
-        delta = (torch.rand_like(x) * 2 - 1) * radius
-        for _ in range(steps):
-            adv = (x + delta).clamp(0, 1).requires_grad_()
-            set_p(model, 8.0 if restart % 2 else INF)
-            loss = -margins(model(adv), y).sum()
-            (grad,) = torch.autograd.grad(loss, adv)
-            delta = torch.max(torch.min(delta + radius / 4 * grad.sign(), radius), -radius)
-            set_p(model, INF)
-            with torch.no_grad():
-                found |= model((x + delta).clamp(0, 1)).argmax(1) != y
-    return found
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, ...]:
     _, (train, test) = load_split("digits")
@@ -404,10 +383,10 @@ def test_linf_dist_net_trained_on_digits_is_certified_and_sound(digits, one_thre
     radius = torch.as_tensor(result.radius, dtype=torch.float32)
     assert not model.training
     ours = radius > 0
-    assert not pgd_finds(model, x[ours], y[ours], 0.999 * radius[ours]).any()
+    assert not pgd_flips(model, x[ours], y[ours], 0.999 * radius[ours]).any()
     # the attack is strong enough to catch a radius that forgets Normalize's 1/std
     naive_radius = margins(model(x[ours]), y[ours]).detach() / 2
-    assert pgd_finds(model, x[ours], y[ours], 0.999 * naive_radius).any()
+    assert pgd_flips(model, x[ours], y[ours], 0.999 * naive_radius).any()
     # the ℓ2 certificate reports the same radius
     l2 = CERTIFICATES.get("linf-dist-l2")().certify(model, x, y, [0.5])
     assert np.array_equal(l2.radius, result.radius)
@@ -425,8 +404,8 @@ def test_head_variant_trained_on_digits_is_certified_and_sound(digits, one_threa
     certified = torch.as_tensor(result.status[0.1] == "certified")
     assert certified.float().mean() > 0.4
     assert (result.status[0.05] == "certified").sum() >= certified.sum()
-    assert not pgd_finds(model, x[certified], y[certified], torch.full((int(certified.sum()),), 0.1)).any()
-    assert pgd_finds(model, x, y, torch.full((len(x),), 0.3)).any()  # the attack has teeth
+    assert not pgd_flips(model, x[certified], y[certified], torch.full((int(certified.sum()),), 0.1)).any()
+    assert pgd_flips(model, x, y, torch.full((len(x),), 0.3)).any()  # the attack has teeth
 
 
 def test_rounding_allowance_is_tiny_and_certificate_restores_training_mode() -> None:

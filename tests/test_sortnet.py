@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from linf_pgd import pgd_flips
 from torch import nn
 
 from certbench import config as cfg
@@ -25,7 +26,7 @@ from certbench.data.loaders import load_split
 from certbench.data.specs import DATASETS
 from certbench.method import RunContext, get_method
 from certbench.nn import Normalize
-from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lp_distance, set_p
+from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lp_distance
 from certbench.nn.sortnet import (
     SortDist,
     geometric_coefficients,
@@ -246,29 +247,6 @@ def briefly_trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model.eval(), x[:200], y[:200]
 
 
-def pgd_flips(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int = 100, restarts: int = 6
-) -> torch.Tensor:
-    """Which points a margin-loss PGD-ℓ∞ (random start, step ε/4 then ε/16, projected onto the ball ∩
-    [0, 1]) misclassifies within ``eps`` (per sample). Odd restarts take gradients with the input
-    layer at p = 8 (a smooth surrogate of its one-hot gradient)."""
-    radius = eps.view(-1, 1, 1, 1)
-    found = torch.zeros(len(x), dtype=torch.bool)
-    for restart in range(restarts):
-        delta = (torch.rand_like(x) * 2 - 1) * radius
-        for step in range(steps):
-            adv = (x + delta).clamp(0, 1).requires_grad_()
-            set_p(model, 8.0 if restart % 2 else INF)
-            loss = -margins(model(adv), y).sum()
-            (grad,) = torch.autograd.grad(loss, adv)
-            size = radius / 4 if step < steps // 2 else radius / 16
-            delta = torch.max(torch.min(delta + size * grad.sign(), radius), -radius)
-            set_p(model, INF)
-            with torch.no_grad():
-                found |= model((x + delta).clamp(0, 1)).argmax(1) != y
-    return found
-
-
 def test_certificate_is_sound_against_many_step_pgd(briefly_trained, one_thread) -> None:
     model, x, y = briefly_trained
     certificate = CERTIFICATES.get("linf-dist")()
@@ -284,9 +262,11 @@ def test_certificate_is_sound_against_many_step_pgd(briefly_trained, one_thread)
     expected = np.where(margin > 0, margin * DIGITS.std[0] / 2, 0.0)
     assert np.all(result.radius <= expected * (1 + 1e-6))
     assert np.allclose(result.radius, expected, rtol=1e-4, atol=2e-5)
-    assert not pgd_flips(model, x[ours], y[ours], 0.999 * radius[ours]).any()
+    assert not pgd_flips(
+        model, x[ours], y[ours], 0.999 * radius[ours], steps=100, restarts=6, anneal=True
+    ).any()
     # the attack has teeth: three times the radius is beaten somewhere
-    assert pgd_flips(model, x[ours], y[ours], 3 * radius[ours], steps=40, restarts=2).any()
+    assert pgd_flips(model, x[ours], y[ours], 3 * radius[ours], steps=40, restarts=2, anneal=True).any()
     # linf-dist-l2 reports the same radius in ℓ2
     l2 = CERTIFICATES.get("linf-dist-l2")().certify(model, x, y, [0.5])
     assert np.array_equal(l2.radius, result.radius)
