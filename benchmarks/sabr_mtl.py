@@ -32,7 +32,6 @@ Usage: ``python benchmarks/sabr_mtl.py [--epochs 4] [--train-size 25600] [--test
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import torch
-from shi_recipe import dataset, print_step_costs, run_config
+from shi_recipe import budget_parser, dataset, print_step_costs, run_config
 
 from certbench.certificates import CERTIFIED
 from certbench.evaluate import certify
@@ -60,13 +59,7 @@ def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--train-size", type=int, default=25_600)
-    parser.add_argument("--test-size", type=int, default=500)
-    parser.add_argument("--eps", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = budget_parser(__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.4, help="SABR's λ (subselection_ratio)")
     parser.add_argument("--alpha", type=float, default=0.5, help="MTL-IBP's α")
     parser.add_argument("--crown", action="store_true", help="also certify with CROWN")

@@ -126,15 +126,20 @@ def print_step_costs(
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def budget_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of the budget this benchmark and those comparing at its budget share."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--train-size", type=int, default=25_600)
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = budget_parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(args.threads)
     data = dataset()
     ramp = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,16 @@ settings.register_profile("explore", derandomize=False, deadline=None)
 settings.load_profile("reproducible")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Training runs on one thread: much faster than a thread pool on a busy 2-core machine (a test
+    that ran the CLI with more threads in the same process may have raised it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

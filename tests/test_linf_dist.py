@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import io
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -56,15 +55,6 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if request.param == "torch":
         monkeypatch.setattr(ld, "use_kernel", lambda *tensors: False)
     return request.param
-
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    """Training runs on one thread: much faster than a thread pool on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

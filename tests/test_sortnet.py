@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -43,14 +42,6 @@ def reference(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor
     """Σ_k c_k·|x − w_j|_(k) by a full sort."""
     a = (x[:, None, :] - w[None]).abs().sort(dim=-1, descending=True).values
     return a[..., : c.numel()] @ c.to(x.dtype)
-
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- the layer ---------------------------------------------------------------------------------

@@ -273,9 +273,10 @@ def _triton_for(*tensors: Tensor) -> ModuleType | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _chunks(b: int, n_out: int, n_in: int) -> Iterable[slice]:
-    """Output slices whose ``b × rows × n_in`` temporary stays within ``O(b·n_out + n_out·n_in)``."""
-    budget = max(b * n_out + n_out * n_in, _MIN_CHUNK_ELEMENTS)
+def _chunks(b: int, n_out: int, n_in: int, minimum: int = _MIN_CHUNK_ELEMENTS) -> Iterable[slice]:
+    """Output slices whose ``b × rows × n_in`` temporary stays within ``O(b·n_out + n_out·n_in)``
+    (at least ``minimum`` elements)."""
+    budget = max(b * n_out + n_out * n_in, minimum)
     rows = max(1, min(n_out, budget // max(1, b * n_in)))
     return (slice(s, min(s + rows, n_out)) for s in range(0, n_out, rows))
 

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from certbench.nn.linf_dist import _check_p, identity_init_, lp_distance
+from certbench.nn.linf_dist import _check_p, _chunks, identity_init_, lp_distance
 
 __all__ = [
     "SortDist",
@@ -94,14 +94,6 @@ def geometric_coefficients(
     return rounded.to(device)
 
 
-def _slices(b: int, n_out: int, n_in: int) -> Iterable[slice]:
-    """Output slices whose ``b × rows × n_in`` temporary stays within the size of the weights and
-    outputs (at least ``_MIN_SLICE_ELEMENTS``)."""
-    budget = max(b * n_out + n_out * n_in, _MIN_SLICE_ELEMENTS)
-    rows = max(1, min(n_out, budget // max(1, b * n_in)))
-    return (slice(s, min(s + rows, n_out)) for s in range(0, n_out, rows))
-
-
 def _check(x: Tensor, weight: Tensor, coefficients: Tensor) -> int:
     if x.dtype != weight.dtype or x.device != weight.device:
         raise TypeError(f"input ({x.dtype}, {x.device}) and weight ({weight.dtype}, {weight.device}) differ")
@@ -120,7 +112,7 @@ def _sorted_forward(x: Tensor, w: Tensor, c: Tensor, with_index: bool) -> tuple[
     y = x.new_empty(x.shape[0], w.shape[0])
     index_dtype = torch.int32 if x.shape[1] < 2**31 else torch.int64
     idx = torch.empty(*y.shape, terms, dtype=index_dtype, device=x.device) if with_index else None
-    for sl in _slices(x.shape[0], w.shape[0], x.shape[1]):
+    for sl in _chunks(x.shape[0], w.shape[0], x.shape[1], _MIN_SLICE_ELEMENTS):
         values, top = (x[:, None, :] - w[None, sl]).abs_().topk(terms, dim=-1)
         y[:, sl] = values @ c
         if idx is not None:
@@ -186,7 +178,7 @@ def sorted_distance_bounds(
     c = coefficients.to(lower.dtype)
     lo = lower.new_empty(lower.shape[0], weight.shape[0])
     hi, largest = torch.empty_like(lo), torch.empty_like(lo)
-    for sl in _slices(lower.shape[0], weight.shape[0], lower.shape[1]):
+    for sl in _chunks(lower.shape[0], weight.shape[0], lower.shape[1], _MIN_SLICE_ELEMENTS):
         below = lower[:, None, :] - weight[None, sl]
         above = upper[:, None, :] - weight[None, sl]
         top = torch.maximum(below.abs(), above.abs()).topk(terms, dim=-1).values
