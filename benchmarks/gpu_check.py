@@ -321,7 +321,9 @@ def dag_part(table: Table, dry: bool, keep: Path | None) -> None:
         config = dag_config(folder, dry)
         (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         command = [
-            str(Path(sys.executable).with_name("snakemake")),
+            sys.executable,  # Snakemake as a module of this Python: no script on PATH needed
+            "-m",
+            "snakemake",
             "audit_check",
             "--snakefile",
             str(REPO / "Snakefile"),
