@@ -18,11 +18,13 @@ import torch
 from torch import nn
 
 from certbench.bounds.rounding import (
+    Region,
     RoundingUnsupported,
     _linf_distance_box,
     check,
     input_region,
     margin_bounds,
+    walk,
 )
 from certbench.nn import Normalize, Residual
 from certbench.nn.linf_dist import lp_distance_bounds
@@ -61,9 +63,6 @@ def _residual_net() -> nn.Module:
     )
 
 
-ARCHITECTURES = {"conv": _conv_net, "residual": _residual_net}
-
-
 def _trained_like(model: nn.Module) -> nn.Module:
     """Random weights with BatchNorm statistics that are not the identity."""
     for module in model.modules():
@@ -72,6 +71,26 @@ def _trained_like(model: nn.Module) -> nn.Module:
             module.running_var.uniform_(0.1, 3)
             module.weight.data.uniform_(-2, 2)
     return model.eval()
+
+
+def _clamp_net(clamp: nn.Module) -> nn.Module:
+    """Half the units' biases shifted by ±3, so that they saturate on the whole region."""
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), copy.deepcopy(clamp), nn.Linear(32, 32), clamp, nn.Linear(32, 5)
+    )
+    with torch.no_grad():
+        for layer in (model[1], model[3]):
+            layer.bias.add_(torch.where(torch.rand(32) < 0.5, 3.0 * torch.randn(32).sign(), 0.0))
+    return model
+
+
+ARCHITECTURES = {
+    "conv": _conv_net,
+    "residual": _residual_net,
+    "relu": lambda: _clamp_net(nn.ReLU()),
+    "relu6": lambda: _clamp_net(nn.ReLU6()),
+    "hardtanh": lambda: _clamp_net(nn.Hardtanh(-0.5, 0.5)),
+}
 
 
 @pytest.mark.parametrize("l2", [False, True])
@@ -98,6 +117,24 @@ def test_enclosure_and_error_contain_sampled_points(name: str, l2: bool) -> None
             assert ((float_margin - margin).abs()[others] <= bounds.error[others]).all()
     # the bounds are not vacuous: the error is tiny against the margins' size
     assert float(bounds.error.max()) < 1e-3 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize(
+    "clamp", [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5)], ids=lambda m: type(m).__name__
+)
+def test_saturated_clamp_units_carry_no_error(clamp: nn.Module) -> None:
+    """A unit whose every float input lies beyond a clamp value outputs that value exactly: its error
+    is zero, the other units keep theirs, and the next layer's error shrinks accordingly."""
+    torch.manual_seed(2)
+    model = _clamp_net(clamp).eval()
+    region = walk(model[:2], input_region(torch.rand(4, 1, 8, 8), 0.01), 2.0**-24)
+    low, high = (0.0, math.inf) if type(clamp) is nn.ReLU else (clamp.min_val, clamp.max_val)
+    saturated = (region.hi + region.err < low) | (region.lo - region.err > high)
+    assert 0 < int(saturated.sum()) < saturated.numel()
+    after = walk(model[2:3], region, 2.0**-24)
+    assert (after.err[saturated] == 0).all() and (after.err[~saturated] == region.err[~saturated]).all()
+    passed_through = Region(after.lo, after.hi, region.err)
+    assert (walk(model[3:4], after, 2.0**-24).err < walk(model[3:4], passed_through, 2.0**-24).err).all()
 
 
 def test_error_bound_covers_cancellation() -> None:

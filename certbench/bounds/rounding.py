@@ -21,7 +21,8 @@ that contains the certified ball), which carries per activation
 
   with ``n`` the terms of each dot product (the fan-in; a convolution's ``C_in/groups·kh·kw``).
   Max pooling, ReLU, clamps, flattening and negation are exact and 1-Lipschitz elementwise, so
-  they pass the bound through; averaging pools add ``γ(k+1)`` of the pooled magnitudes;
+  they pass the bound through (a clamp zeroes it on units saturated for every float input,
+  :func:`_clamp`); averaging pools add ``γ(k+1)`` of the pooled magnitudes;
   Normalize, BatchNorm (inference form), the residual sum, MeanShift and ℓ∞-dist layers at
   ``p = ∞`` (a max of rounded differences) add the error of their few correctly rounded
   operations; SortNet layers (a weighted sum of T sorted rounded differences) add ``γ(T+2)`` of
@@ -258,10 +259,30 @@ def _pool(m: nn.Module, region: Region, u: float) -> Region:
     return Region(m(region.lo) - slack, m(region.hi) + slack, err)
 
 
+def _clamp_range(m: nn.Module) -> tuple[float, float]:
+    """The interval a clamp maps onto: ReLU [0, ∞), ReLU6 and Hardtanh their ``[min_val, max_val]``."""
+    return (0.0, math.inf) if type(m) is nn.ReLU else (float(m.min_val), float(m.max_val))
+
+
+def _clamp(m: nn.Module, region: Region) -> Region:
+    """ReLU, ReLU6, Hardtanh: exact and 1-Lipschitz, so the error passes through, except on
+    saturated units. The float input of a unit lies in ``[lo − err, hi + err]``; where that is below
+    the lower clamp value ``a`` (or above the upper one), every float pass on the region outputs
+    ``a`` exactly, as the exact network does, so the unit's output carries no error. The test is
+    sound in float64: rounding to nearest is monotone, so ``fl(hi + err) < a`` implies
+    ``hi + err < a`` for a representable ``a``."""
+    low, high = _clamp_range(m)
+    saturated = (region.hi + region.err < low) | (region.lo - region.err > high)
+    err = torch.where(
+        saturated, torch.zeros((), dtype=region.err.dtype, device=region.err.device), region.err
+    )
+    return Region(m(region.lo), m(region.hi), err)
+
+
 def _activation(m: nn.Module, region: Region, u: float) -> Region:
     kind = type(m)
     if kind in _CLAMPS:
-        return Region(m(region.lo), m(region.hi), region.err)
+        return _clamp(m, region)
     if kind is nn.LeakyReLU:
         slope = float(m.negative_slope)
         lipschitz, lo, hi = max(1.0, slope), m(region.lo), m(region.hi)
