@@ -13,8 +13,15 @@ training with short warmup") as options, off by default (the default runs are un
   over the ε ramp and are off once ε = ε_train. Before the ramp (ε = 0) they are computed from an
   IBP pass at ε = 10⁻⁶, as the authors' code does.
 
-Their third ingredient, BatchNorm after every layer, is an architecture, not a training option, and
-no architecture these methods train here has BatchNorm: see the README.
+Their third ingredient, BatchNorm after every layer (their second improvement), is an architecture option
+(``batch_norm: true`` of ``cnn-small`` and ``cnn-large``; the latter is then their CNN-7). In training,
+the bounds normalise every BatchNorm with the mean and variance of the *clean* batch, constants of the
+propagation (:class:`~certbench.bounds.lirpa.Bounder` runs auto_LiRPA's forward on the clean batch
+first), and at evaluation with the running statistics. The running statistics are updated once per
+optimiser step, by the natural forward pass on the clean batch, as in plain training: the bound
+pass updates only auto_LiRPA's copies of them, and the PGD search and MTL-IBP's adversarial forward
+pass of :class:`AdversarialBoundMethod` normalise with the clean batch's statistics too
+(:func:`batch_statistics`, :func:`normalised_by`), updating nothing.
 
 :class:`AdversarialBoundMethod` is the family base of the losses that pair IBP bounds with a point
 found by PGD (``sabr``, ``mtl-ibp``): the attack (:func:`pgd_linf`), an L1 penalty on the weights,
@@ -24,7 +31,8 @@ and the defaults both papers' code shares (the Shi et al. recipe on, no natural 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -79,6 +87,61 @@ def ibp_init(model: nn.Module) -> None:
         for layer in layers[:-1]:
             fan_in = layer.weight[0].numel()
             layer.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in)
+
+
+#: BatchNorm statistics of a batch: per BatchNorm module, the mean and the (biased) variance of its input.
+Statistics = dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def normalised_by(
+    model: nn.Module, statistics: Statistics | None, record: Statistics | None = None
+) -> Iterator[None]:
+    """Every BatchNorm of ``model`` normalises with ``statistics`` (constants: the input's own
+    statistics do not enter) and updates no running statistic, whatever the training flag; with
+    ``statistics`` None, each normalises by its input batch and stores that batch's mean and biased
+    variance in ``record``. Shi et al. (2021): in training, the network whose worst case is
+    bounded normalises with the clean batch's statistics; the PGD search of SABR / MTL-IBP and
+    MTL-IBP's adversarial forward pass use the same network (see :class:`AdversarialBoundMethod`)."""
+    norms = batch_norms(model)
+
+    def forward(norm: nn.modules.batchnorm._BatchNorm, inputs: torch.Tensor) -> torch.Tensor:
+        if statistics is None:
+            dims = [0, *range(2, inputs.dim())]
+            mean, var = inputs.mean(dims), inputs.var(dims, unbiased=False)
+            if record is not None:
+                record[norm] = (mean, var)
+        else:
+            mean, var = statistics[norm]
+        shape = (1, -1) + (1,) * (inputs.dim() - 2)
+        scale = torch.rsqrt(var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        out = (inputs - mean.view(shape)) * scale.view(shape)
+        return out if norm.bias is None else out + norm.bias.view(shape)
+
+    for norm in norms:
+        norm.forward = lambda inputs, norm=norm: forward(norm, inputs)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+def batch_statistics(model: nn.Module, x: torch.Tensor) -> Statistics:
+    """The mean and biased variance of every BatchNorm's input on the batch ``x``, from one forward pass
+    normalised by them (as training-mode BatchNorm) that updates no running statistic (Shi et al. 2021,
+    the clean batch's statistics). Differentiable in the parameters, as BatchNorm training."""
+    record: Statistics = {}
+    with normalised_by(model, None, record):
+        model(x)
+    return record
 
 
 def _balance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -311,8 +374,9 @@ def pgd_linf(
     each of ``step_size`` times the box's half-width per coordinate, projected back onto the box;
     the step is multiplied by 0.1 after each fraction ``decay_at`` of the steps (SABR's schedule).
     Every iterate, the last included, is scored, and the one of highest CE per sample is returned,
-    detached. The attack runs in eval mode (BatchNorm and dropout, if any, as at test time) and
-    differentiates with respect to the input only: no parameter gradient is touched.
+    detached. The attack runs in eval mode (BatchNorm and dropout, if any, as at test time, unless the
+    caller fixes BatchNorm's statistics with :func:`normalised_by`) and differentiates with respect to
+    the input only: no parameter gradient is touched.
     """
     was_training = model.training
     model.eval()
@@ -369,7 +433,11 @@ class AdversarialBoundMethod(BoundPropagationMethod):
     Defaults follow both papers' public code: the Shi et al. (2021) recipe on (``init: ibp``,
     ``warmup_reg: 0.5``; SABR's and MTL-IBP's published runs all use it), no natural loss once
     ε = ε_train (``kappa_final: 0``), and an L1 penalty ``l1``·Σ|w| on the weights, added to every
-    step's loss (0 here by default: its published value depends on the setting). Subclasses set
+    step's loss (0 here by default: its published value depends on the setting). On a BatchNorm model
+    in training, the attack (and MTL-IBP's adversarial forward pass) uses the network the bounds are
+    computed for, the clean batch's statistics as constants (Shi et al. 2021, second improvement), so the
+    adversarial loss is that of a point of the ε-box under the same function whose worst case IBP
+    bounds, and the running statistics move only with the natural forward pass. Subclasses set
     :attr:`attack_decay` and implement :meth:`robust_loss`; :attr:`robust_stats` is what they
     measured in it, logged with the losses.
     """
@@ -405,10 +473,17 @@ class AdversarialBoundMethod(BoundPropagationMethod):
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
         """The PGD point of highest CE in the box [x − r, x + r] ∩ [0, 1], r = :meth:`attack_radius`
-        (:func:`pgd_linf`)."""
+        (:func:`pgd_linf`). A BatchNorm model in training mode is attacked as the network the bounds
+        are computed for, normalised by the clean batch's statistics (Shi et al. 2021, second improvement;
+        :func:`batch_statistics`, constants here), so the search updates no running statistic."""
         lower, upper = input_box(x, self.attack_radius(eps))
         steps, size = int(self.params["attack_steps"]), float(self.params["attack_step_size"])
-        return pgd_linf(model, lower, upper, y, steps, size, self.attack_decay)
+        if not (model.training and batch_norms(model)):
+            return pgd_linf(model, lower, upper, y, steps, size, self.attack_decay)
+        with torch.no_grad():
+            statistics = batch_statistics(model, x)
+        with normalised_by(model, statistics):
+            return pgd_linf(model, lower, upper, y, steps, size, self.attack_decay)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:
         self.robust_stats = {}

@@ -20,8 +20,11 @@ the default here; their CIFAR-10 2/255 runs use 8 steps of 0.25.
 The ε ramp, κ, the Shi et al. options and the robust-error statistic (the fraction IBP does not
 certify) are those of :class:`BoundPropagationMethod`, with the defaults of
 :class:`~methods._bound_propagation.AdversarialBoundMethod` (the authors' ``--method=fast``: IBP
-initialisation and warm-up regularisers during the ramp; CE alone before it). Difference: their loss
-has no natural term once ε > 0; here κ follows ε during the ramp (κ_final = 0: none after it). Their
+initialisation and warm-up regularisers during the ramp; CE alone before it). Differences: their loss
+has no natural term once ε > 0; here κ follows ε during the ramp (κ_final = 0: none after it). On a
+BatchNorm model (Shi et al. 2021, Sec. 3.2) the adversarial logits, like the IBP bounds and the attack,
+normalise with the clean batch's statistics (theirs: the adversarial batch's, in training mode), so
+the running statistics are updated once per step, by the natural forward pass. Their
 L1 penalty (``--l1_coeff``, weights of Linear and Conv2d layers only) is ``l1``. ``alpha`` is their
 ``--mtlibp_coeff``; its default 0.5 is their CIFAR-10 8/255 setting (0.01 MNIST 0.1 with
 ε_train = 0.2, 0.08 MNIST 0.3 with ε_train = 0.4, 0.004 CIFAR-10 2/255): the small values of the other
@@ -35,7 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from certbench.method import register_method, unit_interval
-from methods._bound_propagation import AdversarialBoundMethod, attack_params
+from methods._bound_propagation import (
+    AdversarialBoundMethod,
+    attack_params,
+    batch_norms,
+    batch_statistics,
+    normalised_by,
+)
 
 
 @register_method("mtl-ibp")
@@ -75,7 +84,14 @@ class MTLIBP(AdversarialBoundMethod):
         adversarial = self.attack(model, x, y, eps)
         # IBP first: building a BoundedModule rewrites the parameters, so the forward pass comes after
         verified, robust_error = super().robust_loss(model, x, y, eps)
-        adversarial_logits = model(adversarial)
+        if model.training and batch_norms(model):
+            # the clean batch's statistics, as the bounds (differentiable, as BatchNorm training's):
+            # CE at x_adv and the IBP loss are then a lower and an upper bound of one worst case, and
+            # the running statistics move only with the natural forward pass
+            with normalised_by(model, batch_statistics(model, x)):
+                adversarial_logits = model(adversarial)
+        else:
+            adversarial_logits = model(adversarial)
         adversarial_loss = F.cross_entropy(adversarial_logits, y)
         self.robust_stats |= {
             "ibp_loss": verified.item(),
