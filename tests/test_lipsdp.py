@@ -546,6 +546,61 @@ def test_admm_enforced_bound_holds_after_every_epoch_on_the_rings() -> None:
     assert lipsdp(mlp_weights(model)).bound <= max_bound
 
 
+@pytest.mark.parametrize(
+    ("seed", "dims", "ratio"), [(6, (2, 10, 10, 3), 2.0), (3, (2, 10, 10, 3), 6.0), (9, (12, 6, 5, 3), 3.0)]
+)
+def test_scaled_multipliers_put_the_bound_scaled_weights_in_the_projection_set(seed, dims, ratio) -> None:
+    """Enforced W̄-step, T from LipSDP of W (bound L > L̄) times (L̄/L)² (``_step_multipliers``): W with
+    its last layer scaled by s = L̄/L lies in the set W̄ is projected onto, so the W̄-step's answer is no
+    farther from W than that point and has a verified bound ≈ L̄ for that T; with T unscaled the step moves W
+    farther (the rings' collapse of the first layer)."""
+    weights = [3 * w for w in random_weights(seed, dims)]
+    result = lipsdp(weights)
+    max_bound = result.bound / ratio
+    method, _ = _admm_method({"variant": "enforced", "max_bound": max_bound}, epochs=1)
+    method._multipliers, method._bounds = result.multipliers, [result.bound]
+    ts = method._step_multipliers()
+    s = max_bound / result.bound
+    assert all(np.allclose(t, s * s * u) for t, u in zip(ts, result.multipliers))
+    scaled = [*weights[:-1], s * weights[-1]]
+    bound, _ = fixed_multiplier_bound(scaled, ts)
+    assert bound <= max_bound * (1 + 1e-6)  # the bound-scaled W is in the set (homogeneity)
+    step = weight_step(weights, ts, rho_admm=1.0, max_bound=max_bound)
+    moved = math.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(step.weights, weights)))
+    assert moved <= (1 - s) * np.linalg.norm(weights[-1]) * (1 + 1e-3)
+    # the solver's W̄ meets the LMI only approximately (the method scales it onto L̄: _verified_wbar)
+    assert fixed_multiplier_bound(step.weights, ts)[0] <= max_bound * (1 + 1e-2)
+    unscaled = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=max_bound)
+    assert math.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(unscaled.weights, weights))) > moved
+
+
+@pytest.mark.parametrize(
+    ("params", "bound", "factor"),
+    [
+        ({"variant": "enforced", "max_bound": 4.0}, 8.0, 0.25),
+        ({"variant": "enforced", "max_bound": 4.0}, 3.0, 1.0),  # W is feasible: T as solved
+        ({"variant": "enforced", "max_bound": 4.0, "scale_multipliers": False}, 8.0, 1.0),
+        ({"variant": "regularised", "mu": 0.01}, 8.0, 1.0),  # no L̄: T as solved
+    ],
+)
+def test_step_multipliers_are_scaled_only_for_an_active_bound(params, bound, factor) -> None:
+    method, _ = _admm_method(params, epochs=1)
+    method._multipliers, method._bounds = [np.array([1.0, 2.0]), np.array([3.0])], [bound]
+    assert [list(t) for t in method._step_multipliers()] == [[factor, 2 * factor], [3 * factor]]
+
+
+@pytest.mark.parametrize(
+    ("primal", "dual", "expected"),
+    [(1.0, 0.01, 0.2), (0.01, 1.0, 0.05), (1.0, 0.5, 0.1), (1.0, 0.0, 0.2), (0.0, 1.0, 0.05)],
+)
+def test_residual_balancing_doubles_or_halves_rho(primal, dual, expected) -> None:
+    """Boyd et al. 2011, Sec. 3.4.1 (μ = 10, τ = 2), within [rho_min, rho_max]."""
+    from methods.lipsdp_admm import _balanced_rho
+
+    assert _balanced_rho(0.1, primal, dual, 0.01, 100.0) == pytest.approx(expected)
+    assert _balanced_rho(0.1, primal, dual, 0.1, 0.1) == 0.1
+
+
 def test_admm_stopping_rule_is_optional() -> None:
     """With ``tolerance`` set the ADMM stops once the bound of W changes by less; by default it runs
     every epoch (the paper's 0.5 froze W̄ after two iterations on the rings)."""
@@ -556,10 +611,16 @@ def test_admm_stopping_rule_is_optional() -> None:
         assert method._converged == (tolerance is not None)
 
 
-def test_admm_state_survives_a_checkpoint() -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"variant": "regularised", "mu": 0.01, "tolerance": 1e-3},
+        {"variant": "enforced", "max_bound": 2.0, "rho_admm": 0.05, "rho_balance": True},  # ρ_a moves
+    ],
+)
+def test_admm_state_survives_a_checkpoint(params: dict) -> None:
     import io
 
-    params = {"variant": "regularised", "mu": 0.01, "tolerance": 1e-3}
     method, model = _admm_method(params, epochs=4)
     optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
     _train(method, model, optimiser, range(2), 4, batches=5)
@@ -577,10 +638,12 @@ def test_admm_state_survives_a_checkpoint() -> None:
     resumed.load_state_dict(saved["method"])
     _train(method, model, optimiser, range(2, 4), 4, batches=5)
     _train(resumed, model2, optimiser2, range(2, 4), 4, batches=5)
-    assert method._stats["admm_iterations"] == 4  # one per epoch, from the initial weights on
+    # one per epoch, from the initial weights on, and the enforced variant's final W̄-step
+    assert method._stats["admm_iterations"] == 4 + (params["variant"] == "enforced")
     final, final2 = model.state_dict(), model2.state_dict()
     assert all(torch.allclose(final[key], final2[key], atol=1e-6) for key in final)
     assert resumed._bounds == pytest.approx(method._bounds)
+    assert resumed._rho() == pytest.approx(method._rho())
 
 
 def test_admm_rejects_bad_configurations() -> None:
