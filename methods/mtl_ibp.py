@@ -22,7 +22,7 @@ certify) are those of :class:`BoundPropagationMethod`, with the defaults of
 :class:`~methods._bound_propagation.AdversarialBoundMethod` (the authors' ``--method=fast``: IBP
 initialisation and warm-up regularisers during the ramp; CE alone before it). Differences: their loss
 has no natural term once ε > 0; here κ follows ε during the ramp (κ_final = 0: none after it). On a
-BatchNorm model (Shi et al. 2021, Sec. 3.2) the adversarial logits, like the IBP bounds and the attack,
+BatchNorm model (Shi et al. 2021) the adversarial logits, like the IBP bounds and the attack,
 normalise with the clean batch's statistics (theirs: the adversarial batch's, in training mode), so
 the running statistics are updated once per step, by the natural forward pass. Their
 L1 penalty (``--l1_coeff``, weights of Linear and Conv2d layers only) is ``l1``. ``alpha`` is their
