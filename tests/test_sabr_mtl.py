@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from bound_methods import bound_method
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -18,7 +19,6 @@ from certbench.bounds.lirpa import Bounder, input_box
 from certbench.catalogue import check_config
 from certbench.config import ConfigError
 from certbench.data.specs import DATASETS
-from certbench.method import RunContext, get_method
 from certbench.records import load_tensors
 from certbench.train import train
 from methods._bound_propagation import AdversarialBoundMethod, BoundPropagationMethod, l1_penalty, pgd_linf
@@ -28,11 +28,7 @@ SPEC = DATASETS.get("fashion-mnist")
 
 
 def method(name: str, epochs: int = 4, **params: object) -> BoundPropagationMethod:
-    cls = get_method(name)
-    filled = cfg.check_params(cls.params_schema, {"eps_train": 0.1, **params}, f"{name}.")
-    instance = cls(filled, RunContext(SPEC, epochs, SPEC.eps_linf, SPEC.eps_l2, torch.device("cpu")))
-    instance.check()
-    return instance
+    return bound_method(name, SPEC, epochs, **params)
 
 
 def batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from bound_methods import bound_method
 from linf_pgd import pgd_flips
 from torch import nn
 
@@ -20,7 +21,6 @@ from certbench.catalogue import check_config
 from certbench.certificates import CERTIFICATES, CERTIFIED, margins
 from certbench.data.loaders import load_split
 from certbench.data.specs import DATASETS
-from certbench.method import RunContext, get_method
 from certbench.models import build
 from certbench.nn import Normalize
 from methods._bound_propagation import BoundPropagationMethod, batch_statistics, normalised_by
@@ -30,11 +30,7 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def method(name: str, epochs: int = 4, **params: object) -> BoundPropagationMethod:
-    cls = get_method(name)
-    filled = cfg.check_params(cls.params_schema, {"eps_train": 0.1, **params}, f"{name}.")
-    instance = cls(filled, RunContext(SPEC, epochs, SPEC.eps_linf, SPEC.eps_l2, torch.device("cpu")))
-    instance.check()
-    return instance
+    return bound_method(name, SPEC, epochs, **params)
 
 
 def bn_cnn(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
