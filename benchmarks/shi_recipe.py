@@ -1,10 +1,10 @@
 """Shi et al. (NeurIPS 2021) short-warm-up recipe against plain IBP, at equal epochs, on the CPU.
 
 Trains ``cnn-small`` on Fashion-MNIST (the Debian package; digits when it is missing) with the real
-training loop three times: ``standard`` (the cost baseline), plain ``ibp``, and ``ibp`` with the
-paper's IBP initialisation and warm-up regularisers (``init: ibp, warmup_reg: 0.5, warmup_tau:
-0.5``), the same data, schedule, optimiser and seed otherwise; with ``--batch-norm`` a fourth time,
-the recipe on ``cnn-small`` with ``batch_norm: true`` (the paper's third ingredient, Sec. 3.2: a
+training loop three times: ``standard`` (the cost baseline), plain ``ibp``, and ``ibp`` with the paper's
+IBP initialisation and warm-up regularisers (``init: ibp, warmup_reg: 0.5, warmup_tau: 0.5``), the same
+data, schedule, optimiser and seed otherwise; with ``--batch-norm`` a fourth time, the recipe on
+``cnn-small`` with ``batch_norm: true`` (the paper's third ingredient, its second improvement: a
 BatchNorm before every ReLU, normalised in the bound pass by the clean batch's statistics). Then it
 certifies each model with the ``ibp`` certificate at ε = 0.1 on the first test points and prints clean
 and certified accuracy and seconds per epoch against ``standard``.

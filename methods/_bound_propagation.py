@@ -21,7 +21,7 @@ first), and at evaluation with the running statistics. The running statistics ar
 optimiser step, by the natural forward pass on the clean batch, as in plain training: the bound
 pass updates only auto_LiRPA's copies of them, and the PGD search and MTL-IBP's adversarial forward
 pass of :class:`AdversarialBoundMethod` normalise with the clean batch's statistics too
-(:func:`batch_statistics`, :func:`normalised_by`), updating nothing.
+(:func:`as_bounded`), updating nothing.
 
 :class:`AdversarialBoundMethod` is the family base of the losses that pair IBP bounds with a point
 found by PGD (``sabr``, ``mtl-ibp``): the attack (:func:`pgd_linf`), an L1 penalty on the weights,
@@ -142,6 +142,21 @@ def batch_statistics(model: nn.Module, x: torch.Tensor) -> Statistics:
     with normalised_by(model, None, record):
         model(x)
     return record
+
+
+@contextmanager
+def as_bounded(model: nn.Module, x: torch.Tensor, differentiable: bool) -> Iterator[None]:
+    """Inside, ``model`` is the network the training bounds are computed for: a BatchNorm model in
+    training mode normalises with the clean batch ``x``'s statistics as constants and updates no
+    running statistic (Shi et al. 2021); any other model is left as it is. ``differentiable``: the
+    statistics keep their graph to the parameters (a loss term), or not (an attack's search)."""
+    if not (model.training and batch_norms(model)):
+        yield
+        return
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        statistics = batch_statistics(model, x)
+    with normalised_by(model, statistics):
+        yield
 
 
 def _balance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -475,14 +490,10 @@ class AdversarialBoundMethod(BoundPropagationMethod):
         """The PGD point of highest CE in the box [x − r, x + r] ∩ [0, 1], r = :meth:`attack_radius`
         (:func:`pgd_linf`). A BatchNorm model in training mode is attacked as the network the bounds
         are computed for, normalised by the clean batch's statistics (Shi et al. 2021, second improvement;
-        :func:`batch_statistics`, constants here), so the search updates no running statistic."""
+        :func:`as_bounded`, constants here), so the search updates no running statistic."""
         lower, upper = input_box(x, self.attack_radius(eps))
         steps, size = int(self.params["attack_steps"]), float(self.params["attack_step_size"])
-        if not (model.training and batch_norms(model)):
-            return pgd_linf(model, lower, upper, y, steps, size, self.attack_decay)
-        with torch.no_grad():
-            statistics = batch_statistics(model, x)
-        with normalised_by(model, statistics):
+        with as_bounded(model, x, differentiable=False):
             return pgd_linf(model, lower, upper, y, steps, size, self.attack_decay)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> LossOutput:

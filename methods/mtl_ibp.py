@@ -38,13 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certbench.method import register_method, unit_interval
-from methods._bound_propagation import (
-    AdversarialBoundMethod,
-    attack_params,
-    batch_norms,
-    batch_statistics,
-    normalised_by,
-)
+from methods._bound_propagation import AdversarialBoundMethod, as_bounded, attack_params
 
 
 @register_method("mtl-ibp")
@@ -84,13 +78,10 @@ class MTLIBP(AdversarialBoundMethod):
         adversarial = self.attack(model, x, y, eps)
         # IBP first: building a BoundedModule rewrites the parameters, so the forward pass comes after
         verified, robust_error = super().robust_loss(model, x, y, eps)
-        if model.training and batch_norms(model):
-            # the clean batch's statistics, as the bounds (differentiable, as BatchNorm training's):
-            # CE at x_adv and the IBP loss are then a lower and an upper bound of one worst case, and
-            # the running statistics move only with the natural forward pass
-            with normalised_by(model, batch_statistics(model, x)):
-                adversarial_logits = model(adversarial)
-        else:
+        # a BatchNorm model in training: the clean batch's statistics, as the bounds (differentiable,
+        # as BatchNorm training's), so CE at x_adv and the IBP loss are a lower and an upper bound of
+        # one worst case, and the running statistics move only with the natural forward pass
+        with as_bounded(model, x, differentiable=True):
             adversarial_logits = model(adversarial)
         adversarial_loss = F.cross_entropy(adversarial_logits, y)
         self.robust_stats |= {

@@ -1,7 +1,7 @@
 """BatchNorm in bound-propagation training, the third ingredient of Shi et al. (NeurIPS 2021, "Fast
-certified robust training with short warmup", Sec. 3.2): the ``batch_norm`` option of the CNNs, bounds
-that in training normalise with the clean batch's statistics, running statistics updated once per
-step, and sound eval-mode certificates of a trained BatchNorm CNN."""
+certified robust training with short warmup", their second improvement): the ``batch_norm`` option of
+the CNNs, bounds that in training normalise with the clean batch's statistics, running statistics
+updated once per step, and sound eval-mode certificates of a trained BatchNorm CNN."""
 
 from __future__ import annotations
 

@@ -273,9 +273,7 @@ def _clamp(m: nn.Module, region: Region) -> Region:
     ``hi + err < a`` for a representable ``a``."""
     low, high = _clamp_range(m)
     saturated = (region.hi + region.err < low) | (region.lo - region.err > high)
-    err = torch.where(
-        saturated, torch.zeros((), dtype=region.err.dtype, device=region.err.device), region.err
-    )
+    err = torch.where(saturated, region.err.new_zeros(()), region.err)
     return Region(m(region.lo), m(region.hi), err)
 
 
