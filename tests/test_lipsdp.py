@@ -31,6 +31,7 @@ from certbench.bounds.lipsdp import (
 )
 from certbench.data.rings2d import RINGS, make_rings2d
 from certbench.nn import Normalize
+from methods.lipsdp_admm import _balanced_rho, _distance
 
 
 def make_mlp(
@@ -566,12 +567,12 @@ def test_scaled_multipliers_put_the_bound_scaled_weights_in_the_projection_set(s
     bound, _ = fixed_multiplier_bound(scaled, ts)
     assert bound <= max_bound * (1 + 1e-6)  # the bound-scaled W is in the set (homogeneity)
     step = weight_step(weights, ts, rho_admm=1.0, max_bound=max_bound)
-    moved = math.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(step.weights, weights)))
+    moved = _distance(step.weights, weights)
     assert moved <= (1 - s) * np.linalg.norm(weights[-1]) * (1 + 1e-3)
     # the solver's W̄ meets the LMI only approximately (the method scales it onto L̄: _verified_wbar)
     assert fixed_multiplier_bound(step.weights, ts)[0] <= max_bound * (1 + 1e-2)
     unscaled = weight_step(weights, result.multipliers, rho_admm=1.0, max_bound=max_bound)
-    assert math.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(unscaled.weights, weights))) > moved
+    assert _distance(unscaled.weights, weights) > moved
 
 
 @pytest.mark.parametrize(
@@ -595,8 +596,6 @@ def test_step_multipliers_are_scaled_only_for_an_active_bound(params, bound, fac
 )
 def test_residual_balancing_doubles_or_halves_rho(primal, dual, expected) -> None:
     """Boyd et al. 2011, Sec. 3.4.1 (μ = 10, τ = 2), within [rho_min, rho_max]."""
-    from methods.lipsdp_admm import _balanced_rho
-
     assert _balanced_rho(0.1, primal, dual, 0.01, 100.0) == pytest.approx(expected)
     assert _balanced_rho(0.1, primal, dual, 0.1, 0.1) == 0.1
 
