@@ -24,15 +24,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from certbench.collect import SUMMARY_COLUMNS, SUMMARY_DTYPES, select
-from certbench.labels import dataset_label
+from certbench.labels import dataset_label, method_label
 from certbench.plotting.bounds import bounds_figure
-from certbench.plotting.common import experiment_styles, family_legend, grid, ordered, placeholder, save
+from certbench.plotting.common import (
+    experiment_styles,
+    family_legend,
+    grid,
+    label_points,
+    ordered,
+    placeholder,
+    save,
+)
 from certbench.plotting.comparison import (
     cost_figure,
     lipschitz_figure,
@@ -41,6 +50,9 @@ from certbench.plotting.comparison import (
     tradeoff_figure,
 )
 from certbench.plotting.training import training_figure
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
 
 
 def _read(path: Path | None, dtype: Mapping[str, Any] | None = None) -> pd.DataFrame:
@@ -91,8 +103,18 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
     """``lipsdp_tradeoff``: per data set, clean accuracy and ``certificate``'s certified accuracy at
     each evaluated ε against its verified Lipschitz bound, one point per run (the accuracy/robustness
     trade-off of Pauli et al. 2021, Figs. 2–3: plain training, weight decay, LMT and the μ and L̄
-    sweeps of both ADMM variants on the same MLPs)."""
-    name = "lipsdp_tradeoff"
+    sweeps of both ADMM variants on the same MLPs). Every experiment is named beside its point (at
+    its seeds' mean; on the certified panel beside the smallest ε's point): a sweep has more runs
+    than its family has distinguishable shades."""
+    figure = lipsdp_tradeoff_axes(summary, certificate)
+    if figure is None:
+        placeholder(out_dir, "lipsdp_tradeoff", f"no run has a {certificate} bound")
+        return
+    save(figure, out_dir, "lipsdp_tradeoff")
+
+
+def lipsdp_tradeoff_axes(summary: pd.DataFrame, certificate: str = "lipsdp-l2") -> plt.Figure | None:
+    """The figure of :func:`lipsdp_tradeoff_figure`, unsaved (``None`` when no run has a bound)."""
     certified = summary[(summary["metric"] == "certified_accuracy") & (summary["evaluation"] == certificate)]
     eps_values = sorted(certified["eps"].dropna().unique())
     # select() gives every run in the same order: the columns line up
@@ -105,8 +127,7 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
     )
     points = points[(points["status"] == "ok") & points["value"].notna()]
     if points.empty:
-        placeholder(out_dir, name, f"no run has a {certificate} bound")
-        return
+        return None
     datasets = sorted(points["dataset"].unique())
     styles = experiment_styles(points)
     figure, axes = grid(2 * len(datasets), 2, width=4.0, height=3.2, sharex=False, sharey=False)
@@ -114,9 +135,15 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
         mine = points[points["dataset"] == dataset]
         shown = [i for i in range(len(eps_values)) if mine[f"eps{i}"].notna().any()]
         clean_axis, cert_axis = axes[2 * row], axes[2 * row + 1]
+        names: dict[plt.Axes, list[tuple[float, float, str]]] = {clean_axis: [], cert_axis: []}
         for key in ordered(styles, mine[["name", "arch"]].itertuples(index=False, name=None)):
             run, style = mine[(mine["name"] == key[0]) & (mine["arch"] == key[1])], styles[key]
             clean_axis.scatter(run["value"], run["clean"] * 100, color=style.color, marker=style.marker, s=45)
+            at = math.exp(np.log(run["value"]).mean())  # the seeds' mean on the log axis
+            text = method_label(key[0])
+            names[clean_axis].append((at, run["clean"].mean() * 100, text))
+            if shown:
+                names[cert_axis].append((at, run[f"eps{shown[0]}"].mean() * 100, text))
             for shade, i in enumerate(shown):
                 alpha = 1.0 - 0.6 * shade / max(1, len(shown) - 1)
                 cert_axis.scatter(
@@ -139,6 +166,8 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
             axis.xaxis.set_minor_formatter(NullFormatter())
             axis.set_xlabel(f"verified Lipschitz bound ({certificate})", fontsize="small")
             axis.set_ylabel(label)
+        for axis, named in names.items():
+            label_points(axis, named)
         clean_axis.set_title(dataset_label(dataset), fontsize="small")
         at = ", ".join(f"{eps_values[i]:g}" for i in shown)
         cert_axis.set_title(f"{dataset_label(dataset)}, ε = {at} (fainter: larger)", fontsize="small")
@@ -151,7 +180,7 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
         title="experiment (one point per seed)",
     )
     figure.tight_layout()
-    save(figure, out_dir, name)
+    return figure
 
 
 #: The optional figures by name (:data:`certbench.outputs.OPTIONAL_FIGURE_NAMES`).

@@ -668,11 +668,11 @@ def test_admm_rejects_bad_configurations() -> None:
 
 
 def test_lipsdp_tradeoff_figure_from_a_tiny_summary(tmp_path) -> None:  # noqa: ANN001
-    """Clean and certified accuracy against the verified LipSDP bound, per data set; a summary with
-    no LipSDP bound gives the placeholder, never an error."""
+    """Clean and certified accuracy against the verified LipSDP bound, per data set, every experiment
+    named beside its point; a summary with no LipSDP bound gives the placeholder, never an error."""
     import pandas as pd
 
-    from certbench.figures import lipsdp_tradeoff_figure
+    from certbench.figures import lipsdp_tradeoff_axes, lipsdp_tradeoff_figure
 
     rows = []
     runs = [("standard", "standard", 239.0, 1.0), ("admm-enforced", "lipsdp-admm", 8.0, 0.75)]
@@ -710,6 +710,10 @@ def test_lipsdp_tradeoff_figure_from_a_tiny_summary(tmp_path) -> None:  # noqa: 
                     }
                 )
     summary = pd.DataFrame(rows)
+    figure = lipsdp_tradeoff_axes(summary)
+    names = {"standard training", "admm-enforced", "admm-regularised-mu1", "admm-regularised-mu10"}
+    for axis in figure.axes[:4]:  # every point is named once on each of the four panels
+        assert sorted(text.get_text() for text in axis.texts) == sorted(names)
     lipsdp_tradeoff_figure(summary, tmp_path / "figures")
     assert (tmp_path / "figures" / "lipsdp_tradeoff.png").stat().st_size > 5000
     assert (tmp_path / "figures" / "lipsdp_tradeoff.pdf").read_bytes().startswith(b"%PDF")

@@ -115,6 +115,31 @@ def family_legend(
         legend.get_texts()[index].set_fontweight("bold")
 
 
+def label_points(axis: plt.Axes, points: Sequence[tuple[float, float, str]]) -> None:
+    """Each ``(x, y, text)`` point named beside itself, the names pushed apart so that none covers
+    another or a point (adjustText), with a thin leader line to the point: a figure whose experiments
+    outnumber the distinguishable shades of their family still says which point is which. The axis
+    gets room at its ends for the names of the points there."""
+    from adjustText import adjust_text
+
+    if not points:
+        return
+    axis.margins(x=0.12, y=0.2)
+    texts = [axis.text(x, y, text, color="0.15", fontsize="x-small") for x, y, text in points]
+    adjust_text(
+        texts,
+        x=[x for x, _, _ in points],
+        y=[y for _, y, _ in points],
+        force_static=(0.5, 1.0),  # away from the markers, not only off their centres
+        ax=axis,
+        expand=(1.15, 1.6),
+        force_explode=(0.3, 1.0),
+        expand_axes=True,
+        min_arrow_len=0,
+        arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5},
+    )
+
+
 def seed_stats(frame: pd.DataFrame, by: Sequence[str], column: str, scale: float = 1.0) -> pd.DataFrame:
     """Mean, sample sd (ddof = 1, NaN for one seed) and count of ``column`` over the seeds of each group."""
     values = pd.to_numeric(frame[column], errors="coerce") * scale
