@@ -752,7 +752,7 @@ def test_method_copies_start_with_an_empty_bounder() -> None:
 def test_alpha_crown_reuses_crowns_bounds_only_for_the_same_model_and_points() -> None:
     """α-CROWN after ``crown`` starts from CROWN's stored bounds and certifies exactly what it certifies
     from fresh ones; a weight changed in place, another ε or another point is not served a stored bound."""
-    from certbench.certificates import fingerprint
+    from certbench.bounds.fingerprint import fingerprint
     from certbench.certificates.lirpa import CROWN_MEMO
 
     model = small_cnn(3)

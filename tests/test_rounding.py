@@ -156,6 +156,57 @@ def test_error_bound_covers_cancellation() -> None:
         assert abs((computed[0] - computed[1]) - (exact[0] - exact[1])) <= error
 
 
+def test_affine_error_rules_cover_their_worst_inherited_errors() -> None:
+    """An incoming error δ with |δ| ≤ e and ‖δ‖₂ ≤ E (a region that states both): the affine rules
+    must cover the worst δ for each of their bounds, δ = E·w_i/‖w_i‖₂ for unit i (Cauchy–Schwarz is
+    tight there) and δ = E·v for the top right singular vector v (‖W δ‖₂ = ‖W‖₂·E)."""
+    torch.manual_seed(6)
+    layer = nn.Linear(12, 7)
+    w = layer.weight.detach().double()
+    lo, hi = torch.zeros(1, 12, dtype=torch.float64), torch.ones(1, 12, dtype=torch.float64)
+    big, norm = torch.full((1, 12), 10.0, dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
+    out = walk(nn.Sequential(layer), Region(lo, hi, big, err_norm=norm), 2.0**-24)
+    for i in range(7):
+        delta = 0.3 * w[i] / w[i].norm()
+        assert float((w[i] @ delta).abs()) <= float(out.err[0, i])
+    top = torch.linalg.svd(w).Vh[0]
+    assert float((w @ (0.3 * top)).norm()) <= float(out.error_norm()[0])
+    assert float(out.error_norm()[0]) <= 1.01 * 0.3 * float(torch.linalg.matrix_norm(w, ord=2)) + 1e-5
+    # the layer as the last one, folded into the margins: δ along w_y − w_j moves margin j the most
+    bounds = margin_bounds(nn.Sequential(layer), Region(lo, hi, big, err_norm=norm), torch.tensor([0]))
+    for j in range(1, 7):
+        row = w[0] - w[j]
+        assert float(row @ (0.3 * row / row.norm())) <= float(bounds.error[0, j])
+
+
+def test_error_norm_covers_cancellation_through_two_layers() -> None:
+    """The cancellation layer's rounding error, carried into a second layer that amplifies the
+    difference of its two outputs: the ℓ2 bound of the first layer's error must include that
+    rounding (‖ρ̄‖₂), or the margin's bound (‖w_y − w_j‖₂·E + ρ̄_y + ρ̄_j) would miss the carried error;
+    the per-layer ℓ2 bound itself covers the float error vector."""
+    torch.manual_seed(1)
+    first, second = nn.Linear(64, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([1e4, -1e4]).repeat(32).repeat(2, 1) * (1 + 1e-3 * torch.rand(2, 64)))
+        x = torch.rand(1, 64)
+        first.bias.copy_(-first(x)[0].double().float())
+        second.weight.copy_(torch.tensor([[10.0, -10.0], [-10.0, 10.0]]))
+        second.bias.zero_()
+        model = nn.Sequential(first, second).eval()
+        exact_hidden = first.weight.double() @ x.double()[0] + first.bias.double()
+        float_hidden = first(x)[0].double()
+        hidden = walk(nn.Sequential(first), input_region(x), 2.0**-24)
+        assert float((float_hidden - exact_hidden).norm()) <= float(hidden.error_norm()[0])
+        y = model(x).argmax(1)
+        bounds = margin_bounds(model, input_region(x), y)
+        exact = second.weight.double() @ exact_hidden
+        computed = model(x)[0].double()
+        j = 1 - int(y)
+        moved = abs((computed[int(y)] - computed[j]) - (exact[int(y)] - exact[j]))
+        assert moved > 1e-3  # the carried rounding is large here
+        assert moved <= float(bounds.error[0, j])
+
+
 @pytest.mark.parametrize(
     "module",
     [
@@ -199,3 +250,140 @@ def test_linf_distance_box_contains_the_coordinatewise_bounds(
         upper, exact_hi, atol=tolerance
     )
     assert tight_enough == (uniform or tight)
+
+
+def _mixed_sign_mlp(width: int = 96, depth: int = 4) -> nn.Module:
+    """Orthogonal hidden weights (‖W‖₂ = 1): rows of mixed signs, whose |W| products grow by about
+    √width per layer while the operator norms stay 1, the case the ℓ2 error bound is for."""
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(64, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layer = nn.Linear(width, width)
+        nn.init.orthogonal_(layer.weight)
+        layers += [layer, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 5)).eval()
+
+
+def test_l2_error_bound_is_tighter_and_still_covers_sampled_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through layers of mixed signs the ℓ2 error bound (‖A‖₂·‖δ‖₂ + ‖ρ̄‖₂, and ‖w_y − w_j‖₂·‖δ‖₂ at
+    the margin) beats the componentwise one (|A|·e), and the float32 margins at sampled points of the
+    ball stay within it; the ball carried through every layer tightens the hidden enclosures too."""
+    from certbench.bounds import rounding
+
+    torch.manual_seed(3)
+    model = _mixed_sign_mlp()
+    exact = copy.deepcopy(model).double()
+    x, radius = torch.rand(8, 1, 8, 8), 0.05
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        bounds = margin_bounds(model, input_region(x, radius, l2=True), y)
+        hidden_box = walk(model[:-1], input_region(x, radius), 2.0**-24)
+        hidden_ball = walk(model[:-1], input_region(x, radius, l2=True), 2.0**-24)
+        with monkeypatch.context() as patch:  # no operator norms: the componentwise bound alone
+            patch.setattr(rounding, "_operator_norm", lambda m, shape: 1e30)
+            componentwise = margin_bounds(model, input_region(x, radius, l2=True), y)
+        others = torch.ones_like(bounds.error, dtype=torch.bool).scatter_(1, y[:, None], False)
+        assert (bounds.error[others] <= componentwise.error[others]).all()
+        assert float(bounds.error[others].max()) < 0.5 * float(componentwise.error[others].max())
+        assert (hidden_ball.hi - hidden_ball.lo).mean() < 0.5 * (hidden_box.hi - hidden_box.lo).mean()
+        for _ in range(30):
+            delta = torch.randn_like(x)
+            point = x + radius * torch.rand(len(x), 1, 1, 1) * delta / delta.flatten(1).norm(dim=1).view(
+                -1, 1, 1, 1
+            )
+            point = point.clamp(0, 1)
+            hidden = exact[:-1](point.double())
+            assert (hidden >= hidden_ball.lo).all() and (hidden <= hidden_ball.hi).all()
+            reference, single = exact(point.double()), model(point).double()
+            margin = reference.gather(1, y[:, None]) - reference
+            float_margin = single.gather(1, y[:, None]) - single
+            assert ((float_margin - margin).abs()[others] <= bounds.error[others]).all()
+            assert (margin[others] >= bounds.lower[others]).all()
+
+
+def test_operator_norm_bounds_follow_the_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached operator norms are the layers' spectral norms (convolutions on their input size), are
+    recomputed when a weight changes in place, and a wide Linear's Hölder bound is above its norm."""
+    from certbench.bounds import rounding
+
+    torch.manual_seed(4)
+    layer = nn.Linear(20, 30)
+    true = float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
+    assert true <= rounding._operator_norm(layer, (20,)) <= true * (1 + 1e-5)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    assert 2 * true <= rounding._operator_norm(layer, (20,)) <= 2 * true * (1 + 1e-5)
+    monkeypatch.setattr(rounding, "GRAM_SIDE", 10)
+    wide = nn.Linear(20, 30)
+    assert rounding._operator_norm(wide, (20,)) >= float(
+        torch.linalg.matrix_norm(wide.weight.double(), ord=2)
+    )
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    basis = torch.eye(2 * 36, dtype=torch.float64).view(-1, 2, 6, 6)
+    matrix = torch.nn.functional.conv2d(basis, conv.weight.double(), None, 2, 1).flatten(1)
+    norm = float(torch.linalg.matrix_norm(matrix, ord=2))
+    assert norm <= rounding._operator_norm(conv, (2, 6, 6)) <= norm * (1 + 1e-5)
+
+
+_MANTISSA = 8  # bits of the emulated arithmetic below: unit roundoff 2⁻⁸, errors far above float64's
+
+
+def _coarse(v: torch.Tensor) -> torch.Tensor:
+    """Round float64 values to nearest with a ``_MANTISSA``-bit significand."""
+    significand, exponent = torch.frexp(v)
+    return torch.ldexp(torch.round(significand * 2**_MANTISSA) / 2**_MANTISSA, exponent)
+
+
+def _coarse_forward(model: nn.Sequential, x: torch.Tensor, permute: bool) -> torch.Tensor:
+    """A forward pass of a Linear/ReLU net in the coarse arithmetic, every product and partial sum
+    rounded, the terms summed in a random order where ``permute``."""
+    a = x.flatten(1)
+    for m in model:
+        if type(m) is nn.ReLU:
+            a = a.clamp_min(0)
+        elif type(m) is nn.Linear:
+            w, acc = m.weight.detach(), torch.zeros(len(a), m.out_features, dtype=torch.float64)
+            for j in torch.randperm(m.in_features).tolist() if permute else range(m.in_features):
+                acc = _coarse(acc + _coarse(a[:, j : j + 1] * w[:, j][None]))
+            a = _coarse(acc + m.bias.detach()[None])
+    return a
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_error_bound_covers_coarse_arithmetic_in_any_order(l2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error bound is a theorem about any arithmetic that rounds to nearest, with unit roundoff u,
+    in any summation order: with u = 2⁻⁸ emulated (errors 10¹³ times float64's, so a missing term
+    would show), ReLU nets of mixed-sign, orthogonal and large weights keep every sampled margin of
+    the ball or box within the proven error, in the natural and in random orders."""
+    from certbench.bounds import rounding
+
+    monkeypatch.setattr(rounding, "model_roundoff", lambda model: 2.0**-_MANTISSA)
+    torch.manual_seed(5)
+    for trial in range(12):
+        width = int(torch.randint(4, 15, ()))
+        layers: list[nn.Module] = [nn.Flatten(), nn.Linear(16, width), nn.ReLU()]
+        for _ in range(int(torch.randint(1, 5, ()))):
+            layer = nn.Linear(width, width)
+            if trial % 3 == 0:
+                nn.init.orthogonal_(layer.weight)
+            elif trial % 3 == 1:
+                layer.weight.data.mul_(float(torch.randn(()).exp() * 3))
+            layers += [layer, nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(width, 4)).eval().double()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(_coarse(parameter))  # weights the coarse arithmetic can hold
+            x = _coarse(torch.rand(8, 1, 4, 4, dtype=torch.float64))
+            radius = float(torch.rand(()) * 0.1)
+            y = model(x).argmax(1)
+            bounds = margin_bounds(model, input_region(x, radius, l2=l2), y)
+            others = torch.ones_like(bounds.error, dtype=torch.bool).scatter_(1, y[:, None], False)
+            for k in range(6):
+                delta = torch.randn_like(x)
+                delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if l2 else delta.sign()
+                point = _coarse(
+                    (x + radius * torch.rand(len(x), 1, 1, 1, dtype=torch.float64) * delta).clamp(0, 1)
+                )
+                exact, coarse = model(point), _coarse_forward(model, point, permute=k % 2 == 1)
+                margin = exact.gather(1, y[:, None]) - exact
+                coarse_margin = coarse.gather(1, y[:, None]) - coarse
+                assert ((coarse_margin - margin).abs()[others] <= bounds.error[others]).all()

@@ -20,6 +20,12 @@ that contains the certified ball), which carries per activation
       e_out = |W|·e_in + γ(n+1)·(|W|·(max(|lo|,|hi|) + e_in) + |b|),
 
   with ``n`` the terms of each dot product (the fan-in; a convolution's ``C_in/groups·kh·kw``).
+  Beside it goes a bound ``E`` of the error's ℓ2 norm, ``E_out = ‖W‖₂·E_in + ‖ρ̄‖₂`` with ``ρ̄`` the
+  fresh term above and ``‖W‖₂`` a proven upper bound of the layer's operator norm (the float error
+  is ``W δ + ρ``); each unit then takes ``min(|W|·e_in, ‖w_i‖₂·E_in) + ρ̄_i`` and a margin
+  ``min(e_y + e_j, ‖w_y − w_j‖₂·E + ρ̄_y + ρ̄_j)`` (Cauchy–Schwarz): through layers of mixed signs
+  ``|W|`` products grow by about √n per layer where operator norms do not. ``E`` passes through
+  clamps and shape-only layers and restarts from ``‖e‖₂`` after any other layer.
   Max pooling, ReLU, clamps, flattening and negation are exact and 1-Lipschitz elementwise, so
   they pass the bound through (a clamp zeroes it on units saturated for every float input,
   :func:`_clamp`); averaging pools add ``γ(k+1)`` of the pooled magnitudes;
@@ -45,6 +51,7 @@ reason); nothing is ever given a rule it was not proven for. Only exact types ar
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from certbench.bounds.fingerprint import fingerprint
 from certbench.nn import Normalize, Residual
 from certbench.nn.linf_dist import LinfDist, MeanShift, Negate, lp_distance, use_kernel
 from certbench.nn.sortnet import SortDist, sorted_distance, sorted_distance_bounds
@@ -91,9 +99,12 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 @dataclass
 class Ball:
-    """An ℓ2 description of the region, kept until the first affine layer: every exact activation
-    a(x') of the region lies within ℓ2 distance ``radius`` (per sample) of a(x), and a(x) within
-    ``slack`` (elementwise) of ``centre`` (float64)."""
+    """An ℓ2 description of the region: every exact activation a(x') of the region lies within ℓ2
+    distance ``radius`` (per sample) of a(x), and a(x) within ``slack`` (elementwise) of ``centre``
+    (float64). Kept through shape-only layers, Normalize, the clamps (ReLU, ReLU6, Hardtanh: exact,
+    elementwise and 1-Lipschitz, so neither distance grows) and affine layers (the radius times a
+    proven upper bound of the layer's operator norm, :func:`_operator_norm`); dropped at any other
+    layer, where interval arithmetic alone goes on."""
 
     centre: Tensor
     slack: Tensor
@@ -106,16 +117,26 @@ class Ball:
 @dataclass
 class Region:
     """Float64 enclosure ``[lo, hi]`` of the exact activations and the float error bound ``err``;
-    ``ball`` where the region is an ℓ2 ball (until the first affine layer)."""
+    ``ball`` where the region is an ℓ2 ball (see :class:`Ball`)."""
 
     lo: Tensor
     hi: Tensor
     err: Tensor
     ball: Ball | None = None
+    #: Per sample, a bound of ‖ã − a‖₂ over the whole activation where a layer rule gives one that
+    #: may beat ‖err‖₂ (see :meth:`error_norm`); None elsewhere.
+    err_norm: Tensor | None = None
 
     def magnitude(self) -> Tensor:
         """max(|lo|, |hi|): bounds |a| of the exact activation on the region."""
         return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    def error_norm(self) -> Tensor:
+        """Per sample, a bound of ‖ã − a‖₂ for any float pass at any point of the region: the ℓ2 norm
+        of ``err`` (rounded up), or ``err_norm`` where that is smaller."""
+        flat = self.err.flatten(1)
+        norm = _up(flat.norm(dim=1), flat.shape[1])
+        return norm if self.err_norm is None else torch.minimum(norm, self.err_norm)
 
     def map(self, module: nn.Module) -> Region:
         """Apply a shape-only or elementwise-exact monotone module to all three."""
@@ -125,8 +146,8 @@ class Region:
 def input_region(x: Tensor, radius: Tensor | float = 0.0, l2: bool = False) -> Region:
     """The box ``[x − r, x + r] ∩ [0, 1]`` in float64 (per-sample ``radius`` of shape (B,) allowed),
     widened by the float64 rounding of ``x ± r``; the input is exact (error 0). With ``l2`` the
-    region is the ℓ2 ball of radius r in that box, which the first affine layer bounds row by row
-    (|w_j·δ| ≤ ‖w_j‖₂·‖δ‖₂, Cauchy–Schwarz) before interval arithmetic takes over."""
+    region is the ℓ2 ball of radius r in that box, which every affine layer the :class:`Ball` reaches
+    bounds row by row (|w_j·δ| ≤ ‖w_j‖₂·‖δ‖₂, Cauchy–Schwarz) beside interval arithmetic."""
     x = x.detach().double()
     r = torch.as_tensor(radius, dtype=torch.float64, device=x.device)
     per_sample = r.expand(len(x)) if r.dim() == 0 else r
@@ -149,10 +170,18 @@ def _affine(
     bias: Tensor | None,
     terms: int,
     u: float,
-    row_norms: Tensor | None = None,
+    row_norms: Tensor,
+    operator_norm: float,
 ) -> Region:
-    """An affine layer ``x ↦ A x + b`` with ``apply = A·``, ``apply_abs = |A|·`` (float64, no bias);
-    ``row_norms`` (the ℓ2 norm of each output's row of A, broadcastable) tighten an ℓ2-ball region."""
+    """An affine layer ``x ↦ A x + b`` with ``apply = A·``, ``apply_abs = |A|·`` (float64, no bias),
+    ``row_norms`` the ℓ2 norm of each output's row of A (broadcastable) and ``operator_norm`` ≥ ‖A‖₂.
+
+    The float error: the float output is ``A ã + b + ρ`` with ``|ρ| ≤ ρ̄ = γ(n+1)·(|A||ã| + |b|)``
+    (Higham eq. (3.13)), so with δ = ã − a it errs by ``A δ + ρ``: per unit at most
+    ``min(|A|·|δ|, ‖A_i‖₂·‖δ‖₂) + ρ̄_i`` (the second by Cauchy–Schwarz), and in ℓ2 norm at most
+    ``‖A‖₂·‖δ‖₂ + ‖ρ̄‖₂``, which through layers with mixed signs grows far more slowly than ``|A|``
+    products do. An ℓ2-ball region is tightened row by row and the ball goes on:
+    ``‖A(a′ − a)‖₂ ≤ ‖A‖₂·‖a′ − a‖₂``."""
     c = (region.lo + region.hi) / 2
     r = (region.hi - region.lo) / 2 + U64 * (region.lo.abs() + region.hi.abs())
     magnitude = region.magnitude() + region.err
@@ -165,16 +194,56 @@ def _affine(
     b = b.view(shape) if b.dim() else b.to(mid.device)
     mid = mid + b
     slack = gamma(terms + 4, U64) * (mag + b.abs())
-    err = _up(err_in + gamma(terms + 1, u) * (mag_float + b.abs()), terms)
+    fresh = _up(gamma(terms + 1, u) * (mag_float + b.abs()), 2)
+    per_sample = [-1] + [1] * (mid.dim() - 1)
+    norm_in = region.error_norm()
+    inherited = torch.minimum(err_in, _up(row_norms * norm_in.view(per_sample), 2))
+    err = _up(inherited + fresh, terms)
+    flat = fresh.flatten(1)
+    err_norm = _up(operator_norm * norm_in + _up(flat.norm(dim=1), flat.shape[1]), 2)
     lo, hi = mid - rad - slack, mid + rad + slack
-    if region.ball is not None and row_norms is not None:
+    if region.ball is not None:
         ball = region.ball
         centre = apply(ball.centre) + b  # type: ignore[operator]
         spread = _up(apply_abs(torch.cat([ball.slack, ball.centre.abs()])), terms)  # type: ignore[operator]
         centre_slack = spread[:batch] + gamma(terms + 4, U64) * (spread[batch:] + b.abs())
-        deviation = _up(row_norms * ball.radius.view(-1, *([1] * (mid.dim() - 1))), 2) + centre_slack
+        deviation = _up(row_norms * ball.radius.view(per_sample), 2) + centre_slack
         lo, hi = torch.maximum(lo, centre - deviation), torch.minimum(hi, centre + deviation)
-    return Region(lo, hi, err)
+        out_ball = Ball(centre, centre_slack, _up(ball.radius * operator_norm, 2))
+        return Region(lo, hi, err, out_ball, err_norm)
+    return Region(lo, hi, err, err_norm=err_norm)
+
+
+#: Operator-norm bounds per layer, while its input size and content stay the same.
+_NORMS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, ...], str], float]] = (
+    weakref.WeakKeyDictionary()
+)
+#: A Linear whose smaller side exceeds this takes Hölder's √(‖W‖₁‖W‖∞) instead of its spectral norm.
+GRAM_SIDE = 1024
+
+
+def _operator_norm(m: nn.Linear | nn.Conv2d, input_shape: tuple[int, ...]) -> float:
+    """A proven upper bound of ‖A‖₂ for an affine layer: the float64 norms of
+    :mod:`certbench.bounds.lipschitz`, each ×(1 + SAFETY) for their rounding (a convolution's on its
+    input's spatial size, padding and stride included), or for a wide Linear Hölder's
+    ‖W‖₂ ≤ √(‖W‖₁‖W‖∞) rounded up. Cached per layer, keyed on its input shape and content
+    (:func:`certbench.bounds.fingerprint.fingerprint`), so a changed weight is never served an old norm."""
+    from certbench.bounds.lipschitz import conv_operator_norm, linear_spectral_norm
+
+    key = (input_shape, fingerprint(m))
+    cached = _NORMS.get(m)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if type(m) is nn.Conv2d:
+        norm = conv_operator_norm(m, (input_shape[-2], input_shape[-1]))
+    elif min(m.weight.shape) <= GRAM_SIDE:
+        norm = linear_spectral_norm(m.weight)
+    else:
+        w = m.weight.detach().double().abs()
+        both = w.sum(dim=0).max() * w.sum(dim=1).max()
+        norm = float(_up(both.sqrt(), max(w.shape)))
+    _NORMS[m] = (key, norm)
+    return norm
 
 
 def _linear(m: nn.Linear, region: Region, u: float) -> Region:
@@ -186,7 +255,8 @@ def _linear(m: nn.Linear, region: Region, u: float) -> Region:
         m.bias,
         m.in_features,
         u,
-        w.norm(dim=1) if region.ball is not None else None,
+        w.norm(dim=1),
+        _operator_norm(m, tuple(region.lo.shape[1:])),
     )
 
 
@@ -197,8 +267,16 @@ def _conv(m: nn.Conv2d, region: Region, u: float) -> Region:
         return F.conv2d(t, weight, None, m.stride, m.padding, m.dilation, m.groups)
 
     terms = (m.in_channels // m.groups) * math.prod(m.kernel_size)
-    rows = w.flatten(1).norm(dim=1).view(1, -1, 1, 1) if region.ball is not None else None
-    return _affine(region, lambda t: conv(t, w), lambda t: conv(t, w.abs()), m.bias, terms, u, rows)
+    return _affine(
+        region,
+        lambda t: conv(t, w),
+        lambda t: conv(t, w.abs()),
+        m.bias,
+        terms,
+        u,
+        w.flatten(1).norm(dim=1).view(1, -1, 1, 1),
+        _operator_norm(m, tuple(region.lo.shape[1:])),
+    )
 
 
 def _scale_shift(
@@ -274,7 +352,11 @@ def _clamp(m: nn.Module, region: Region) -> Region:
     low, high = _clamp_range(m)
     saturated = (region.hi + region.err < low) | (region.lo - region.err > high)
     err = torch.where(saturated, region.err.new_zeros(()), region.err)
-    return Region(m(region.lo), m(region.hi), err)
+    ball = region.ball
+    # |m(a) − m(c)| ≤ |a − c| elementwise, and m is exact in float64: slack and radius carry over
+    out_ball = Ball(m(ball.centre), ball.slack, ball.radius) if ball is not None else None
+    # |m(ã) − m(a)| ≤ |ã − a| elementwise: the error's ℓ2 bound carries over too
+    return Region(m(region.lo), m(region.hi), err, out_ball, region.err_norm)
 
 
 def _activation(m: nn.Module, region: Region, u: float) -> Region:
@@ -499,8 +581,7 @@ def walk(model: nn.Module, region: Region, u: float, tight: bool = True) -> Regi
         elif kind in _PASS_THROUGH:
             shape = nn.Identity() if kind in _DROPOUTS else m
             ball = region.ball.map(shape) if region.ball is not None else None
-            region = region.map(shape)
-            region.ball = ball
+            region = Region(shape(region.lo), shape(region.hi), shape(region.err), ball, region.err_norm)
         elif kind is Negate:
             region = Region(-region.hi, -region.lo, region.err)
         elif kind is LinfDist:
@@ -641,7 +722,14 @@ def margin_bounds(model: nn.Module, region: Region, y: Tensor, tight: bool = Tru
         lower = (
             (diff @ c[:, :, None]).squeeze(-1) - spread + bias_diff - gamma(last.in_features + 6, U64) * size
         )
-        error = out.err.gather(1, y[:, None]) + out.err
+        # the float margin errs by (w_y − w_j)·δ + ρ_y − ρ_j: per unit as ``out.err`` has it, or by at
+        # most ‖w_y − w_j‖₂·‖δ‖₂ + ρ̄_y + ρ̄_j (Cauchy–Schwarz), whichever is smaller
+        terms = last.in_features
+        used = (hidden.magnitude() + hidden.err).flatten(1)
+        fresh = _up(gamma(terms + 1, u) * (_up(used @ w.abs().T, terms) + bias.abs()), 2)
+        rows = _up(diff.norm(dim=2), terms)
+        by_norm = rows * hidden.error_norm()[:, None] + fresh.gather(1, y[:, None]) + fresh
+        error = torch.minimum(out.err.gather(1, y[:, None]) + out.err, _up(by_norm, 2))
     lower = lower.scatter(1, y[:, None], math.inf)
     error = _up(error.scatter(1, y[:, None], 0.0), 2)
     return MarginBounds(lower, error)

@@ -8,7 +8,6 @@ verifier failures are ``error``, never folded into the other two.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,39 +102,6 @@ CERTIFICATES: Registry[type[Certificate]] = Registry("certificate", "certbench.c
 register_certificate = CERTIFICATES.register
 
 
-#: Module attributes that are torch's bookkeeping (or hashed separately), not settings of the layer.
-_BOOKKEEPING = frozenset({"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
-
-
-def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
-    data = tensor.detach().cpu().contiguous().reshape(-1)
-    digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}:".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes())
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A digest of the model's structure and content: every module's type and plain attributes
-    (kernel sizes, strides, padding modes, ``p``, …), its extra state, and the bytes, dtype and
-    shape of every parameter, buffer and tensor attribute. It changes when a layer is swapped in
-    place, a setting is changed, or a weight or buffer is modified in place or replaced."""
-    digest = hashlib.blake2b(digest_size=32)
-    for name, module in model.named_modules(remove_duplicate=False):
-        kind = type(module)
-        digest.update(f"module {name}: {kind.__module__}.{kind.__qualname__}@{id(kind)}\n".encode())
-        for key, value in sorted(vars(module).items()):
-            if key in _BOOKKEEPING or "hook" in key:
-                continue
-            if isinstance(value, torch.Tensor):
-                _hash_tensor(digest, f"{name}.{key}", value)
-            else:
-                digest.update(f"{key}={value!r}\n".encode())
-        if kind.get_extra_state is not nn.Module.get_extra_state:
-            digest.update(f"extra state {module.get_extra_state()!r}\n".encode())
-        for key, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
-            _hash_tensor(digest, f"{name}.{key}", tensor)
-    return digest.hexdigest()
-
-
 def statuses_from_radius(
     radius: np.ndarray, correct: np.ndarray, eps: Sequence[float]
 ) -> dict[float, np.ndarray]:
@@ -179,7 +145,7 @@ def proven_radius(
     exact margin at x and ``error_j`` bounds how far any float pass anywhere in the box can move it
     (:func:`certbench.bounds.rounding.margin_bounds`). The exact margin at x' is ≥ lower_j − slopes_j·‖x' − x‖
     (the Lipschitz property), and the float margin at x' is within error_j of it (the ball is
-    described as the box of radius r, for ℓ2 intersected with the ball at the first affine layer).
+    described as the box of radius r, for ℓ2 intersected with the ball carried through the layers).
     Two passes: r₀ from the error at x alone, then r from the error on the ball of radius r₀, which
     contains the ball of radius r ≤ r₀ (so the error bound used covers every point of the final ball).
     """

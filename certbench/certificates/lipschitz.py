@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from certbench.bounds.fingerprint import fingerprint
 from certbench.bounds.lipschitz import (
     LipschitzBound,
     LipschitzEstimate,
@@ -37,7 +38,6 @@ from certbench.certificates import (
     Certificate,
     CertificateResult,
     eval_mode,
-    fingerprint,
     lipschitz_margin_result,
     register_certificate,
 )
@@ -50,7 +50,7 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[_Key, LipschitzEstimate, floa
 
 def exact_bound(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[LipschitzEstimate, float]:
     """The exact-mode bound of ``model`` and the seconds it took, cached while the model's structure
-    and content (:func:`~certbench.certificates.fingerprint`) stay the same."""
+    and content (:func:`~certbench.bounds.fingerprint.fingerprint`) stay the same."""
     key = (tuple(input_shape), fingerprint(model))
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:

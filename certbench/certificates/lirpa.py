@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from certbench.bounds.fingerprint import fingerprint
 from certbench.bounds.lirpa import (
     AlphaCROWN,
     Bounder,
@@ -50,7 +51,6 @@ from certbench.certificates import (
     NOT_CERTIFIED,
     Certificate,
     CertificateResult,
-    fingerprint,
     register_certificate,
 )
 from certbench.progress import Progress
@@ -242,7 +242,7 @@ class CrownMemo:
     from them, does not compute them again after ``crown`` ran in the same process (a certify job
     runs both on the same points).
 
-    A bound is served only for the same model content (:func:`~certbench.certificates.fingerprint`
+    A bound is served only for the same model content (:func:`~certbench.bounds.fingerprint.fingerprint`
     of the float32 model), ε, label and input bytes; a sample's CROWN bounds do not depend on the
     rest of its batch (shim 11 of :mod:`certbench.bounds.lirpa_compat`), so a bound computed in any
     batch is the one this batch would compute. Only the latest model's bounds are kept.
