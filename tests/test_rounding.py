@@ -93,6 +93,24 @@ ARCHITECTURES = {
 }
 
 
+def _sampled_point(x: torch.Tensor, radius: float, l2: bool) -> torch.Tensor:
+    """A random point of the ℓ2 ball (or, without ``l2``, of a box corner's direction) of radius at most
+    ``radius`` around each sample of ``x``, clipped to [0, 1]."""
+    delta = torch.randn_like(x)
+    delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if l2 else delta.sign()
+    return (x + radius * torch.rand(len(x), 1, 1, 1, dtype=x.dtype) * delta).clamp(0, 1)
+
+
+def _margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y − z_j for every class j."""
+    return logits.gather(1, y[:, None]) - logits
+
+
+def _others(y: torch.Tensor, classes: int) -> torch.Tensor:
+    """The mask of the classes j ≠ y (where a margin bound says something)."""
+    return torch.ones(len(y), classes, dtype=torch.bool).scatter_(1, y[:, None], False)
+
+
 @pytest.mark.parametrize("l2", [False, True])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_enclosure_and_error_contain_sampled_points(name: str, l2: bool) -> None:
@@ -104,15 +122,11 @@ def test_enclosure_and_error_contain_sampled_points(name: str, l2: bool) -> None
         y = model(x).argmax(1)
         radius = 0.05
         bounds = margin_bounds(model, input_region(x, radius, l2=l2), y)
+        others = _others(y, bounds.error.shape[1])
         for _ in range(20):
-            delta = torch.randn_like(x)
-            delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if l2 else delta.sign()
-            point = (x + radius * torch.rand(len(x), 1, 1, 1) * delta).clamp(0, 1)
+            point = _sampled_point(x, radius, l2)
             reference = exact(point.double())
-            single = model(point).double()
-            margin = reference.gather(1, y[:, None]) - reference
-            float_margin = single.gather(1, y[:, None]) - single
-            others = torch.ones_like(margin, dtype=torch.bool).scatter_(1, y[:, None], False)
+            margin, float_margin = _margins(reference, y), _margins(model(point).double(), y)
             assert (margin[others] >= bounds.lower[others]).all()
             assert ((float_margin - margin).abs()[others] <= bounds.error[others]).all()
     # the bounds are not vacuous: the error is tiny against the margins' size
@@ -281,21 +295,15 @@ def test_l2_error_bound_is_tighter_and_still_covers_sampled_points(monkeypatch: 
         with monkeypatch.context() as patch:  # no operator norms: the componentwise bound alone
             patch.setattr(rounding, "_operator_norm", lambda m, shape: 1e30)
             componentwise = margin_bounds(model, input_region(x, radius, l2=True), y)
-        others = torch.ones_like(bounds.error, dtype=torch.bool).scatter_(1, y[:, None], False)
+        others = _others(y, bounds.error.shape[1])
         assert (bounds.error[others] <= componentwise.error[others]).all()
         assert float(bounds.error[others].max()) < 0.5 * float(componentwise.error[others].max())
         assert (hidden_ball.hi - hidden_ball.lo).mean() < 0.5 * (hidden_box.hi - hidden_box.lo).mean()
         for _ in range(30):
-            delta = torch.randn_like(x)
-            point = x + radius * torch.rand(len(x), 1, 1, 1) * delta / delta.flatten(1).norm(dim=1).view(
-                -1, 1, 1, 1
-            )
-            point = point.clamp(0, 1)
+            point = _sampled_point(x, radius, l2=True)
             hidden = exact[:-1](point.double())
             assert (hidden >= hidden_ball.lo).all() and (hidden <= hidden_ball.hi).all()
-            reference, single = exact(point.double()), model(point).double()
-            margin = reference.gather(1, y[:, None]) - reference
-            float_margin = single.gather(1, y[:, None]) - single
+            margin, float_margin = _margins(exact(point.double()), y), _margins(model(point).double(), y)
             assert ((float_margin - margin).abs()[others] <= bounds.error[others]).all()
             assert (margin[others] >= bounds.lower[others]).all()
 
@@ -376,14 +384,9 @@ def test_error_bound_covers_coarse_arithmetic_in_any_order(l2: bool, monkeypatch
             radius = float(torch.rand(()) * 0.1)
             y = model(x).argmax(1)
             bounds = margin_bounds(model, input_region(x, radius, l2=l2), y)
-            others = torch.ones_like(bounds.error, dtype=torch.bool).scatter_(1, y[:, None], False)
+            others = _others(y, bounds.error.shape[1])
             for k in range(6):
-                delta = torch.randn_like(x)
-                delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if l2 else delta.sign()
-                point = _coarse(
-                    (x + radius * torch.rand(len(x), 1, 1, 1, dtype=torch.float64) * delta).clamp(0, 1)
-                )
-                exact, coarse = model(point), _coarse_forward(model, point, permute=k % 2 == 1)
-                margin = exact.gather(1, y[:, None]) - exact
-                coarse_margin = coarse.gather(1, y[:, None]) - coarse
+                point = _coarse(_sampled_point(x, radius, l2))
+                margin = _margins(model(point), y)
+                coarse_margin = _margins(_coarse_forward(model, point, permute=k % 2 == 1), y)
                 assert ((coarse_margin - margin).abs()[others] <= bounds.error[others]).all()
