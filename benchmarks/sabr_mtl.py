@@ -39,7 +39,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import torch
-from shi_recipe import budget_parser, dataset, print_step_costs, run_config
+from shi_recipe import Run, budget_parser, dataset, print_step_costs, run_config
 
 from certbench.certificates import CERTIFIED
 from certbench.evaluate import certify
@@ -68,11 +68,11 @@ def main() -> None:
     data = dataset()
     ramp = {"eps_train": args.eps, "schedule_start": args.epochs / 8, "schedule_length": args.epochs / 2}
     runs = {
-        "standard": ("standard", {}),
-        "ibp (defaults)": ("ibp", ramp),
-        "ibp (same recipe)": ("ibp", {**ramp, **RECIPE}),
-        f"sabr λ={args.ratio:g}": ("sabr", {**ramp, "subselection_ratio": args.ratio}),
-        f"mtl-ibp α={args.alpha:g}": ("mtl-ibp", {**ramp, "alpha": args.alpha}),
+        "standard": Run("standard", {}),
+        "ibp (defaults)": Run("ibp", ramp),
+        "ibp (same recipe)": Run("ibp", {**ramp, **RECIPE}),
+        f"sabr λ={args.ratio:g}": Run("sabr", {**ramp, "subselection_ratio": args.ratio}),
+        f"mtl-ibp α={args.alpha:g}": Run("mtl-ibp", {**ramp, "alpha": args.alpha}),
     }
     certificates = ("ibp", "crown-ibp", "crown") if args.crown else ("ibp", "crown-ibp")
     print(
@@ -87,8 +87,8 @@ def main() -> None:
     base = None
     scores: dict[str, dict[str, tuple[float, float]]] = {}
     with TemporaryDirectory() as tmp:
-        for index, (label, (method, params)) in enumerate(runs.items()):
-            config = run_config(args, data, method, params, certificates)
+        for index, (label, run) in enumerate(runs.items()):
+            config = run_config(args, data, run, certificates)
             out = Path(tmp) / str(index)
             started = time.perf_counter()
             record = train(config, out)

@@ -33,7 +33,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -46,6 +46,16 @@ from certbench.method import get_method, run_context
 from certbench.train import train
 
 SHI = {"init": "ibp", "warmup_reg": 0.5, "warmup_tau": 0.5}
+
+
+class Run(NamedTuple):
+    """One training run of a comparison: a method, its parameters and ``cnn-small``'s."""
+
+    method: str
+    params: dict[str, Any]
+    arch_params: dict[str, Any] | None = None
+
+
 BATCH_NORM = "ibp + Shi init + warm-up reg. + BatchNorm"
 
 
@@ -58,12 +68,7 @@ def dataset() -> str:
 
 
 def run_config(
-    args: argparse.Namespace,
-    data: str,
-    method: str,
-    params: dict[str, Any],
-    certificates: tuple[str, ...] = ("ibp",),
-    arch_params: dict[str, Any] | None = None,
+    args: argparse.Namespace, data: str, run: Run, certificates: tuple[str, ...] = ("ibp",)
 ) -> dict[str, Any]:
     config = {
         "seeds": [args.seed],
@@ -84,7 +89,12 @@ def run_config(
             "grad_clip": 10.0,
         },
         "experiments": [
-            {"method": method, "arch": "cnn-small", "params": params, "arch_params": arch_params or {}}
+            {
+                "method": run.method,
+                "arch": "cnn-small",
+                "params": run.params,
+                "arch_params": run.arch_params or {},
+            }
         ],
         "evaluation": {"batch_size": 500, "certificates": list(certificates), "attacks": []},
     }
@@ -113,16 +123,15 @@ def cpu_seconds_per_step(config: dict[str, Any], progress: float, steps: int = 5
     return statistics.median(seconds[1:])
 
 
-def print_step_costs(args: argparse.Namespace, data: str, runs: dict[str, tuple[Any, ...]]) -> None:
+def print_step_costs(args: argparse.Namespace, data: str, runs: dict[str, Run]) -> None:
     """The table of CPU seconds of one step (:func:`cpu_seconds_per_step`) scaled to a 60,000-image
-    epoch, before the ramp (at 1/16 of the run) and in its middle (3/8), against the first run; each
-    run is (method, params) or (method, params, arch_params)."""
+    epoch, before the ramp (at 1/16 of the run) and in its middle (3/8), against the first run."""
     print("\n| run | CPU s/epoch, ε = 0 | × standard | CPU s/epoch, mid-ramp | × standard |")
     print("|---|---|---|---|---|")
     per_epoch = 60_000 / 256
     base_cost = None
-    for label, (method, params, *arch) in runs.items():
-        config = run_config(args, data, method, params, arch_params=arch[0] if arch else None)
+    for label, run in runs.items():
+        config = run_config(args, data, run)
         costs = [per_epoch * cpu_seconds_per_step(config, p) for p in (1 / 16, 3 / 8)]
         base_cost = base_cost or costs
         print(
@@ -159,13 +168,13 @@ def main() -> None:
         "schedule_start": args.epochs / 8,
         "schedule_length": args.epochs / 2,
     }
-    runs: dict[str, tuple[Any, ...]] = {
-        "standard": ("standard", {}),
-        "ibp": ("ibp", ramp),
-        "ibp + Shi init + warm-up reg.": ("ibp", {**ramp, **SHI}),
+    runs = {
+        "standard": Run("standard", {}),
+        "ibp": Run("ibp", ramp),
+        "ibp + Shi init + warm-up reg.": Run("ibp", {**ramp, **SHI}),
     }
     if args.batch_norm:
-        runs[BATCH_NORM] = ("ibp", {**ramp, **SHI}, {"batch_norm": True})
+        runs[BATCH_NORM] = Run("ibp", {**ramp, **SHI}, {"batch_norm": True})
     print(
         f"data: {data} ({args.train_size if data == 'fashion-mnist' else 'all'} training images), "
         f"cnn-small, {args.epochs} epochs, batch 256, ramp {json.dumps(ramp)}, "
@@ -177,9 +186,9 @@ def main() -> None:
     base = None
     certified: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (method, params, *arch) in runs.items():
-            config = run_config(args, data, method, params, arch_params=arch[0] if arch else None)
-            out = Path(tmp) / method / str(len(certified))
+        for label, run in runs.items():
+            config = run_config(args, data, run)
+            out = Path(tmp) / run.method / str(len(certified))
             started = time.perf_counter()
             record = train(config, out)
             seconds = record["cost"]["seconds_per_epoch"]
