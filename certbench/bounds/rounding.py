@@ -163,6 +163,12 @@ def _up(t: Tensor, terms: int) -> Tensor:
     return t * (1 + gamma(terms + 2, U64))
 
 
+def _fresh(mag_float: Tensor, bias: Tensor, terms: int, u: float) -> Tensor:
+    """ρ̄ = γ(n+1)·(|A||ã| + |b|), rounded up: how far an affine layer's own rounding can move each
+    output (Higham eq. (3.13)), from ``mag_float`` ≥ |A||ã| and ``n`` = ``terms``."""
+    return _up(gamma(terms + 1, u) * (mag_float + bias.abs()), 2)
+
+
 def _affine(
     region: Region,
     apply: object,
@@ -194,7 +200,7 @@ def _affine(
     b = b.view(shape) if b.dim() else b.to(mid.device)
     mid = mid + b
     slack = gamma(terms + 4, U64) * (mag + b.abs())
-    fresh = _up(gamma(terms + 1, u) * (mag_float + b.abs()), 2)
+    fresh = _fresh(mag_float, b, terms, u)
     per_sample = [-1] + [1] * (mid.dim() - 1)
     norm_in = region.error_norm()
     inherited = torch.minimum(err_in, _up(row_norms * norm_in.view(per_sample), 2))
@@ -726,7 +732,7 @@ def margin_bounds(model: nn.Module, region: Region, y: Tensor, tight: bool = Tru
         # most ‖w_y − w_j‖₂·‖δ‖₂ + ρ̄_y + ρ̄_j (Cauchy–Schwarz), whichever is smaller
         terms = last.in_features
         used = (hidden.magnitude() + hidden.err).flatten(1)
-        fresh = _up(gamma(terms + 1, u) * (_up(used @ w.abs().T, terms) + bias.abs()), 2)
+        fresh = _fresh(_up(used @ w.abs().T, terms), bias, terms, u)
         rows = _up(diff.norm(dim=2), terms)
         by_norm = rows * hidden.error_norm()[:, None] + fresh.gather(1, y[:, None]) + fresh
         error = torch.minimum(out.err.gather(1, y[:, None]) + out.err, _up(by_norm, 2))
