@@ -106,14 +106,14 @@ def lipsdp_tradeoff_figure(summary: pd.DataFrame, out_dir: Path, certificate: st
     sweeps of both ADMM variants on the same MLPs). Every experiment is named beside its point (at
     its seeds' mean; on the certified panel beside the smallest ε's point): a sweep has more runs
     than its family has distinguishable shades."""
-    figure = lipsdp_tradeoff_axes(summary, certificate)
+    figure = draw_lipsdp_tradeoff(summary, certificate)
     if figure is None:
         placeholder(out_dir, "lipsdp_tradeoff", f"no run has a {certificate} bound")
         return
     save(figure, out_dir, "lipsdp_tradeoff")
 
 
-def lipsdp_tradeoff_axes(summary: pd.DataFrame, certificate: str = "lipsdp-l2") -> plt.Figure | None:
+def draw_lipsdp_tradeoff(summary: pd.DataFrame, certificate: str = "lipsdp-l2") -> plt.Figure | None:
     """The figure of :func:`lipsdp_tradeoff_figure`, unsaved (``None`` when no run has a bound)."""
     certified = summary[(summary["metric"] == "certified_accuracy") & (summary["evaluation"] == certificate)]
     eps_values = sorted(certified["eps"].dropna().unique())

@@ -672,7 +672,7 @@ def test_lipsdp_tradeoff_figure_from_a_tiny_summary(tmp_path) -> None:  # noqa: 
     named beside its point; a summary with no LipSDP bound gives the placeholder, never an error."""
     import pandas as pd
 
-    from certbench.figures import lipsdp_tradeoff_axes, lipsdp_tradeoff_figure
+    from certbench.figures import draw_lipsdp_tradeoff, lipsdp_tradeoff_figure
 
     rows = []
     runs = [("standard", "standard", 239.0, 1.0), ("admm-enforced", "lipsdp-admm", 8.0, 0.75)]
@@ -710,7 +710,7 @@ def test_lipsdp_tradeoff_figure_from_a_tiny_summary(tmp_path) -> None:  # noqa: 
                     }
                 )
     summary = pd.DataFrame(rows)
-    figure = lipsdp_tradeoff_axes(summary)
+    figure = draw_lipsdp_tradeoff(summary)
     names = {"standard training", "admm-enforced", "admm-regularised-mu1", "admm-regularised-mu10"}
     for axis in figure.axes[:4]:  # every point is named once on each of the four panels
         assert sorted(text.get_text() for text in axis.texts) == sorted(names)
